@@ -1,0 +1,235 @@
+"""The backend seam: the one narrow interface between SSH semantics and a sandbox runtime.
+
+Everything above this module speaks SSH; everything behind it speaks to a runtime. A backend
+gives a :class:`Sandbox` by name, and a sandbox runs processes. A process is driven with plain
+calls (write stdin, close stdin, resize, signal) and reports back through a
+:class:`ProcessListener` the caller supplies, with flow control in both directions:
+
+* output: the backend calls :meth:`ProcessListener.output_received`; the caller answers with
+  :meth:`GuestProcess.pause_output` / :meth:`GuestProcess.resume_output`, and the backend must
+  stop reading from the guest while paused, so a slow client slows the guest instead of growing
+  our memory.
+* input: :meth:`GuestProcess.write_stdin` never blocks; when the backend's buffer toward the guest
+  passes its high-water mark it calls :meth:`ProcessListener.stdin_paused`, and
+  :meth:`ProcessListener.stdin_resumed` once it has drained.
+
+Two implementations sit beside this file: ``local`` (a Linux namespace jail over a rootfs
+directory) and ``microsandbox`` (the microsandbox SDK). Neither is imported by anything above.
+"""
+
+from __future__ import annotations
+
+import abc
+import signal as _signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = [
+    "Backend",
+    "ExitStatus",
+    "GuestProcess",
+    "GuestUser",
+    "ProcessListener",
+    "ProcessSpec",
+    "PtySpec",
+    "Sandbox",
+]
+
+
+@dataclass(frozen=True)
+class GuestUser:
+    """A user of the guest, as its ``/etc/passwd`` and ``/etc/group`` describe it."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+    groups: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PtySpec:
+    """A pseudo-terminal to run the process on (from the SSH ``pty-req``).
+
+    ``modes`` maps SSH terminal-mode opcodes (RFC 4254 section 8) to their values.
+    """
+
+    term: str
+    cols: int
+    rows: int
+    pixel_width: int = 0
+    pixel_height: int = 0
+    modes: Mapping[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """What to run in the guest.
+
+    ``program`` is the file to execute (an absolute guest path, or a name looked up in the
+    ``PATH`` of ``env``); ``argv`` is the argument vector it sees, ``argv[0]`` included, so a login
+    shell can be started as ``-bash``. ``cwd`` falls back to ``/`` with a note on stderr when it
+    does not exist, as sshd does with a missing home directory.
+    """
+
+    program: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: str
+    user: GuestUser
+    pty: PtySpec | None = None
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a guest process ended: exactly one of ``code`` and ``signal`` is set."""
+
+    code: int | None = None
+    signal: int | None = None
+    core_dumped: bool = False
+
+    @classmethod
+    def from_wait_status(cls, status: int) -> ExitStatus:
+        """Decode a raw ``waitpid`` status."""
+        import os
+
+        if os.WIFSIGNALED(status):
+            return cls(signal=os.WTERMSIG(status), core_dumped=os.WCOREDUMP(status))
+        return cls(code=os.waitstatus_to_exitcode(status) & 0xFF)
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                name = _signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            return f"killed by {name}" + (" (core dumped)" if self.core_dumped else "")
+        return f"exit status {self.code}"
+
+
+class ProcessListener(Protocol):
+    """What a :class:`GuestProcess` reports to; implemented by the caller of ``spawn``.
+
+    All methods are called on the event loop thread and must not block.
+    """
+
+    def output_received(self, data: bytes, stderr: bool) -> None:
+        """Called with each chunk the process writes to stdout (``stderr`` False) or stderr.
+
+        With a PTY everything arrives as stdout, merged as on a terminal.
+        """
+
+    def stdin_paused(self) -> None:
+        """Called when the buffer toward the process's stdin is full: stop sending input."""
+
+    def stdin_resumed(self) -> None:
+        """Called when that buffer has drained after :meth:`stdin_paused`."""
+
+    def process_exited(self, status: ExitStatus) -> None:
+        """Called once, when the process has exited *and* all its output has been delivered.
+
+        A process that leaves a child holding its stdout open is not reported until that child
+        closes it, as with sshd.
+        """
+
+
+class GuestProcess(abc.ABC):
+    """A process running in the guest, started by :meth:`Sandbox.spawn`."""
+
+    @abc.abstractmethod
+    def write_stdin(self, data: bytes) -> None:
+        """Queue ``data`` for the process's stdin (or its terminal). Never blocks.
+
+        Backpressure is reported through :meth:`ProcessListener.stdin_paused`. Data written after
+        the process has gone is dropped.
+        """
+
+    @abc.abstractmethod
+    def close_stdin(self) -> None:
+        """Signal end of input: close the process's stdin once queued data is written.
+
+        With a PTY this does nothing, as with sshd: a terminal has no end of file to close.
+        """
+
+    @abc.abstractmethod
+    def pause_output(self) -> None:
+        """Stop delivering output until :meth:`resume_output`; the guest blocks when it fills up."""
+
+    @abc.abstractmethod
+    def resume_output(self) -> None:
+        """Deliver output again after :meth:`pause_output`."""
+
+    @abc.abstractmethod
+    def resize(self, cols: int, rows: int, pixel_width: int = 0, pixel_height: int = 0) -> None:
+        """Set the terminal size (SSH ``window-change``); ignored without a PTY."""
+
+    @abc.abstractmethod
+    def send_signal(self, signum: int) -> None:
+        """Deliver ``signum`` to the process's process group (SSH ``signal``, as sshd's killpg)."""
+
+    def send_break(self, msec: int) -> bool:
+        """Send a break on the terminal (SSH ``break``); return whether one was sent.
+
+        The default sends none.
+        """
+        return False
+
+    @abc.abstractmethod
+    def hangup(self) -> None:
+        """The client is gone: end the process's foreground work and release its resources.
+
+        Sends SIGHUP to the process group (so ``nohup``-started work survives, as when a terminal
+        hangs up) and closes every pipe. Safe to call at any time, also after exit.
+        """
+
+
+class Sandbox(abc.ABC):
+    """A running sandbox, as one SSH connection uses it."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def lookup_user(self, name: str) -> GuestUser:
+        """Resolve the login ``name`` against the guest's ``/etc/passwd``.
+
+        Raises :class:`~msb_proxy.errors.UnknownUserError` when there is no such user.
+        """
+
+    @abc.abstractmethod
+    async def spawn(self, spec: ProcessSpec, listener: ProcessListener) -> GuestProcess:
+        """Start ``spec`` in the guest and return it running.
+
+        Output and exit are reported to ``listener`` from then on. Raises
+        :class:`~msb_proxy.errors.SandboxError` when the process cannot be started (for example
+        the program does not exist in the guest).
+        """
+
+    async def close(self) -> None:  # noqa: B027  (a hook with a default, not abstract)
+        """Release what this connection holds on the sandbox; the sandbox keeps running.
+
+        The default holds nothing.
+        """
+
+
+class Backend(abc.ABC):
+    """A kind of sandbox runtime: finds, starts and stops sandboxes by name."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def open(self, name: str) -> Sandbox:
+        """Return the sandbox ``name``, ready to run processes.
+
+        Whether a sandbox that is not running is started is the backend's policy, stated in its
+        docstring. Raises :class:`~msb_proxy.errors.UserError` subclasses with a one-line reason.
+        """
+
+    @abc.abstractmethod
+    async def stop(self, name: str) -> bool:
+        """Stop the sandbox ``name``; return False when it was not running."""
+
+    @abc.abstractmethod
+    async def remove(self, name: str) -> bool:
+        """Stop and delete the sandbox ``name``; return False when there was none."""

@@ -1,0 +1,497 @@
+"""The local backend's jail init: PID 1 of one sandbox, and the only way into it.
+
+Started by ``backends/local.py`` as ``python -m msb_proxy.backends.jail``, it
+
+1. unshares mount, PID, network, IPC, UTS and cgroup namespaces and forks PID 1;
+2. mounts an overlay of the read-only base rootfs and the sandbox's own writable layer, with a
+   fresh ``/proc`` (its kernel knobs read-only), a read-only ``/sys``, a minimal ``/dev`` with
+   its own ``devpts``, and tmpfs ``/run`` and ``/dev/shm``; brings up the sandbox's own loopback;
+3. binds ``init.sock`` in the sandbox directory, pivots into the overlay and detaches the host
+   root, so nothing of the host remains reachable from inside;
+4. serves spawn requests on the socket: it forks each process natively inside the jail (its own
+   session, a terminal from the jail's ``devpts`` when asked, the login user's uid/gid/groups, a
+   container-grade capability bounding set), passes the pipe or terminal file descriptors back to
+   the caller with ``SCM_RIGHTS`` so the data never passes through this process, reports the raw
+   wait status when the process exits, and reaps every orphan.
+
+A caller that disconnects while its process still runs gets that process group hung up
+(SIGHUP, then SIGCONT), as a terminal hang-up would: plain foreground work ends, ``nohup`` work
+survives.
+
+Protocol: one ``SOCK_SEQPACKET`` connection per request, each message one JSON object.
+``{"op": "ping"}``, ``{"op": "user", "name": ...}``, ``{"op": "stop"}`` get one reply.
+``{"op": "spawn", ...}`` gets ``{"ok": true, "pid": N}`` with the descriptors (stdin, stdout,
+stderr; or the terminal) and later ``{"exit": WAIT_STATUS}``; meanwhile the caller may send
+``{"op": "signal", "sig": N}``.
+
+Standard library only, and everything is imported before the pivot: afterwards the host's
+Python installation is out of reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import linecache  # noqa: F401  (traceback needs it after the pivot)
+import os
+import platform
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import termios
+import time
+import traceback
+from typing import Any, NoReturn
+
+from msb_proxy.terminal import apply_modes, set_window_size
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+PR_SET_DUMPABLE, PR_SET_NAME, PR_CAPBSET_DROP = 4, 15, 24
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(platform.machine())
+
+# Capabilities the guest's root keeps: Docker's default set without CAP_MKNOD (there is no device
+# cgroup here to make device nodes harmless). Notably absent: SYS_ADMIN (mounts), DAC_READ_SEARCH
+# (open_by_handle_at), SYS_PTRACE (this init holds every capability), SYS_MODULE, SYS_RAWIO.
+KEEP_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 29, 31})
+
+MAX_MESSAGE = 4 << 20
+HANGUP_GRACE_S = 3.0
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    _check(
+        _libc.mount(
+            source.encode() if source else None,
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def _prctl(option: int, arg: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl {option}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the jail
+
+
+def build(name: str, rootfs: str, sandbox_dir: str) -> None:
+    """Mount the sandbox's root under ``sandbox_dir`` and pivot into it (we are PID 1 here)."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    os.chdir(sandbox_dir)
+    root_mode = stat.S_IMODE(os.stat(rootfs).st_mode)
+    for part in ("lower", "upper", "work", "root"):
+        os.makedirs(part, mode=0o700, exist_ok=True)
+    os.chmod("upper", root_mode)  # the upper dir's mode becomes the mode of the guest's "/"
+    _mount(rootfs, "lower", None, MS_BIND | MS_REC)
+    _mount(None, "lower", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+    # Relative paths: sandbox directories may hold characters that mount options reserve.
+    _mount("overlay", "root", "overlay", 0, "lowerdir=lower,upperdir=upper,workdir=work")
+    os.chdir("root")
+
+    for directory in ("proc", "sys", "dev", "run", "tmp"):
+        os.makedirs(directory, exist_ok=True)
+    _mount("proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount("sysfs", "sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _build_dev()
+    _mount("tmpfs", "run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+    if stat.S_IMODE(os.stat("tmp").st_mode) != 0o1777:
+        os.chmod("tmp", 0o1777)
+    _protect_proc()
+
+    socket.sethostname(_hostname(name))
+    _loopback_up()
+
+
+def _build_dev() -> None:
+    _mount("tmpfs", "dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=1m")
+    for node, minor in (("null", 3), ("zero", 5), ("full", 7), ("random", 8), ("urandom", 9)):
+        os.mknod(f"dev/{node}", stat.S_IFCHR | 0o666, os.makedev(1, minor))
+        os.chmod(f"dev/{node}", 0o666)
+    os.mknod("dev/tty", stat.S_IFCHR | 0o666, os.makedev(5, 0))
+    os.chmod("dev/tty", 0o666)
+    os.mkdir("dev/pts")
+    os.mkdir("dev/shm")
+    tty_gid = _group_id("tty", 5, "etc/group")  # not yet pivoted: the guest's root is "."
+    _mount("devpts", "dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+           f"newinstance,ptmxmode=0666,mode=0620,gid={tty_gid}")
+    _mount("tmpfs", "dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    links = (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"))
+    for link, target in links:
+        os.symlink(target, f"dev/{link}")
+
+
+def _protect_proc() -> None:
+    """Make the kernel's global knobs read-only and hide what leaks host state (as runc does)."""
+    for path in ("proc/sys", "proc/sysrq-trigger", "proc/irq", "proc/bus", "proc/fs"):
+        if os.path.exists(path):
+            _mount(path, path, None, MS_BIND | MS_REC)
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for path in ("proc/kcore", "proc/keys", "proc/timer_list", "proc/sched_debug"):
+        if os.path.isfile(path):
+            _mount("dev/null", path, None, MS_BIND)
+
+
+def _hostname(name: str) -> str:
+    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in ".-") else "-" for ch in name)
+    return cleaned.strip(".-")[:63] or "sandbox"
+
+
+def _loopback_up() -> None:
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, siocgifflags, request))[1]
+        fcntl.ioctl(sock, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+
+
+def pivot() -> None:
+    """Make the current directory the root and detach the host's root beneath it."""
+    if SYS_PIVOT_ROOT is None:
+        raise OSError(errno.ENOSYS, f"pivot_root: unsupported machine {platform.machine()}")
+    _check(_libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+    os.chdir("/")
+
+
+# ---------------------------------------------------------------------------------------------
+# Guest accounts
+
+
+def _read_table(path: str) -> list[list[str]]:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            return [line.rstrip("\n").split(":") for line in handle if ":" in line]
+    except FileNotFoundError:
+        return []
+
+
+def _group_id(name: str, default: int, table: str = "/etc/group") -> int:
+    for fields in _read_table(table):
+        if fields[0] == name and len(fields) > 2 and fields[2].isdigit():
+            return int(fields[2])
+    return default
+
+
+def lookup_user(name: str) -> dict[str, Any] | None:
+    for fields in _read_table("/etc/passwd"):
+        if len(fields) >= 7 and fields[0] == name and fields[2].isdigit() and fields[3].isdigit():
+            gid = int(fields[3])
+            groups = {gid}
+            for group in _read_table("/etc/group"):
+                if len(group) >= 4 and group[2].isdigit() and name in group[3].split(","):
+                    groups.add(int(group[2]))
+            return {
+                "name": name, "uid": int(fields[2]), "gid": gid, "home": fields[5],
+                "shell": fields[6], "groups": sorted(groups),
+            }
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+class Client:
+    """One connection to the init; for a spawn, also the process it started."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pid: int | None = None
+
+    def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        data = json.dumps(message).encode()
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] \
+            if fds else []
+        # If the caller is gone, its process is dealt with when the connection closes.
+        with contextlib.suppress(OSError):
+            self.sock.sendmsg([data], ancillary)
+
+
+class Init:
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.selector = selectors.DefaultSelector()
+        self.children: dict[int, Client] = {}
+        with open("/proc/sys/kernel/cap_last_cap") as handle:
+            self.last_cap = int(handle.read())
+        self.tty_gid = _group_id("tty", 5)
+        self.max_fd = os.sysconf("SC_OPEN_MAX")
+        self.stopping = False
+
+    def serve(self) -> None:
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(wake_r, selectors.EVENT_READ, "signal")
+        while True:
+            for key, _ in self.selector.select():
+                if key.data == "accept":
+                    self._accept()
+                elif key.data == "signal":
+                    self._on_signal(wake_r)
+                else:
+                    self._on_message(key.data)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(True)
+        sock.settimeout(10.0)
+        self.selector.register(sock, selectors.EVENT_READ, Client(sock))
+
+    def _on_signal(self, wake_r: int) -> None:
+        try:
+            signals = os.read(wake_r, 4096)
+        except BlockingIOError:
+            signals = b""
+        self._reap()
+        if signal.SIGTERM in signals:
+            self.stop()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            client = self.children.pop(pid, None)
+            if client is not None:
+                client.pid = None
+                client.send({"exit": status})
+
+    def _on_message(self, client: Client) -> None:
+        try:
+            data, ancdata, _, _ = client.sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(16 * 4))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, ancdata = b"", []
+        for level, kind, payload in ancdata:  # we never accept descriptors: close any sent
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for fd in struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]):
+                    os.close(fd)
+        if not data:
+            self._disconnect(client)
+            return
+        try:
+            request = json.loads(data)
+            self._handle(client, request)
+        except Exception as exc:
+            client.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+    def _disconnect(self, client: Client) -> None:
+        self.selector.unregister(client.sock)
+        client.sock.close()
+        if client.pid is not None:
+            for signum in (signal.SIGHUP, signal.SIGCONT):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(client.pid, signum)
+            self.children.pop(client.pid, None)
+            client.pid = None
+
+    def _handle(self, client: Client, request: dict[str, Any]) -> None:
+        op = request.get("op")
+        if op == "ping":
+            client.send({"ok": True})
+        elif op == "user":
+            client.send({"ok": True, "user": lookup_user(str(request["name"]))})
+        elif op == "spawn":
+            if client.pid is not None:
+                raise ValueError("one process per connection")
+            self._spawn(client, request)
+        elif op == "signal":
+            if client.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(client.pid, int(request["sig"]))
+        elif op == "stop":
+            client.send({"ok": True})
+            self.stop()
+        else:
+            raise ValueError(f"unknown op {op!r}")
+
+    def _spawn(self, client: Client, request: dict[str, Any]) -> None:
+        env = dict(request["env"])
+        pty = request.get("pty")
+        if pty is not None:
+            master, slave = os.openpty()
+            os.set_inheritable(slave, False)
+            apply_modes(slave, {int(k): int(v) for k, v in pty.get("modes", {}).items()})
+            set_window_size(master, pty["cols"], pty["rows"], pty.get("px", 0), pty.get("py", 0))
+            os.fchown(slave, request["uid"], self.tty_gid)
+            os.fchmod(slave, 0o620)
+            env["SSH_TTY"] = os.ttyname(slave)
+            child_stdio, ours, theirs = (slave, slave, slave), [master], [slave]
+        else:
+            in_r, in_w = os.pipe()
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            child_stdio = (in_r, out_w, err_w)
+            ours, theirs = [in_w, out_r, err_r], [in_r, out_w, err_w]
+        report_r, report_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            self._exec_child(request, env, child_stdio, report_w)
+        os.close(report_w)
+        for fd in theirs:
+            os.close(fd)
+        failure = b""
+        while chunk := os.read(report_r, 4096):
+            failure += chunk
+        os.close(report_r)
+        try:
+            if failure:
+                os.waitpid(pid, 0)
+                client.send({"ok": False, "error": failure.decode(errors="replace")})
+            else:
+                client.pid = pid
+                self.children[pid] = client
+                client.send({"ok": True, "pid": pid}, ours)
+        finally:
+            for fd in ours:
+                os.close(fd)
+
+    def _exec_child(self, request: dict[str, Any], env: dict[str, str],
+                    stdio: tuple[int, int, int], report_w: int) -> None:
+        """In the forked child: become the requested process. Never returns."""
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(signum, signal.SIG_DFL)
+            os.setsid()
+            if request.get("pty") is not None:
+                fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
+            for target, fd in enumerate(stdio):
+                os.dup2(fd, target)
+            os.closerange(3, report_w)
+            os.closerange(report_w + 1, self.max_fd)
+            for cap in range(self.last_cap + 1):
+                if cap not in KEEP_CAPS:
+                    _prctl(PR_CAPBSET_DROP, cap)
+            os.setgroups(request.get("groups") or [request["gid"]])
+            os.setgid(request["gid"])
+            os.setuid(request["uid"])
+            os.umask(0o022)
+            try:
+                os.chdir(request["cwd"])
+            except OSError as exc:
+                os.write(2, f"Could not chdir to home directory {request['cwd']}: "
+                            f"{exc.strerror}\n".encode())
+                os.chdir("/")
+            program, argv = request["program"], request["argv"]
+            if "/" in program:
+                os.execve(program, argv, env)
+            os.execvpe(program, argv, env)
+        except BaseException as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            try:
+                os.write(report_w, f"{request['program']}: {reason}".encode())
+            finally:
+                os._exit(127)
+
+    def stop(self) -> None:
+        """End every process of the sandbox, then exit (the kernel tears the namespaces down)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        deadline = time.monotonic() + HANGUP_GRACE_S
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGTERM)
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.02)
+        os._exit(0)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="msb-proxy-jail")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--rootfs", required=True)
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--ready-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    ready = args.ready_fd
+
+    def fail(message: str) -> NoReturn:
+        os.write(ready, f"error: {message}\n".encode())
+        os._exit(1)
+
+    try:
+        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET
+                             | CLONE_NEWPID | CLONE_NEWCGROUP), "unshare")
+    except OSError as exc:
+        fail(str(exc.strerror or exc))
+    pid = os.fork()
+    if pid:
+        with open(os.path.join(args.dir, "init.pid"), "w") as handle:
+            handle.write(f"{pid}\n")
+        os._exit(0)
+
+    try:
+        build(args.name, args.rootfs, args.dir)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock_path = "../init.sock"  # relative to the overlay mount: unix paths are short
+        if os.path.lexists(sock_path):
+            os.unlink(sock_path)
+        listener.bind(sock_path)
+        os.chmod(sock_path, 0o600)
+        listener.listen(128)
+        pivot()
+        _prctl(PR_SET_DUMPABLE, 0)
+        _libc.prctl(PR_SET_NAME, b"msb-init", 0, 0, 0)
+        init = Init(listener)
+    except Exception as exc:
+        traceback.print_exc()
+        fail(str(exc))
+    os.write(ready, b"ready\n")
+    os.close(ready)
+    init.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

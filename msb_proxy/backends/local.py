@@ -1,0 +1,516 @@
+"""The ``local`` backend: each sandbox is a persistent Linux namespace jail over a rootfs directory.
+
+A sandbox ``NAME`` lives in ``MSB_PROXY_HOME/sandboxes/<slug>/``::
+
+    name        the sandbox name (the directory is named by a slug of it)
+    upper/      its writable layer; the base rootfs is mounted read-only beneath it
+    work/       overlayfs scratch space
+    lower/ root/  mount points, used only inside the jail's own mount namespace
+    init.sock   the jail init's control socket (0600)
+    init.pid    host PID of the jail init
+    init.log    what the init printed
+
+The jail is started by the first connection and reused by later ones; ``msb-proxy stop`` ends
+it, ``msb-proxy rm`` also deletes the writable layer. All jail work is done by the init
+(``jail.py``); this module only starts it and talks to it. Processes are forked by the init inside
+the jail, and their pipes or terminal are handed to us, so guest output flows straight from the
+guest's pipe to our SSH channel. Needs root (mounts and namespaces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from .. import terminal
+from ..errors import BackendUnavailableError, SandboxError, UnknownUserError
+from ..state import StateDir
+from .base import (
+    Backend,
+    ExitStatus,
+    GuestProcess,
+    GuestUser,
+    ProcessListener,
+    ProcessSpec,
+    Sandbox,
+)
+
+__all__ = ["LocalBackend", "LocalSandbox"]
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+PTY_DRAIN_S = 0.2
+STDIN_HIGH_WATER = 256 * 1024
+SEND_BUFFER = 8 << 20  # one spawn request carries the whole environment and command line
+_UNIX_PATH_MAX = 107
+
+
+class LocalBackend(Backend):
+    """Sandboxes as namespace jails over the base rootfs ``rootfs``; started on first use."""
+
+    name = "local"
+
+    def __init__(self, state: StateDir, rootfs: Path) -> None:
+        self.state = state
+        self.rootfs = rootfs
+
+    def _check_host(self) -> None:
+        if os.geteuid() != 0:
+            raise BackendUnavailableError(
+                "the local backend needs root (it mounts and creates namespaces); run as root"
+            )
+        if not (self.rootfs / "bin").exists() and not (self.rootfs / "usr" / "bin").is_dir():
+            raise BackendUnavailableError(
+                f"no rootfs at {self.rootfs}; build one with 'make rootfs' or point "
+                "MSB_PROXY_ROOTFS at a root file system directory"
+            )
+
+    async def open(self, name: str) -> LocalSandbox:
+        """Return the running jail ``name``, starting it (and creating its layer) if needed."""
+        self._check_host()
+        directory = self.state.sandbox_dir(name)
+        socket_path = directory / "init.sock"
+        async with _locked(self.state.lock_file(name)):
+            if not await _ping(socket_path):
+                await self._start(name, directory)
+        return LocalSandbox(name, socket_path)
+
+    async def _start(self, name: str, directory: Path) -> None:
+        self.state.ensure("sandboxes")
+        directory.mkdir(mode=0o700, exist_ok=True)
+        (directory / "name").write_text(name + "\n", encoding="utf-8", errors="surrogateescape")
+        ready_r, ready_w = os.pipe()
+        with open(directory / "init.log", "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "msb_proxy.backends.jail", "--name", name,
+                 "--rootfs", str(self.rootfs), "--dir", str(directory),
+                 "--ready-fd", str(ready_w)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                pass_fds=(ready_w,), start_new_session=True,
+            )
+        os.close(ready_w)
+        try:
+            reply = await asyncio.wait_for(_read_all(ready_r), START_TIMEOUT_S)
+        except TimeoutError:
+            process.kill()
+            raise SandboxError(
+                f"sandbox {name!r} did not start within {START_TIMEOUT_S:.0f} s; "
+                f"see {directory / 'init.log'}"
+            ) from None
+        finally:
+            os.close(ready_r)
+            await asyncio.get_running_loop().run_in_executor(None, process.wait)
+        text = reply.decode(errors="replace").strip()
+        if text != "ready":
+            reason = text.removeprefix("error: ") or "the jail init exited"
+            raise SandboxError(f"cannot start sandbox {name!r}: {reason}")
+
+    async def stop(self, name: str) -> bool:
+        directory = self.state.sandbox_dir(name)
+        socket_path = directory / "init.sock"
+        if os.geteuid() != 0:
+            raise BackendUnavailableError("the local backend needs root to stop sandboxes")
+        async with _locked(self.state.lock_file(name)):
+            pid = _read_pid(directory / "init.pid")
+            try:
+                await _request(socket_path, {"op": "stop"})
+            except OSError:
+                if pid is None or not _alive(pid):
+                    return False
+            if pid is not None:
+                deadline = time.monotonic() + STOP_TIMEOUT_S
+                while _alive(pid) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                if _alive(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
+            return True
+
+    async def remove(self, name: str) -> bool:
+        directory = self.state.sandbox_dir(name)
+        if not directory.exists():
+            return False
+        await self.stop(name)
+        async with _locked(self.state.lock_file(name)):
+            for mount_point in (directory / "root", directory / "lower"):
+                if mount_point.is_mount():
+                    raise SandboxError(f"{mount_point} is still mounted; not deleting {name!r}")
+            shutil.rmtree(directory)
+        return True
+
+
+class LocalSandbox(Sandbox):
+    """One connection's view of a running jail: requests go to its init's socket."""
+
+    def __init__(self, name: str, socket_path: Path) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self._users: dict[str, GuestUser] = {}
+
+    async def lookup_user(self, name: str) -> GuestUser:
+        if name in self._users:
+            return self._users[name]
+        reply, _ = await _request(self.socket_path, {"op": "user", "name": name})
+        found = reply.get("user")
+        if not found:
+            raise UnknownUserError(f"sandbox {self.name!r} has no user {name!r}")
+        user = GuestUser(
+            name=found["name"], uid=found["uid"], gid=found["gid"], home=found["home"],
+            shell=found["shell"], groups=tuple(found["groups"]),
+        )
+        self._users[name] = user
+        return user
+
+    async def spawn(self, spec: ProcessSpec, listener: ProcessListener) -> GuestProcess:
+        request: dict[str, Any] = {
+            "op": "spawn", "program": spec.program, "argv": list(spec.argv),
+            "env": dict(spec.env), "cwd": spec.cwd, "uid": spec.user.uid, "gid": spec.user.gid,
+            "groups": list(spec.user.groups),
+        }
+        if spec.pty is not None:
+            request["pty"] = {
+                "cols": spec.pty.cols, "rows": spec.pty.rows,
+                "px": spec.pty.pixel_width, "py": spec.pty.pixel_height,
+                "modes": {str(k): v for k, v in spec.pty.modes.items()},
+            }
+        sock = await _connect(self.socket_path)
+        try:
+            reply, fds = await _exchange(sock, request)
+        except BaseException:
+            sock.close()
+            raise
+        if not reply.get("ok"):
+            sock.close()
+            raise SandboxError(f"cannot start {reply.get('error', 'the process')}")
+        process = LocalProcess(sock, fds, listener, pty=spec.pty is not None)
+        await process.start()
+        return process
+
+
+class LocalProcess(GuestProcess):
+    """A jailed process: its pipes (or terminal) in our hands, its control connection to init."""
+
+    def __init__(self, control: socket.socket, fds: list[int], listener: ProcessListener,
+                 pty: bool) -> None:
+        self._control = control
+        self._fds = fds
+        self._listener = listener
+        self._pty = pty
+        self._loop = asyncio.get_running_loop()
+        self._stdin: asyncio.WriteTransport | None = None
+        self._readers: list[asyncio.ReadTransport] = []
+        self._open_outputs = 0
+        self._status: ExitStatus | None = None
+        self._reported = False
+        self._paused = False
+        self._drain_timer: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        if self._pty:
+            master = self._fds[0]
+            writer_fd = os.dup(master)
+            readers = [(master, False)]
+        else:
+            writer_fd, stdout_fd, stderr_fd = self._fds
+            readers = [(stdout_fd, False), (stderr_fd, True)]
+        for fd, is_stderr in readers:
+            transport, _ = await self._loop.connect_read_pipe(
+                lambda e=is_stderr: _OutputReader(self, e),  # type: ignore[misc]
+                os.fdopen(fd, "rb", buffering=0),
+            )
+            self._readers.append(transport)
+            self._open_outputs += 1
+        stdin, _ = await self._loop.connect_write_pipe(
+            lambda: _InputWriter(self._listener), os.fdopen(writer_fd, "wb", buffering=0)
+        )
+        stdin.set_write_buffer_limits(high=STDIN_HIGH_WATER)
+        self._stdin = stdin
+        self._loop.add_reader(self._control.fileno(), self._on_control)
+
+    # ---- GuestProcess
+    def write_stdin(self, data: bytes) -> None:
+        if self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.write(data)
+
+    def close_stdin(self) -> None:
+        if not self._pty and self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.close()
+
+    def pause_output(self) -> None:
+        self._paused = True
+        for reader in self._readers:
+            if not reader.is_closing():
+                reader.pause_reading()
+
+    def resume_output(self) -> None:
+        self._paused = False
+        for reader in self._readers:
+            if not reader.is_closing():
+                reader.resume_reading()
+
+    def resize(self, cols: int, rows: int, pixel_width: int = 0, pixel_height: int = 0) -> None:
+        if self._pty and self._stdin is not None and not self._stdin.is_closing():
+            fd = self._stdin.get_extra_info("pipe").fileno()
+            with contextlib.suppress(OSError):
+                terminal.set_window_size(fd, cols, rows, pixel_width, pixel_height)
+
+    def send_signal(self, signum: int) -> None:
+        self._send_control({"op": "signal", "sig": signum})
+
+    def send_break(self, msec: int) -> bool:
+        if not self._pty or self._stdin is None or self._stdin.is_closing():
+            return False
+        import termios
+
+        with contextlib.suppress(OSError):
+            termios.tcsendbreak(self._stdin.get_extra_info("pipe").fileno(), 0)
+        return True
+
+    def hangup(self) -> None:
+        self._close_control()
+        self._abort_stdin()
+        for reader in self._readers:
+            reader.close()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+
+    # ---- internals
+    def _abort_stdin(self) -> None:
+        if self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.abort()
+
+    def _send_control(self, message: dict[str, Any]) -> None:
+        if self._control.fileno() >= 0:
+            with contextlib.suppress(OSError):
+                self._control.send(json.dumps(message).encode())
+
+    def _close_control(self) -> None:
+        if self._control.fileno() >= 0:
+            self._loop.remove_reader(self._control.fileno())
+            self._control.close()
+
+    def _on_control(self) -> None:
+        try:
+            data = self._control.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            message = json.loads(data)
+            if "exit" not in message:
+                return
+            status = ExitStatus.from_wait_status(int(message["exit"]))
+        else:  # the init is gone, and the kernel killed everything in the sandbox with it
+            status = ExitStatus(signal=signal.SIGKILL)
+        self._close_control()
+        self._status = status
+        if self._pty and self._open_outputs:
+            # Output the process wrote may still sit in the terminal; read it, then hang up as
+            # a terminal does when its session leader exits (background jobs get SIGHUP).
+            self._drain_timer = self._loop.call_later(PTY_DRAIN_S, self._end_pty)
+        self._maybe_report()
+
+    def _end_pty(self) -> None:
+        for reader in self._readers:
+            pipe = reader.get_extra_info("pipe")
+            with contextlib.suppress(OSError, ValueError):
+                while chunk := os.read(pipe.fileno(), 65536):
+                    self._listener.output_received(chunk, False)
+            reader.close()
+
+    def _output_closed(self) -> None:
+        self._open_outputs -= 1
+        self._maybe_report()
+
+    def _maybe_report(self) -> None:
+        if self._status is not None and self._open_outputs == 0 and not self._reported:
+            self._reported = True
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+            self._abort_stdin()
+            self._listener.process_exited(self._status)
+
+
+class _OutputReader(asyncio.Protocol):
+    def __init__(self, process: LocalProcess, is_stderr: bool) -> None:
+        self._process = process
+        self._is_stderr = is_stderr
+        self._closed = False
+
+    def data_received(self, data: bytes) -> None:
+        self._process._listener.output_received(data, self._is_stderr)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._closed = True
+            self._process._output_closed()
+
+
+class _InputWriter(asyncio.Protocol):
+    def __init__(self, listener: ProcessListener) -> None:
+        self._listener = listener
+
+    def pause_writing(self) -> None:
+        self._listener.stdin_paused()
+
+    def resume_writing(self) -> None:
+        # Not synchronously: the listener answers with more writes and maybe a close, and
+        # asyncio's pipe transport, still inside its write callback, would then close the pipe
+        # with that new data unwritten.
+        asyncio.get_running_loop().call_soon(self._listener.stdin_resumed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Talking to the init
+
+
+def _socket_address(path: Path) -> str:
+    """``path``, or an equivalent short enough for a unix socket address."""
+    text = str(path)
+    if len(text.encode()) <= _UNIX_PATH_MAX:
+        return text
+    return f"/proc/self/fd/{_directory_fd(path.parent)}/{path.name}"
+
+
+_dir_fds: dict[Path, int] = {}
+
+
+def _directory_fd(directory: Path) -> int:
+    if directory not in _dir_fds:
+        _dir_fds[directory] = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return _dir_fds[directory]
+
+
+async def _connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, 32, SEND_BUFFER)  # SO_SNDBUFFORCE: we are root
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, _socket_address(path))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _exchange(
+    sock: socket.socket, message: dict[str, Any]
+) -> tuple[dict[str, Any], list[int]]:
+    """Send one request on ``sock`` and wait for its reply and any descriptors it carries."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, json.dumps(message).encode())
+    while True:
+        try:
+            data, ancdata, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(16 * 4))
+            break
+        except (BlockingIOError, InterruptedError):
+            await _readable(sock)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        raise ConnectionResetError(errno.ECONNRESET, "the sandbox init closed the connection")
+    return json.loads(data), fds
+
+
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def _request(path: Path, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    sock = await _connect(path)
+    try:
+        return await _exchange(sock, message)
+    finally:
+        sock.close()
+
+
+async def _ping(path: Path) -> bool:
+    try:
+        reply, _ = await asyncio.wait_for(_request(path, {"op": "ping"}), 5.0)
+    except (OSError, TimeoutError, ValueError):
+        return False
+    return bool(reply.get("ok"))
+
+
+async def _read_all(fd: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, _read_until_eof, fd)
+
+
+def _read_until_eof(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@contextlib.asynccontextmanager
+async def _locked(path: Path) -> AsyncIterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` without blocking the event loop."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie we are not the parent of still answers kill(0)
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

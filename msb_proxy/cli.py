@@ -1,0 +1,162 @@
+"""The ``msb-proxy`` command: argument parsing, exit codes and one-line errors.
+
+``msb-proxy stdio`` is what OpenSSH runs as a ProxyCommand; it must start fast, so everything
+heavy (asyncssh, a backend) is imported only once the command needs it. In that mode stdout
+belongs to the SSH protocol: nothing else is ever written there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from . import __version__
+from .config import Config, load_config, sandbox_name_from_host
+from .errors import ConfigError, UserError
+
+__all__ = ["main"]
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        _print_error(f"{message} (see '{self.prog} --help')")
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--backend", choices=("microsandbox", "local"),
+                        help="sandbox runtime (default: config file, $MSB_PROXY_BACKEND, "
+                             "else microsandbox)")
+    common.add_argument("--debug", action="store_true",
+                        help="log the SSH protocol and show tracebacks on stderr")
+
+    parser = _Parser(prog="msb-proxy", description="SSH into microsandbox sandboxes.")
+    parser.add_argument("--version", action="version", version=f"msb-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
+
+    stdio = commands.add_parser(
+        "stdio", parents=[common],
+        help="serve one SSH connection on stdin/stdout (use as an OpenSSH ProxyCommand)",
+        description="Serve one SSH connection on stdin/stdout, then exit. Use it as "
+                    "'ProxyCommand msb-proxy stdio --host-prefix msb- %%n'.")
+    stdio.add_argument("--host-prefix", default="", metavar="PREFIX",
+                       help="strip PREFIX from HOST to get the sandbox name")
+    stdio.add_argument("host", metavar="HOST", help="the host name OpenSSH was given (%%n)")
+
+    for name, text in (("stop", "stop a sandbox"),
+                       ("rm", "stop and delete a sandbox (its host key is kept)")):
+        sub = commands.add_parser(name, parents=[common], help=text, description=text + ".")
+        sub.add_argument("name", metavar="NAME", help="sandbox name")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = _parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    try:
+        config = load_config(os.environ, backend=args.backend, debug=debug)
+        if args.command == "stdio":
+            code = _stdio(config, args.host, args.host_prefix)
+        else:
+            code = _lifecycle(config, args.command, args.name)
+    except UserError as exc:
+        if not getattr(exc, "reported", False):
+            _print_error(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        _print_error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
+                     "the traceback)")
+        code = EXIT_INTERNAL
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def _print_error(message: str) -> None:
+    print(f"msb-proxy: {message}", file=sys.stderr, flush=True)
+
+
+def _stdio(config: Config, host: str, prefix: str) -> int:
+    name = sandbox_name_from_host(host, prefix)
+    # Anything printed by accident must not corrupt the protocol on fd 1.
+    sys.stdout = sys.stderr
+    _setup_logging(config.debug)
+
+    from .backends import open_backend
+    from .server import SshServer, SshServerOptions
+    from .state import StateDir
+    from .stdio import SshStdioStream
+
+    state = StateDir(config.home)
+    keys = [state.authorized_keys,
+            config.user_home / ".microsandbox" / "ssh" / "authorized_keys",
+            *sorted((config.user_home / ".ssh").glob("*.pub"))]
+    options = SshServerOptions(host_key_path=state.host_key(name), authorized_keys_paths=keys,
+                               accept_env=config.accept_env)
+
+    def report(error: UserError) -> None:
+        error.reported = True  # type: ignore[attr-defined]
+        _print_error(str(error))
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_exception_handler(config.debug))
+        server = await SshServer.prepare(open_backend(config), name, options)
+        await server.serve(SshStdioStream(), on_error=report)
+
+    asyncio.run(serve())
+    return 0
+
+
+def _lifecycle(config: Config, command: str, name: str) -> int:
+    name = sandbox_name_from_host(name, None)
+    from .backends import open_backend
+
+    backend = open_backend(config)
+    if command == "stop":
+        if not asyncio.run(backend.stop(name)):
+            _print_error(f"sandbox {name!r} is not running")
+        return 0
+    if not asyncio.run(backend.remove(name)):
+        raise ConfigError(f"there is no sandbox {name!r}")
+    return 0
+
+
+def _setup_logging(debug: bool) -> None:
+    import logging
+
+    if debug:
+        logging.basicConfig(stream=sys.stderr, level=logging.DEBUG,
+                            format="msb-proxy: debug: %(name)s: %(message)s")
+        import asyncssh
+
+        asyncssh.set_debug_level(2)
+    else:
+        logging.getLogger("asyncssh").setLevel(logging.CRITICAL)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+def _quiet_exception_handler(debug: bool):  # type: ignore[no-untyped-def]
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        if debug:
+            loop.default_exception_handler(context)
+            return
+        exc = context.get("exception")
+        detail = f"{type(exc).__name__}: {exc}" if exc else context.get("message")
+        _print_error(f"internal error: {detail} (rerun with --debug for the traceback)")
+
+    return handle

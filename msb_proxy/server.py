@@ -1,0 +1,217 @@
+"""The SSH server side of one sandbox, as an importable API (the seed SDK's ``SshServer``).
+
+::
+
+    server = await SshServer.prepare(backend, "api", SshServerOptions(host_key_path=...))
+    await server.serve(SshStdioStream())      # one connection; call again for the next
+
+``prepare`` loads the host key and the authorized keys once; ``serve`` runs one SSH connection
+over any :class:`~msb_proxy.stdio.DuplexStream`. The sandbox is opened while the key exchange
+runs, so its start-up overlaps the handshake; the version banner goes out first.
+
+Authentication is public key only. The SSH login name is the guest user unless the options name
+one for every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncssh
+
+from . import __version__
+from .backends.base import Backend, GuestUser, Sandbox
+from .errors import UnknownUserError, UserError
+from .keys import AuthorizedKeys, load_or_create_host_key
+from .session import GuestSession, Login
+from .stdio import DuplexStream
+
+__all__ = ["SshServer", "SshServerOptions"]
+
+SERVER_VERSION = f"msb_proxy_{__version__}"
+LOGIN_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class SshServerOptions:
+    """How to serve a sandbox.
+
+    ``host_key`` (an in-memory private key) wins over ``host_key_path``; with neither, an
+    ephemeral ed25519 key is generated. Accepted client keys are the union of
+    ``authorized_keys_paths`` and ``authorized_keys`` (public key lines); an empty union is an
+    error. ``user`` runs every session as that guest user whatever the SSH login name.
+    ``accept_env`` adds glob patterns of client variables to pass on (sshd's ``AcceptEnv``).
+    """
+
+    host_key_path: Path | None = None
+    host_key: asyncssh.SSHKey | None = None
+    authorized_keys_paths: Sequence[Path] = ()
+    authorized_keys: Sequence[str] = ()
+    user: str | None = None
+    sftp: bool = True
+    accept_env: tuple[str, ...] = ()
+    extra_algorithms: dict[str, Sequence[str]] = field(default_factory=dict)
+
+
+class SshServer:
+    """A prepared SSH endpoint for one sandbox; reusable for any number of connections."""
+
+    def __init__(self, backend: Backend, sandbox: str, options: SshServerOptions,
+                 host_key: asyncssh.SSHKey, authorized: AuthorizedKeys) -> None:
+        self.backend = backend
+        self.sandbox = sandbox
+        self.options = options
+        self.host_key = host_key
+        self.authorized = authorized
+
+    @classmethod
+    async def prepare(cls, backend: Backend, sandbox: str,
+                      options: SshServerOptions | None = None) -> SshServer:
+        """Load keys for serving ``sandbox`` of ``backend``; the sandbox itself is not touched.
+
+        Raises :class:`UserError` when no authorized key is found.
+        """
+        options = options or SshServerOptions()
+        if options.host_key is not None:
+            host_key = options.host_key
+        elif options.host_key_path is not None:
+            host_key = load_or_create_host_key(options.host_key_path)
+        else:
+            host_key = asyncssh.generate_private_key("ssh-ed25519")
+        authorized = AuthorizedKeys()
+        for path in options.authorized_keys_paths:
+            authorized.add_file(path)
+        for number, line in enumerate(options.authorized_keys, start=1):
+            authorized.add_text(line, f"authorized key {number}")
+        if not authorized:
+            shown = ", ".join(str(p) for p in options.authorized_keys_paths) or "(none given)"
+            raise UserError(
+                f"no authorized keys found in {shown}; add one with "
+                "'msb-proxy authorize --file ~/.ssh/id_ed25519.pub'"
+            )
+        return cls(backend, sandbox, options, host_key, authorized)
+
+    async def serve(self, stream: DuplexStream,
+                    on_error: Callable[[UserError], None] | None = None) -> None:
+        """Serve one SSH connection over ``stream`` until either side closes it.
+
+        ``on_error`` is called as soon as a failure the user should see happens (the sandbox
+        cannot be opened, the login user does not exist), while the client is still connected;
+        the same error is then raised once the connection is over. A client that simply
+        disconnects or fails to authenticate is a normal end.
+        """
+        loop = asyncio.get_running_loop()
+        gate = _Gatekeeper(self, on_error)
+        gate.sandbox_task = loop.create_task(self.backend.open(self.sandbox))
+        try:
+            conn = await asyncssh.connect_reverse(
+                "", 0,
+                tunnel=stream,
+                config=None,
+                server_factory=lambda: gate,
+                server_host_keys=[self.host_key],
+                server_version=SERVER_VERSION,
+                encoding=None,
+                line_editor=False,
+                allow_pty=True,
+                x11_forwarding=False,
+                agent_forwarding=False,
+                allow_scp=False,
+                password_auth=False,
+                kbdint_auth=False,
+                gss_host=None,
+                login_timeout=LOGIN_TIMEOUT_S,
+                keepalive_interval=0,
+                **self.options.extra_algorithms,  # type: ignore[arg-type]
+            )
+        except (asyncssh.Error, OSError):
+            conn = None
+        if conn is not None:
+            await conn.wait_closed()
+        await gate.release()
+        if gate.failure is not None:
+            raise gate.failure
+
+
+class _Gatekeeper(asyncssh.SSHServer):
+    """Authentication and channel policy for one connection."""
+
+    def __init__(self, server: SshServer, on_error: Callable[[UserError], None] | None) -> None:
+        self._server = server
+        self._on_error = on_error
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self.sandbox_task: asyncio.Task[Sandbox] | None = None
+        self.failure: UserError | None = None
+        self._login: Login | None = None
+
+    def _fail(self, error: UserError) -> None:
+        if self.failure is None:
+            self.failure = error
+            if self._on_error is not None:
+                self._on_error(error)
+
+    async def release(self) -> None:
+        task = self.sandbox_task
+        if task is None:
+            return
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            sandbox = await task
+            await sandbox.close()
+
+    # ---- asyncssh.SSHServer
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.sandbox_task is not None and not self.sandbox_task.done():
+            self.sandbox_task.cancel()
+
+    async def begin_auth(self, username: str) -> bool:
+        """Resolve the login user in the guest before any key is checked (``userauth-request``).
+
+        Waits for the sandbox, started when the connection began. A sandbox that cannot be
+        opened ends the connection with its reason; an unknown user just never authenticates,
+        as with sshd, after the reason is reported.
+        """
+        assert self.sandbox_task is not None
+        try:
+            sandbox = await self.sandbox_task
+            user: GuestUser = await sandbox.lookup_user(self._server.options.user or username)
+        except UnknownUserError as exc:
+            self._fail(exc)
+            return True
+        except UserError as exc:
+            self._fail(exc)
+            if self._conn is not None:
+                self._conn.disconnect(asyncssh.DISC_SERVICE_NOT_AVAILABLE, f"msb-proxy: {exc}")
+            return True
+        options = self._server.options
+        self._login = Login(sandbox=sandbox, user=user, accept_env=options.accept_env,
+                            sftp=options.sftp)
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return self._login is not None and self._server.authorized.allows(key)
+
+    def session_requested(self) -> GuestSession | bool:
+        if self._login is None:
+            return False
+        return GuestSession(self._login)

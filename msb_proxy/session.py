@@ -1,0 +1,278 @@
+"""SSH ``session`` channels: shell, exec and subsystem requests run as guest processes.
+
+Behaves as OpenSSH's sshd does, request by request:
+
+* ``exec``: ``$SHELL -c COMMAND`` with the login user's shell from the guest's passwd.
+* ``shell``: a login shell (``argv[0]`` is ``-bash``), with or without a terminal. Without one it
+  is a non-interactive shell reading commands from stdin: no prompt, no echo.
+* ``subsystem``: ``sftp`` runs the guest's own sftp-server as the login user; others are refused.
+* ``pty-req``: terminal type, size, pixel size and modes; ``window-change`` resizes it.
+* ``env``: accepted for ``LANG``, ``LC_*``, the terminal variables and the configured allow-list
+  (sshd's ``AcceptEnv``); others are ignored.
+* ``signal``: delivered to the process group, by any POSIX signal name; ``break`` on a terminal.
+* stdout is channel data, stderr extended data (merged on a terminal), then ``exit-status`` or
+  ``exit-signal`` (``SIGNAME@openssh.com``-style names as sshd sends them).
+* Client EOF closes the process's stdin; a channel closed while the process runs hangs it up.
+
+Data moves through asyncssh's callback API with flow control both ways, so neither a fast guest
+nor a fast client can make us buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import posixpath
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import asyncssh
+
+from .backends.base import ExitStatus, GuestProcess, GuestUser, ProcessSpec, PtySpec, Sandbox
+from .errors import UserError
+
+__all__ = ["GuestSession", "Login"]
+
+# Client variables every session accepts, on top of the configured allow-list.
+BUILTIN_ACCEPT_ENV = ("LANG", "LANGUAGE", "LC_*", "TERM", "COLORTERM", "TERM_PROGRAM",
+                      "TERM_PROGRAM_VERSION")
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
+# A ProxyCommand has no socket, so there is no peer address: sshd -i reports exactly this.
+SSH_CLIENT = "UNKNOWN 65535 65535"
+SSH_CONNECTION = "UNKNOWN 65535 UNKNOWN 65535"
+# The names RFC 4254 defines; sshd sends other signals as "SIG@openssh.com".
+RFC_SIGNALS = frozenset({"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT",
+                         "SEGV", "TERM", "USR1", "USR2"})
+SFTP_SERVER_PATHS = ("/usr/lib/openssh/sftp-server", "/usr/lib/ssh/sftp-server",
+                     "/usr/libexec/openssh/sftp-server", "/usr/libexec/sftp-server",
+                     "/usr/lib/sftp-server")
+MAX_PENDING_INPUT = 4 << 20
+
+
+@dataclass(frozen=True)
+class Login:
+    """What every session of one authenticated connection shares."""
+
+    sandbox: Sandbox
+    user: GuestUser
+    accept_env: tuple[str, ...] = ()
+    sftp: bool = True
+
+    def environment(self, client_env: Mapping[str, str], term: str | None) -> dict[str, str]:
+        """The environment sshd would give a session of this user (see module docstring)."""
+        user = self.user
+        env = {
+            "USER": user.name,
+            "LOGNAME": user.name,
+            "HOME": user.home,
+            "PATH": ROOT_PATH if user.uid == 0 else USER_PATH,
+            "MAIL": f"/var/mail/{user.name}",
+            "SHELL": self.shell,
+        }
+        if term is not None:
+            env["TERM"] = term
+        patterns = BUILTIN_ACCEPT_ENV + self.accept_env
+        for name, value in client_env.items():
+            if name and "=" not in name and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                env[name] = value
+        env["SSH_CLIENT"] = SSH_CLIENT
+        env["SSH_CONNECTION"] = SSH_CONNECTION
+        return env
+
+    @property
+    def shell(self) -> str:
+        return self.user.shell or "/bin/sh"
+
+    def command_line(self, command: str | None) -> tuple[str, Sequence[str]]:
+        """Program and argv for ``command`` (exec), or for a login shell when it is None."""
+        name = posixpath.basename(self.shell)
+        if command is None:
+            return self.shell, [f"-{name}"]
+        return self.shell, [name, "-c", command]
+
+
+class GuestSession(asyncssh.SSHServerSession[bytes]):
+    """One SSH session channel, carried by one guest process."""
+
+    def __init__(self, login: Login) -> None:
+        self._login = login
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._pty: PtySpec | None = None
+        self._program: tuple[str, Sequence[str]] | None = None
+        self._process: GuestProcess | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._pending_eof = False
+        self._exited = False
+        self._closed = False
+
+    # ---- channel set-up requests
+    def connection_made(self, chan: asyncssh.SSHChannel[bytes]) -> None:
+        self._chan = chan  # type: ignore[assignment]
+        chan.set_write_buffer_limits(high=256 * 1024)
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
+                      term_modes: Mapping[int, int]) -> bool:
+        cols, rows, pixel_width, pixel_height = term_size
+        self._pty = PtySpec(term=term_type, cols=cols, rows=rows, pixel_width=pixel_width,
+                            pixel_height=pixel_height, modes=dict(term_modes))
+        return True
+
+    def shell_requested(self) -> bool:
+        self._program = self._login.command_line(None)
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self._program = self._login.command_line(command)
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        if subsystem != "sftp" or not self._login.sftp:
+            return False
+        self._program = ("/bin/sh", ["sh", "-c", _SFTP_LAUNCHER])
+        return True
+
+    def session_started(self) -> None:
+        self._starting = asyncio.get_running_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        assert self._chan is not None and self._program is not None
+        program, argv = self._program
+        term = self._pty.term if self._pty is not None else None
+        spec = ProcessSpec(
+            program=program,
+            argv=argv,
+            env=self._login.environment(self._chan.get_environment(), term),
+            cwd=self._login.user.home or "/",
+            user=self._login.user,
+            pty=self._pty,
+        )
+        try:
+            process = await self._login.sandbox.spawn(spec, self)
+        except UserError as exc:
+            self._fail(f"msb-proxy: {exc}")
+            return
+        except Exception as exc:  # keep the connection's other channels alive
+            self._fail(f"msb-proxy: could not start the session: {exc}")
+            return
+        if self._closed:
+            process.hangup()
+            return
+        self._process = process
+        if self._pending:
+            for chunk in self._pending:
+                process.write_stdin(chunk)
+            self._pending.clear()
+            self._pending_size = 0
+            self._chan.resume_reading()
+        if self._pending_eof:
+            process.close_stdin()
+
+    def _fail(self, message: str) -> None:
+        if self._chan is not None and not self._closed:
+            newline = "\r\n" if self._pty is not None else "\n"
+            self._chan.write_stderr((message + newline).encode())
+            self._chan.exit(1)
+
+    # ---- data and requests once running
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._process is not None:
+            self._process.write_stdin(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > MAX_PENDING_INPUT and self._chan is not None:
+            self._chan.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self._process is not None:
+            self._process.close_stdin()
+        else:
+            self._pending_eof = True
+        return True
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int,
+                              pixheight: int) -> None:
+        if self._process is not None:
+            self._process.resize(width, height, pixwidth, pixheight)
+        elif self._pty is not None:
+            self._pty = PtySpec(term=self._pty.term, cols=width, rows=height,
+                                pixel_width=pixwidth, pixel_height=pixheight,
+                                modes=self._pty.modes)
+
+    def signal_received(self, signal_name: str) -> None:
+        signum = signal_number(signal_name)
+        if signum is not None and self._process is not None:
+            self._process.send_signal(signum)
+
+    def break_received(self, msec: int) -> bool:
+        return self._process is not None and self._process.send_break(msec)
+
+    def pause_writing(self) -> None:
+        if self._process is not None:
+            self._process.pause_output()
+
+    def resume_writing(self) -> None:
+        if self._process is not None:
+            self._process.resume_output()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._process is not None and not self._exited:
+            self._process.hangup()
+        elif self._starting is not None and not self._starting.done():
+            pass  # _start hangs the process up as soon as it exists
+
+    # ---- ProcessListener
+    def output_received(self, data: bytes, stderr: bool) -> None:
+        if self._chan is None or self._closed:
+            return
+        if stderr:
+            self._chan.write_stderr(data)
+        else:
+            self._chan.write(data)
+
+    def stdin_paused(self) -> None:
+        if self._chan is not None and not self._closed:
+            self._chan.pause_reading()
+
+    def stdin_resumed(self) -> None:
+        if self._chan is not None and not self._closed:
+            self._chan.resume_reading()
+
+    def process_exited(self, status: ExitStatus) -> None:
+        self._exited = True
+        if self._chan is None or self._closed:
+            return
+        if status.signal is not None:
+            name = signal_name(status.signal)
+            self._chan.exit_with_signal(name, status.core_dumped)
+        else:
+            self._chan.exit(status.code or 0)
+
+
+def signal_number(name: str) -> int | None:
+    """The signal a client names (``INT``, ``SIGINT``, ``USR1`` ...), or None if unknown."""
+    bare = name.removesuffix("@openssh.com").upper().removeprefix("SIG")
+    try:
+        return int(signal.Signals[f"SIG{bare}"])
+    except KeyError:
+        return None
+
+
+def signal_name(signum: int) -> str:
+    """The name sshd reports in ``exit-signal`` for ``signum``."""
+    try:
+        name = signal.Signals(signum).name.removeprefix("SIG")
+    except ValueError:
+        return "SIG@openssh.com"
+    return name if name in RFC_SIGNALS else "SIG@openssh.com"
+
+
+_SFTP_LAUNCHER = "; ".join(
+    [f'[ -x {path} ] && exec {path}' for path in SFTP_SERVER_PATHS]
+    + ['echo "msb-proxy: this sandbox has no sftp-server; use scp -O or rsync" >&2', "exit 127"]
+)

@@ -1,0 +1,184 @@
+"""Duplex streams an SSH connection can be served over.
+
+A stream is anything with ``create_connection(protocol_factory, host, port)`` returning
+``(transport, protocol)``, the shape asyncssh accepts as a tunnel. Two are provided:
+
+* :class:`SshStdioStream`: this process's stdin and stdout, which OpenSSH hands a ProxyCommand
+  as two pipes (not a socket). The analogue of the seed SDK's ``SshStdioStream``.
+* :class:`SshSocketStream`: any connected stream socket (a socketpair in tests, an accepted unix
+  socket in an embedding program).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+__all__ = ["DuplexStream", "SshSocketStream", "SshStdioStream"]
+
+
+class DuplexStream(Protocol):
+    """A byte stream in both directions that one SSH connection can run over."""
+
+    async def create_connection(
+        self, protocol_factory: Callable[[], asyncio.Protocol], host: str, port: int
+    ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        """Attach a protocol from ``protocol_factory`` to the stream and return both.
+
+        ``host`` and ``port`` are ignored; they are part of the shape asyncssh calls.
+        """
+        ...
+
+
+class SshStdioStream:
+    """This process's stdin (client to server) and stdout (server to client) as one stream.
+
+    Both descriptors are switched to non-blocking mode. Nothing else may write to stdout while
+    the stream is in use: every byte there is SSH protocol.
+    """
+
+    def __init__(self, read_fd: int = 0, write_fd: int = 1) -> None:
+        self._read_fd = read_fd
+        self._write_fd = write_fd
+
+    async def create_connection(
+        self, protocol_factory: Callable[[], asyncio.Protocol], host: str = "", port: int = 0
+    ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        loop = asyncio.get_running_loop()
+        protocol = protocol_factory()
+        transport = _PipePairTransport(loop, protocol)
+        await transport.attach(self._read_fd, self._write_fd)
+        return transport, protocol
+
+
+class SshSocketStream:
+    """A connected stream socket as one stream."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    async def create_connection(
+        self, protocol_factory: Callable[[], asyncio.Protocol], host: str = "", port: int = 0
+    ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        loop = asyncio.get_running_loop()
+        return await loop.connect_accepted_socket(protocol_factory, self._sock)
+
+
+class _PipePairTransport(asyncio.Transport):
+    """One duplex transport over a read pipe and a write pipe.
+
+    The protocol's ``connection_made`` runs before the read pipe is watched, so the first bytes
+    the client sends (its version string) cannot reach a protocol that is not ready for them.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol) -> None:
+        super().__init__()
+        self._loop = loop
+        self._protocol = protocol
+        self._reader: asyncio.ReadTransport | None = None
+        self._writer: asyncio.WriteTransport | None = None
+        self._closing = False
+        self._lost = False
+
+    async def attach(self, read_fd: int, write_fd: int) -> None:
+        writer, _ = await self._loop.connect_write_pipe(
+            lambda: _WriteSide(self), os.fdopen(write_fd, "wb", buffering=0, closefd=False)
+        )
+        self._writer = writer
+        self._protocol.connection_made(self)
+        reader, _ = await self._loop.connect_read_pipe(
+            lambda: _ReadSide(self), os.fdopen(read_fd, "rb", buffering=0, closefd=False)
+        )
+        self._reader = reader
+
+    # ---- asyncio.Transport
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._reader is not None:
+            self._reader.close()
+        if self._writer is not None:
+            self._writer.close()  # flushes what is buffered first
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._reader is not None:
+            self._reader.close()
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.abort()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def get_write_buffer_size(self) -> int:
+        return self._writer.get_write_buffer_size() if self._writer is not None else 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._writer is not None:
+            self._writer.set_write_buffer_limits(high, low)
+
+    def pause_reading(self) -> None:
+        if self._reader is not None and not self._reader.is_closing():
+            self._reader.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reader is not None and not self._reader.is_closing():
+            self._reader.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._reader is not None and self._reader.is_reading()
+
+    # ---- from the two sides
+    def _lose(self, exc: Exception | None) -> None:
+        if not self._lost:
+            self._lost = True
+            self.close()
+            self._protocol.connection_lost(exc)
+
+
+class _ReadSide(asyncio.Protocol):
+    def __init__(self, owner: _PipePairTransport) -> None:
+        self._owner = owner
+
+    def data_received(self, data: bytes) -> None:
+        self._owner._protocol.data_received(data)
+
+    def eof_received(self) -> bool:
+        self._owner._lose(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner._lose(exc)
+
+
+class _WriteSide(asyncio.Protocol):
+    def __init__(self, owner: _PipePairTransport) -> None:
+        self._owner = owner
+
+    def pause_writing(self) -> None:
+        self._owner._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._owner._protocol.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:  # the client closed its end of our stdout
+            self._owner._lose(exc)
