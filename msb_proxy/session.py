@@ -106,6 +106,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._pending_eof = False
+        self._pending_signals: list[int] = []
+        self._pending_resize: tuple[int, int, int, int] | None = None
         self._exited = False
         self._closed = False
 
@@ -170,6 +172,11 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._chan.resume_reading()
         if self._pending_eof:
             process.close_stdin()
+        for signum in self._pending_signals:
+            process.send_signal(signum)
+        self._pending_signals.clear()
+        if self._pending_resize is not None:
+            process.resize(*self._pending_resize)
 
     def _fail(self, message: str) -> None:
         if self._chan is not None and not self._closed:
@@ -198,15 +205,17 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                               pixheight: int) -> None:
         if self._process is not None:
             self._process.resize(width, height, pixwidth, pixheight)
-        elif self._pty is not None:
-            self._pty = PtySpec(term=self._pty.term, cols=width, rows=height,
-                                pixel_width=pixwidth, pixel_height=pixheight,
-                                modes=self._pty.modes)
+        else:  # applied once spawn() returns, in case it raced the terminal's creation
+            self._pending_resize = (width, height, pixwidth, pixheight)
 
     def signal_received(self, signal_name: str) -> None:
         signum = signal_number(signal_name)
-        if signum is not None and self._process is not None:
+        if signum is None:
+            return
+        if self._process is not None:
             self._process.send_signal(signum)
+        else:  # the client saw output before spawn() returned; deliver once it has
+            self._pending_signals.append(signum)
 
     def break_received(self, msec: int) -> bool:
         return self._process is not None and self._process.send_break(msec)

@@ -1,0 +1,181 @@
+"""Shared fixtures: a private MSB_PROXY_HOME, a client key, and the real OpenSSH client.
+
+Every end-to-end test drives ``/usr/bin/ssh`` (or scp, sftp, rsync) with a generated ``-F``
+config whose ProxyCommand is the real ``msb-proxy stdio``, exactly as a user's ``~/.ssh/config``
+would. The backend is the local jail unless ``MSB_PROXY_TEST_BACKEND=microsandbox`` selects the
+microsandbox runtime (which needs a host where microVMs boot; elsewhere those tests are skipped
+with the reason shown).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PROXY = Path(sys.executable).parent / "msb-proxy"
+DEFAULT_ROOTFS = Path("/var/cache/msb-proxy/rootfs/bookworm-v1")
+TEST_BACKEND = os.environ.get("MSB_PROXY_TEST_BACKEND", "local")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [f"msb-proxy test backend: {TEST_BACKEND} (MSB_PROXY_TEST_BACKEND)"]
+
+
+def microsandbox_unavailable_reason() -> str | None:
+    """Why microVMs cannot run here, or None when they can (checked once, by booting one)."""
+    if not Path("/dev/kvm").exists():
+        return "no /dev/kvm: microVMs cannot boot on this host"
+    probe = subprocess.run(
+        [sys.executable, "-c", (
+            "import asyncio, microsandbox as m\n"
+            "async def main():\n"
+            "    sb = await m.Sandbox.create('msb-proxy-kvm-probe', image=m.Image.oci('alpine'))\n"
+            "    await sb.stop()\n"
+            "    await m.Sandbox.remove('msb-proxy-kvm-probe')\n"
+            "asyncio.run(main())\n")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["unknown error"])[-1]
+        return f"microsandbox cannot boot a VM here: {last}"
+    return None
+
+
+@dataclass
+class Run:
+    """What a client command did."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode("utf-8", "replace")
+
+
+@dataclass
+class Env:
+    """One private msb-proxy installation as a user would have it, plus the clients to drive it."""
+
+    root: Path
+    home: Path  # MSB_PROXY_HOME
+    user_home: Path  # $HOME of the proxy's invoking user
+    key: Path
+    config: Path
+    backend: str
+    rootfs: Path
+    sandboxes: list[str] = field(default_factory=list)
+
+    def proxy_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MSB_PROXY_")}
+        env.update(HOME=str(self.user_home), MSB_PROXY_HOME=str(self.home),
+                   MSB_PROXY_ROOTFS=str(self.rootfs), MSB_PROXY_BACKEND=self.backend)
+        return env
+
+    def host(self, sandbox: str) -> str:
+        if sandbox not in self.sandboxes:
+            self.sandboxes.append(sandbox)
+        return f"msb-{sandbox}"
+
+    def run(self, argv: Sequence[str], input: bytes | None = None, timeout: float = 60,
+            env: dict[str, str] | None = None) -> Run:
+        done = subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout,
+                              check=False, env=env, stdin=None if input is not None else
+                              subprocess.DEVNULL)
+        return Run(done.returncode, done.stdout, done.stderr)
+
+    def ssh(self, sandbox: str, *args: str, input: bytes | None = None, timeout: float = 60,
+            user: str | None = None, options: Sequence[str] = ()) -> Run:
+        """``ssh -F CONFIG [OPTIONS] [USER@]msb-SANDBOX ARGS...``."""
+        target = self.host(sandbox) if user is None else f"{user}@{self.host(sandbox)}"
+        return self.run(["ssh", "-F", str(self.config), *options, target, *args],
+                        input=input, timeout=timeout)
+
+    def msb_proxy(self, *args: str, input: bytes | None = None, timeout: float = 60) -> Run:
+        return self.run([str(PROXY), *args], input=input, timeout=timeout,
+                        env=self.proxy_env())
+
+
+def write_ssh_config(env: Env, extra: str = "") -> None:
+    proxy = " ".join(shlex.quote(part) for part in (
+        "env", f"HOME={env.user_home}", f"MSB_PROXY_HOME={env.home}",
+        f"MSB_PROXY_ROOTFS={env.rootfs}", str(PROXY), "stdio", "--backend", env.backend,
+        "--host-prefix", "msb-"))
+    env.config.write_text(
+        "Host msb-*\n"
+        f"  ProxyCommand {proxy} %n\n"
+        f"  IdentityFile {env.key}\n"
+        "  IdentitiesOnly yes\n"
+        "  User root\n"
+        "  BatchMode yes\n"
+        "  StrictHostKeyChecking no\n"
+        "  UserKnownHostsFile /dev/null\n"
+        "  LogLevel ERROR\n"
+        f"  ControlPath {env.root}/cm-%C\n"
+        + extra
+    )
+
+
+@pytest.fixture(scope="session")
+def msb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """The session's msb-proxy installation; its sandboxes are removed at the end."""
+    if TEST_BACKEND == "microsandbox":
+        reason = microsandbox_unavailable_reason()
+        if reason:
+            pytest.skip(f"MSB_PROXY_TEST_BACKEND=microsandbox: {reason}")
+    elif TEST_BACKEND != "local":
+        raise pytest.UsageError(
+            f"MSB_PROXY_TEST_BACKEND={TEST_BACKEND!r}: use local or microsandbox")
+    rootfs = Path(os.environ.get("MSB_PROXY_ROOTFS") or DEFAULT_ROOTFS)
+    if TEST_BACKEND == "local" and not (rootfs / "usr" / "bin").is_dir():
+        pytest.fail(f"no test rootfs at {rootfs}: run 'make rootfs' first", pytrace=False)
+    root = tmp_path_factory.mktemp("msb")
+    user_home = root / "user"
+    (user_home / ".ssh").mkdir(parents=True)
+    key = root / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f", str(key)],
+                   check=True)
+    home = root / "home"
+    home.mkdir(mode=0o700)
+    (home / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
+    env = Env(root=root, home=home, user_home=user_home, key=key, config=root / "ssh_config",
+              backend=TEST_BACKEND, rootfs=rootfs)
+    write_ssh_config(env)
+    yield env
+    for name in env.sandboxes:
+        env.msb_proxy("rm", name, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def sandbox(msb: Env) -> str:
+    """A sandbox shared by the tests that only run commands in it."""
+    name = f"shared-{uuid.uuid4().hex[:6]}"
+    msb.host(name)
+    return name
+
+
+@pytest.fixture
+def fresh_sandbox(msb: Env) -> str:
+    """A sandbox of this test's own."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    msb.host(name)
+    return name
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None
