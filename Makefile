@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ROOTFS ?= $(or $(MSB_PROXY_ROOTFS),/var/cache/msb-proxy/rootfs/bookworm-v1)
 export MSB_PROXY_ROOTFS := $(ROOTFS)
 
-.PHONY: help install rootfs demo test lint bench clean
+.PHONY: help install client-key rootfs demo test lint bench clean
 
 help:
 	@echo "make install  create $(VENV) with msb-proxy (editable) and its dev tools"
@@ -21,7 +21,14 @@ $(BIN)/msb-proxy: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@
 
-install: $(BIN)/msb-proxy
+install: $(BIN)/msb-proxy client-key
+
+# ssh offers ~/.ssh/id_* and msb-proxy accepts ~/.ssh/*.pub by default: a user with no key at all
+# gets one, so `ssh -F contrib/ssh_config.example msb-demo` works right away.
+client-key:
+	@if ! for k in id_ed25519 id_ecdsa id_rsa; do [ -e "$$HOME/.ssh/$$k" ] && exit 0; done; false; then \
+	  mkdir -p -m 700 $$HOME/.ssh && ssh-keygen -q -t ed25519 -N '' -f $$HOME/.ssh/id_ed25519 && \
+	  echo "created $$HOME/.ssh/id_ed25519 (no passphrase) to log in to sandboxes"; fi
 
 rootfs:
 	scripts/build-rootfs "$(ROOTFS)"

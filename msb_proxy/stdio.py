@@ -12,12 +12,17 @@ A stream is anything with ``create_connection(protocol_factory, host, port)`` re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
 __all__ = ["DuplexStream", "SshSocketStream", "SshStdioStream"]
+
+_F_SETPIPE_SZ = 1031
+_PIPE_SIZE = 1 << 20
 
 
 class DuplexStream(Protocol):
@@ -84,6 +89,9 @@ class _PipePairTransport(asyncio.Transport):
         self._lost = False
 
     async def attach(self, read_fd: int, write_fd: int) -> None:
+        for fd in (read_fd, write_fd):  # bulk transfers: fewer, larger reads and writes
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
         writer, _ = await self._loop.connect_write_pipe(
             lambda: _WriteSide(self), os.fdopen(write_fd, "wb", buffering=0, closefd=False)
         )

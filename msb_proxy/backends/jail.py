@@ -72,6 +72,8 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(platform.mach
 KEEP_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 29, 31})
 
 MAX_MESSAGE = 4 << 20
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 HANGUP_GRACE_S = 3.0
 
 
@@ -237,8 +239,9 @@ class Client:
 
 
 class Init:
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, protocol: int) -> None:
         self.listener = listener
+        self.protocol = protocol
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, Client] = {}
         with open("/proc/sys/kernel/cap_last_cap") as handle:
@@ -331,7 +334,7 @@ class Init:
     def _handle(self, client: Client, request: dict[str, Any]) -> None:
         op = request.get("op")
         if op == "ping":
-            client.send({"ok": True})
+            client.send({"ok": True, "protocol": self.protocol})
         elif op == "user":
             client.send({"ok": True, "user": lookup_user(str(request["name"]))})
         elif op == "spawn":
@@ -364,6 +367,9 @@ class Init:
             in_r, in_w = os.pipe()
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
+            for fd in (in_w, out_w):  # fewer, larger reads and writes on the bulk data path
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
             child_stdio = (in_r, out_w, err_w)
             ours, theirs = [in_w, out_r, err_r], [in_r, out_w, err_w]
         report_r, report_w = os.pipe()
@@ -454,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rootfs", required=True)
     parser.add_argument("--dir", required=True)
     parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--protocol", type=int, required=True,
+                        help="the protocol version of the proxy starting us; echoed by ping")
     args = parser.parse_args(argv)
     ready = args.ready_fd
 
@@ -484,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
         pivot()
         _prctl(PR_SET_DUMPABLE, 0)
         _libc.prctl(PR_SET_NAME, b"msb-init", 0, 0, 0)
-        init = Init(listener)
+        init = Init(listener, args.protocol)
     except Exception as exc:
         traceback.print_exc()
         fail(str(exc))

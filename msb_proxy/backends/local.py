@@ -51,6 +51,9 @@ from .base import (
 
 __all__ = ["LocalBackend", "LocalSandbox"]
 
+# The jail init speaks the protocol of the proxy that started it; bump this whenever a message
+# changes meaning, so a newer proxy never talks past an older init still running.
+PROTOCOL = 1
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 PTY_DRAIN_S = 0.2
@@ -85,8 +88,14 @@ class LocalBackend(Backend):
         directory = self.state.sandbox_dir(name)
         socket_path = directory / "init.sock"
         async with _locked(self.state.lock_file(name)):
-            if not await _ping(socket_path):
+            protocol = await _ping(socket_path)
+            if protocol is None:
                 await self._start(name, directory)
+            elif protocol != PROTOCOL:
+                raise SandboxError(
+                    f"sandbox {name!r} runs a jail from another msb-proxy version; restart it "
+                    f"with 'msb-proxy stop {name}' (its files are kept)"
+                )
         return LocalSandbox(name, socket_path)
 
     async def _start(self, name: str, directory: Path) -> None:
@@ -98,7 +107,7 @@ class LocalBackend(Backend):
             process = subprocess.Popen(
                 [sys.executable, "-m", "msb_proxy.backends.jail", "--name", name,
                  "--rootfs", str(self.rootfs), "--dir", str(directory),
-                 "--ready-fd", str(ready_w)],
+                 "--ready-fd", str(ready_w), "--protocol", str(PROTOCOL)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                 pass_fds=(ready_w,), start_new_session=True,
             )
@@ -459,12 +468,13 @@ async def _request(path: Path, message: dict[str, Any]) -> tuple[dict[str, Any],
         sock.close()
 
 
-async def _ping(path: Path) -> bool:
+async def _ping(path: Path) -> int | None:
+    """The protocol version of the init listening at ``path``, or None if none answers."""
     try:
         reply, _ = await asyncio.wait_for(_request(path, {"op": "ping"}), 5.0)
     except (OSError, TimeoutError, ValueError):
-        return False
-    return bool(reply.get("ok"))
+        return None
+    return int(reply.get("protocol", 0)) if reply.get("ok") else None
 
 
 async def _read_all(fd: int) -> bytes:
