@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -82,8 +83,13 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         _print_error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
                      "the traceback)")
         code = EXIT_INTERNAL
-    sys.stderr.flush()
-    raise SystemExit(code)
+    # Leave without interpreter finalization: the microsandbox SDK's runtime threads may still
+    # be winding down and would print a panic if Python were torn down under them.
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    os._exit(code)
 
 
 def _print_error(message: str) -> None:

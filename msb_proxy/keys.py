@@ -73,8 +73,7 @@ class AuthorizedKeys:
             if fields[0].endswith("-cert-v01@openssh.com"):
                 continue  # a certificate's .pub: clients present it as a certificate, not a key
             if fields[0] not in algorithms:
-                reason = "options are not supported" if len(fields) > 2 else "not a public key"
-                _warn(warn, f"{source}:{number}: skipped: {reason}")
+                _warn(warn, f"{source}:{number}: skipped: {_why_unusable(fields, algorithms)}")
                 continue
             if len(fields) < 2:
                 _warn(warn, f"{source}:{number}: skipped: the key data is missing")
@@ -94,6 +93,14 @@ class AuthorizedKeys:
             _warn(warn, f"{path}: skipped: {exc.strerror}")
             return
         self.add_text(text, str(path), warn)
+
+
+def _why_unusable(fields: list[str], algorithms: set[str]) -> str:
+    if any(field in algorithms for field in fields[1:]):
+        return "options before the key are not supported; remove them"
+    if fields[0].startswith(("ssh-", "ecdsa-", "sk-")) and len(fields) > 1:
+        return f"unsupported key type {fields[0]!r}"
+    return "not a public key"
 
 
 def _warn(stream: TextIO | None, message: str) -> None:

@@ -112,8 +112,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._closed = False
 
     # ---- channel set-up requests
-    def connection_made(self, chan: asyncssh.SSHChannel[bytes]) -> None:
-        self._chan = chan  # type: ignore[assignment]
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
         chan.set_write_buffer_limits(high=256 * 1024)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],

@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import select
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -92,15 +94,19 @@ class _PipePairTransport(asyncio.Transport):
         for fd in (read_fd, write_fd):  # bulk transfers: fewer, larger reads and writes
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
-        writer, _ = await self._loop.connect_write_pipe(
-            lambda: _WriteSide(self), os.fdopen(write_fd, "wb", buffering=0, closefd=False)
-        )
-        self._writer = writer
+        if _pollable(write_fd, select.EPOLLOUT):
+            self._writer, _ = await self._loop.connect_write_pipe(
+                lambda: _WriteSide(self), os.fdopen(write_fd, "wb", buffering=0, closefd=False)
+            )
+        else:
+            self._writer = _BlockingWriter(write_fd)
         self._protocol.connection_made(self)
-        reader, _ = await self._loop.connect_read_pipe(
-            lambda: _ReadSide(self), os.fdopen(read_fd, "rb", buffering=0, closefd=False)
-        )
-        self._reader = reader
+        if _pollable(read_fd, select.EPOLLIN):
+            self._reader, _ = await self._loop.connect_read_pipe(
+                lambda: _ReadSide(self), os.fdopen(read_fd, "rb", buffering=0, closefd=False)
+            )
+        else:
+            self._reader = _ThreadReader(self._loop, read_fd, _ReadSide(self))
 
     # ---- asyncio.Transport
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -190,3 +196,101 @@ class _WriteSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:  # the client closed its end of our stdout
             self._owner._lose(exc)
+
+
+def _pollable(fd: int, events: int) -> bool:
+    """Whether epoll accepts ``fd``: not so for regular files and /dev/null (``ssh ... </dev/null``
+    style redirections of a ProxyCommand run by hand)."""
+    poller = select.epoll()
+    try:
+        poller.register(fd, events)
+    except PermissionError:
+        return False
+    finally:
+        poller.close()
+    return True
+
+
+class _ThreadReader(asyncio.ReadTransport):
+    """Reads a descriptor epoll refuses, in a thread, feeding ``protocol`` on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, protocol: asyncio.Protocol):
+        super().__init__()
+        self._loop = loop
+        self._fd = fd
+        self._protocol = protocol
+        self._running = threading.Event()
+        self._running.set()
+        self._closed = False
+        threading.Thread(target=self._pump, name="msb-proxy-stdin", daemon=True).start()
+
+    def _pump(self) -> None:
+        exc: Exception | None = None
+        try:
+            while not self._closed:
+                self._running.wait()
+                data = os.read(self._fd, 256 * 1024)
+                if not data:
+                    break
+                self._loop.call_soon_threadsafe(self._deliver, data)
+        except OSError as error:
+            exc = error
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            self._loop.call_soon_threadsafe(self._finish, exc)
+
+    def _deliver(self, data: bytes) -> None:
+        if not self._closed:
+            self._protocol.data_received(data)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        if exc is None:
+            self._protocol.eof_received()
+        self._closed = True
+        self._protocol.connection_lost(exc)
+
+    def pause_reading(self) -> None:
+        self._running.clear()
+
+    def resume_reading(self) -> None:
+        self._running.set()
+
+    def is_reading(self) -> bool:
+        return self._running.is_set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._running.set()
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+
+class _BlockingWriter(asyncio.WriteTransport):
+    """Writes to a descriptor epoll refuses (a regular file, /dev/null): such writes never block."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view and not self._closed:
+            view = view[os.write(self._fd, view):]
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        self._closed = True
+
+    def abort(self) -> None:
+        self._closed = True
+
+    def is_closing(self) -> bool:
+        return self._closed

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import time
+from collections.abc import AsyncIterator
 
 import asyncssh
 import pytest
@@ -142,25 +144,34 @@ def test_kill_by_signal_is_reported_as_exit_signal(msb: Env, sandbox: str) -> No
 # ---- protocol details the OpenSSH client does not expose, through asyncssh as the client
 
 
-def _client(msb: Env, sandbox: str, **options: object) -> asyncssh.SSHClientConnection:
+@contextlib.asynccontextmanager
+async def _client(msb: Env, sandbox: str) -> AsyncIterator[asyncssh.SSHClientConnection]:
+    """asyncssh as the client, through the same ProxyCommand the ssh config uses."""
     proxy = ["env", f"HOME={msb.user_home}", f"MSB_PROXY_HOME={msb.home}",
              f"MSB_PROXY_ROOTFS={msb.rootfs}", str(PROXY), "stdio", "--backend", msb.backend,
              msb.host(sandbox)]
-    return asyncssh.connect(  # type: ignore[return-value]
+    conn = await asyncssh.connect(
         msb.host(sandbox), proxy_command=proxy, username="root", client_keys=[str(msb.key)],
-        known_hosts=None, config=None, **options,
+        known_hosts=None, config=None,
     )
+    try:
+        yield conn
+    finally:
+        conn.close()
+        await conn.wait_closed()
 
 
 def test_exit_signal_names_the_signal_and_core_dump(msb: Env, sandbox: str) -> None:
     async def main() -> list[tuple[str, bool]]:
         async with _client(msb, sandbox) as conn:
-            results = []
+            results: list[tuple[str, bool]] = []
             for command in ("kill -KILL $$", "kill -TERM $$", "ulimit -c 0; kill -SEGV $$",
                             "kill -USR2 $$", "kill -WINCH $$; exit 0", "kill -TRAP $$"):
                 result = await conn.run(command)
-                results.append(result.exit_signal[:2] if result.exit_signal
-                               else (f"status {result.exit_status}", False))
+                if result.exit_signal:
+                    results.append((result.exit_signal[0], result.exit_signal[1]))
+                else:
+                    results.append((f"status {result.exit_status}", False))
             return results
 
     assert asyncio.run(main()) == [
@@ -195,7 +206,7 @@ def test_trapped_signal_runs_the_handler(msb: Env, sandbox: str) -> None:
             assert await process.stdout.readline() == "ready\n"
             process.send_signal("USR1")
             result = await process.wait()
-            return f"{result.stdout}|{result.exit_status}"
+            return f"{result.stdout!s}|{result.exit_status}"
 
     assert asyncio.run(main()) == "got-usr1\n|7"
 
@@ -204,7 +215,7 @@ def test_unknown_channel_request_gets_a_failure_reply(msb: Env, sandbox: str) ->
     async def main() -> tuple[bool, str]:
         async with _client(msb, sandbox) as conn:
             chan, _session = await conn.create_session(asyncssh.SSHClientSession, "cat")
-            replied = await chan._make_request("no-such-request@example.com", want_reply=True)
+            replied = await chan._make_request(b"no-such-request@example.com")
             chan.write("still alive\n")
             chan.write_eof()
             await chan.wait_closed()

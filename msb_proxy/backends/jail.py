@@ -30,7 +30,6 @@ Python installation is out of reach.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import errno
@@ -44,7 +43,6 @@ import signal
 import socket
 import stat
 import struct
-import sys
 import termios
 import time
 import traceback
@@ -454,16 +452,16 @@ class Init:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="msb-proxy-jail")
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--rootfs", required=True)
-    parser.add_argument("--dir", required=True)
-    parser.add_argument("--ready-fd", type=int, required=True)
-    parser.add_argument("--protocol", type=int, required=True,
-                        help="the protocol version of the proxy starting us; echoed by ping")
-    args = parser.parse_args(argv)
-    ready = args.ready_fd
+def main() -> None:
+    """Start the jail described by ``$MSB_PROXY_JAIL``.
+
+    That JSON object holds ``name``, ``rootfs``, ``dir`` (the sandbox directory), ``ready_fd``
+    (where to write ``ready`` or ``error: ...``) and ``protocol`` (the version of the proxy
+    starting us, echoed by ping). It comes in the environment rather than argv so that the
+    guest's ``ps`` (our /proc/1/cmdline) shows no host paths.
+    """
+    settings = json.loads(os.environ.pop("MSB_PROXY_JAIL"))
+    ready = int(settings["ready_fd"])
 
     def fail(message: str) -> NoReturn:
         os.write(ready, f"error: {message}\n".encode())
@@ -476,12 +474,12 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(exc.strerror or exc))
     pid = os.fork()
     if pid:
-        with open(os.path.join(args.dir, "init.pid"), "w") as handle:
+        with open(os.path.join(settings["dir"], "init.pid"), "w") as handle:
             handle.write(f"{pid}\n")
         os._exit(0)
 
     try:
-        build(args.name, args.rootfs, args.dir)
+        build(settings["name"], settings["rootfs"], settings["dir"])
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock_path = "../init.sock"  # relative to the overlay mount: unix paths are short
         if os.path.lexists(sock_path):
@@ -492,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
         pivot()
         _prctl(PR_SET_DUMPABLE, 0)
         _libc.prctl(PR_SET_NAME, b"msb-init", 0, 0, 0)
-        init = Init(listener, args.protocol)
+        init = Init(listener, int(settings["protocol"]))
     except Exception as exc:
         traceback.print_exc()
         fail(str(exc))
@@ -502,4 +500,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -104,10 +104,16 @@ class LocalBackend(Backend):
         (directory / "name").write_text(name + "\n", encoding="utf-8", errors="surrogateescape")
         ready_r, ready_w = os.pipe()
         with open(directory / "init.log", "ab") as log:
+            settings = {"name": name, "rootfs": str(self.rootfs), "dir": str(directory),
+                        "ready_fd": ready_w, "protocol": PROTOCOL}
+            # The guest sees the init as PID 1: argv[0] "msb-init" and no host paths in argv.
+            # Only msb_proxy and the standard library are imported there, so PYTHONPATH is all
+            # it needs of this installation.
             process = subprocess.Popen(
-                [sys.executable, "-m", "msb_proxy.backends.jail", "--name", name,
-                 "--rootfs", str(self.rootfs), "--dir", str(directory),
-                 "--ready-fd", str(ready_w), "--protocol", str(PROTOCOL)],
+                ["msb-init", "-m", "msb_proxy.backends.jail"], executable=sys.executable,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                     "MSB_PROXY_JAIL": json.dumps(settings),
+                     "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                 pass_fds=(ready_w,), start_new_session=True,
             )
@@ -452,8 +458,13 @@ async def _exchange(
 
 async def _readable(sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
     try:
         await ready
     finally:
