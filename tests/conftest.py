@@ -31,20 +31,41 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"msb-proxy test backend: {TEST_BACKEND} (MSB_PROXY_TEST_BACKEND)"]
 
 
-def microsandbox_unavailable_reason() -> str | None:
+_CREATE_MICROSANDBOX = """
+import asyncio, sys, microsandbox as m
+async def main() -> None:
+    try:
+        sb = await m.Sandbox.create(sys.argv[1], image=m.Image.bind(sys.argv[2]), replace=True)
+        if len(sys.argv) > 3:
+            await sb.stop()
+    finally:
+        if len(sys.argv) > 3:
+            try:
+                await m.Sandbox.remove(sys.argv[1])
+            except m.MicrosandboxError:
+                pass
+asyncio.run(main())
+"""
+
+
+def create_microsandbox(
+    name: str, rootfs: Path, *, probe: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Create (and start) microsandbox sandbox ``name`` booting the test rootfs.
+
+    The microsandbox backend only connects to running sandboxes, so the suite creates them.
+    """
+    argv = [sys.executable, "-c", _CREATE_MICROSANDBOX, name, str(rootfs)]
+    if probe:
+        argv.append("probe")
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+
+
+def microsandbox_unavailable_reason(rootfs: Path) -> str | None:
     """Why microVMs cannot run here, or None when they can (checked once, by booting one)."""
     if not Path("/dev/kvm").exists():
         return "no /dev/kvm: microVMs cannot boot on this host"
-    probe = subprocess.run(
-        [sys.executable, "-c", (
-            "import asyncio, microsandbox as m\n"
-            "async def main():\n"
-            "    sb = await m.Sandbox.create('msb-proxy-kvm-probe', image=m.Image.oci('alpine'))\n"
-            "    await sb.stop()\n"
-            "    await m.Sandbox.remove('msb-proxy-kvm-probe')\n"
-            "asyncio.run(main())\n")],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
+    probe = create_microsandbox(f"msb-proxy-probe-{os.getpid()}", rootfs, probe=True)
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["unknown error"])[-1]
         return f"microsandbox cannot boot a VM here: {last}"
@@ -88,8 +109,12 @@ class Env:
         return env
 
     def host(self, sandbox: str) -> str:
+        """The ssh host name of ``sandbox``; the sandbox is removed when the session ends."""
         if sandbox not in self.sandboxes:
             self.sandboxes.append(sandbox)
+            if self.backend == "microsandbox":
+                created = create_microsandbox(sandbox, self.rootfs)
+                assert created.returncode == 0, created.stderr
         return f"msb-{sandbox}"
 
     def run(self, argv: Sequence[str], input: bytes | None = None, timeout: float = 60,
@@ -134,16 +159,16 @@ def write_ssh_config(env: Env, extra: str = "") -> None:
 @pytest.fixture(scope="session")
 def msb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """The session's msb-proxy installation; its sandboxes are removed at the end."""
+    rootfs = Path(os.environ.get("MSB_PROXY_ROOTFS") or DEFAULT_ROOTFS)
+    if not (rootfs / "usr" / "bin").is_dir():
+        pytest.fail(f"no test rootfs at {rootfs}: run 'make rootfs' first", pytrace=False)
     if TEST_BACKEND == "microsandbox":
-        reason = microsandbox_unavailable_reason()
+        reason = microsandbox_unavailable_reason(rootfs)
         if reason:
             pytest.skip(f"MSB_PROXY_TEST_BACKEND=microsandbox: {reason}")
     elif TEST_BACKEND != "local":
         raise pytest.UsageError(
             f"MSB_PROXY_TEST_BACKEND={TEST_BACKEND!r}: use local or microsandbox")
-    rootfs = Path(os.environ.get("MSB_PROXY_ROOTFS") or DEFAULT_ROOTFS)
-    if TEST_BACKEND == "local" and not (rootfs / "usr" / "bin").is_dir():
-        pytest.fail(f"no test rootfs at {rootfs}: run 'make rootfs' first", pytrace=False)
     root = tmp_path_factory.mktemp("msb")
     user_home = root / "user"
     (user_home / ".ssh").mkdir(parents=True)
