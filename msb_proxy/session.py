@@ -25,12 +25,21 @@ import fnmatch
 import posixpath
 import signal
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import asyncssh
 
-from .backends.base import ExitStatus, GuestProcess, GuestUser, ProcessSpec, PtySpec, Sandbox
+from .backends.base import (
+    ExitStatus,
+    GuestProcess,
+    GuestUser,
+    ProcessListener,
+    ProcessSpec,
+    PtySpec,
+    Sandbox,
+)
 from .errors import UserError
+from .scp import NativeScp, ScpRequest, parse_scp_command
 
 __all__ = ["GuestSession", "Login"]
 
@@ -81,6 +90,27 @@ class Login:
         env["SSH_CONNECTION"] = SSH_CONNECTION
         return env
 
+    async def start_sftp(self, spec: ProcessSpec, listener: ProcessListener) -> GuestProcess:
+        """The guest's own sftp-server as the login user, or native SFTP when it has none."""
+        server = await self.sandbox.find_program(self.user, SFTP_SERVER_PATHS)
+        if server is not None:
+            return await self.sandbox.spawn(replace(spec, program=server, argv=[server]), listener)
+        from .sftp import NativeSftp
+
+        files = await self.sandbox.open_files(self.user)
+        home = (self.user.home or "/").encode("utf-8", "surrogateescape")
+        return NativeSftp(files, listener, home)
+
+    async def start_scp(self, request: ScpRequest, spec: ProcessSpec,
+                        listener: ProcessListener) -> GuestProcess:
+        """The guest's scp when it has one (run as any command is), else native scp."""
+        path = spec.env.get("PATH", "")
+        candidates = [f"{directory}/scp" for directory in path.split(":") if directory]
+        if await self.sandbox.find_program(self.user, candidates) is not None:
+            return await self.sandbox.spawn(spec, listener)
+        files = await self.sandbox.open_files(self.user)
+        return NativeScp(request, files, listener, self.user.home or "/")
+
     @property
     def shell(self) -> str:
         return self.user.shell or "/bin/sh"
@@ -101,6 +131,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._pty: PtySpec | None = None
         self._program: tuple[str, Sequence[str]] | None = None
+        self._sftp = False
+        self._command: str | None = None
         self._process: GuestProcess | None = None
         self._starting: asyncio.Task[None] | None = None
         self._pending: list[bytes] = []
@@ -129,20 +161,21 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def exec_requested(self, command: str) -> bool:
         self._program = self._login.command_line(command)
+        self._command = command
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
         if subsystem != "sftp" or not self._login.sftp:
             return False
-        self._program = ("/bin/sh", ["sh", "-c", _SFTP_LAUNCHER])
+        self._sftp = True
         return True
 
     def session_started(self) -> None:
         self._starting = asyncio.get_running_loop().create_task(self._start())
 
     async def _start(self) -> None:
-        assert self._chan is not None and self._program is not None
-        program, argv = self._program
+        assert self._chan is not None
+        program, argv = self._program or ("", [])
         term = self._pty.term if self._pty is not None else None
         spec = ProcessSpec(
             program=program,
@@ -153,7 +186,12 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             pty=self._pty,
         )
         try:
-            process = await self._login.sandbox.spawn(spec, self)
+            if self._sftp:
+                process = await self._login.start_sftp(spec, self)
+            elif self._command is not None and (scp := parse_scp_command(self._command)):
+                process = await self._login.start_scp(scp, spec, self)
+            else:
+                process = await self._login.sandbox.spawn(spec, self)
         except UserError as exc:
             self._fail(f"msb-proxy: {exc}")
             return
@@ -259,8 +297,39 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if status.signal is not None:
             name = signal_name(status.signal)
             self._chan.exit_with_signal(name, status.core_dumped)
-        else:
-            self._chan.exit(status.code or 0)
+            return
+        if status.code == 127 and self._command is not None:
+            hint = missing_tool_hint(self._command, self._login.sandbox.name)
+            if hint:
+                self._chan.write_stderr(hint.encode() + b"\n")
+        self._chan.exit(status.code or 0)
+
+
+# Programs that client tools run on the server side: the tool a user knows them by, and the
+# Debian package that has them.
+SERVER_SIDE_TOOLS = {
+    "rsync": ("rsync", "rsync"),
+    "scp": ("scp", "openssh-client"),
+    "git-upload-pack": ("git", "git"),
+    "git-receive-pack": ("git", "git"),
+    "git-upload-archive": ("git", "git"),
+    "sftp-server": ("sftp", "openssh-sftp-server"),
+}
+
+
+def missing_tool_hint(command: str, sandbox: str) -> str | None:
+    """A line naming the program a client tool needs when ``command`` could not find it.
+
+    ``rsync``, ``git`` and friends run a program of theirs in the sandbox and only see the shell's
+    "command not found"; this says which sandbox lacks what.
+    """
+    words = command.split(maxsplit=1)
+    program = posixpath.basename(words[0]) if words else ""
+    if program not in SERVER_SIDE_TOOLS:
+        return None
+    tool, package = SERVER_SIDE_TOOLS[program]
+    return (f"msb-proxy: sandbox {sandbox!r} has no {program}, which {tool} needs there; "
+            f"install it in the sandbox (for example: apt-get install {package})")
 
 
 def signal_number(name: str) -> int | None:
@@ -280,8 +349,3 @@ def signal_name(signum: int) -> str:
         return "SIG@openssh.com"
     return name if name in RFC_SIGNALS else "SIG@openssh.com"
 
-
-_SFTP_LAUNCHER = "; ".join(
-    [f'[ -x {path} ] && exec {path}' for path in SFTP_SERVER_PATHS]
-    + ['echo "msb-proxy: this sandbox has no sftp-server; use scp -O or rsync" >&2', "exit 127"]
-)

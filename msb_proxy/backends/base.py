@@ -23,7 +23,11 @@ import abc
 import signal as _signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..files import GuestFiles
 
 __all__ = [
     "Backend",
@@ -206,11 +210,69 @@ class Sandbox(abc.ABC):
         the program does not exist in the guest).
         """
 
+    async def find_program(self, user: GuestUser, candidates: Sequence[str]) -> str | None:
+        """The first of the absolute paths ``candidates`` that is an executable file, or None.
+
+        The default asks the guest's ``/bin/sh`` as ``user``; a backend with a cheaper way
+        overrides this.
+        """
+        script = 'for p in "$@"; do if [ -f "$p" ] && [ -x "$p" ]; then echo "$p"; exit 0; fi; done'
+        collector = _Collector()
+        await self.spawn(ProcessSpec(program="/bin/sh", argv=["sh", "-c", script, "sh",
+                                                                *candidates],
+                                     env={"PATH": "/usr/bin:/bin"}, cwd="/", user=user), collector)
+        await collector.done
+        found = collector.stdout.decode("utf-8", "surrogateescape").strip()
+        return found or None
+
+    async def open_files(self, user: GuestUser) -> GuestFiles:
+        """Start the guest file service (``guest/files.py``) as ``user``, working in their home.
+
+        The default runs it with the guest's ``python3`` through :meth:`spawn`; a backend with a
+        better way overrides this. Raises :class:`~msb_proxy.errors.SandboxError` when the
+        service cannot be started.
+        """
+        from ..files import FileServiceProcess, GuestFiles
+
+        source = (Path(__file__).resolve().parent.parent / "guest" / "files.py").read_text()
+        carrier = FileServiceProcess()
+        spec = ProcessSpec(
+            program="python3", argv=["python3", "-c", source],
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONUTF8": "1", "LC_ALL": "C.UTF-8"},
+            cwd=user.home or "/", user=user,
+        )
+        carrier.process = await self.spawn(spec, carrier)
+        return GuestFiles(carrier.client)
+
     async def close(self) -> None:  # noqa: B027  (a hook with a default, not abstract)
         """Release what this connection holds on the sandbox; the sandbox keeps running.
 
         The default holds nothing.
         """
+
+
+class _Collector:
+    """A :class:`ProcessListener` that keeps a short process's stdout."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.stdout = bytearray()
+        self.done: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
+
+    def output_received(self, data: bytes, stderr: bool) -> None:
+        if not stderr:
+            self.stdout += data
+
+    def stdin_paused(self) -> None:
+        pass
+
+    def stdin_resumed(self) -> None:
+        pass
+
+    def process_exited(self, status: ExitStatus) -> None:
+        if not self.done.done():
+            self.done.set_result(status)
 
 
 class Backend(abc.ABC):

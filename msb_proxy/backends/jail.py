@@ -48,6 +48,7 @@ import time
 import traceback
 from typing import Any, NoReturn
 
+from msb_proxy.guest import files as guest_files
 from msb_proxy.terminal import apply_modes, set_window_size
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -216,6 +217,14 @@ def lookup_user(name: str) -> dict[str, Any] | None:
     return None
 
 
+def _executable(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) and bool(mode & 0o111)
+
+
 # ---------------------------------------------------------------------------------------------
 # Processes
 
@@ -335,7 +344,7 @@ class Init:
             client.send({"ok": True, "protocol": self.protocol})
         elif op == "user":
             client.send({"ok": True, "user": lookup_user(str(request["name"]))})
-        elif op == "spawn":
+        elif op in ("spawn", "files"):
             if client.pid is not None:
                 raise ValueError("one process per connection")
             self._spawn(client, request)
@@ -343,6 +352,9 @@ class Init:
             if client.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(client.pid, int(request["sig"]))
+        elif op == "which":
+            found = next((path for path in request["paths"] if _executable(path)), None)
+            client.send({"ok": True, "path": found})
         elif op == "stop":
             client.send({"ok": True})
             self.stop()
@@ -350,9 +362,14 @@ class Init:
             raise ValueError(f"unknown op {op!r}")
 
     def _spawn(self, client: Client, request: dict[str, Any]) -> None:
-        env = dict(request["env"])
+        env = dict(request.get("env", {}))
         pty = request.get("pty")
-        if pty is not None:
+        if request["op"] == "files":
+            ours_end, theirs_end = socket.socketpair()
+            null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+            child_stdio = (theirs_end.fileno(), theirs_end.fileno(), null)
+            ours, theirs = [ours_end.detach()], [theirs_end.detach(), null]
+        elif pty is not None:
             master, slave = os.openpty()
             os.set_inheritable(slave, False)
             apply_modes(slave, {int(k): int(v) for k, v in pty.get("modes", {}).items()})
@@ -373,7 +390,7 @@ class Init:
         report_r, report_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            self._exec_child(request, env, child_stdio, report_w)
+            self._become(request, env, child_stdio, report_w)
         os.close(report_w)
         for fd in theirs:
             os.close(fd)
@@ -393,9 +410,12 @@ class Init:
             for fd in ours:
                 os.close(fd)
 
-    def _exec_child(self, request: dict[str, Any], env: dict[str, str],
-                    stdio: tuple[int, int, int], report_w: int) -> None:
-        """In the forked child: become the requested process. Never returns."""
+    def _become(self, request: dict[str, Any], env: dict[str, str],
+                stdio: tuple[int, int, int], report_w: int) -> NoReturn:
+        """In the forked child: become the requested process, or the file service on stdio.
+
+        Never returns. Whatever fails before that is reported on ``report_w``.
+        """
         try:
             signal.set_wakeup_fd(-1)
             for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ):
@@ -420,6 +440,10 @@ class Init:
                 os.write(2, f"Could not chdir to home directory {request['cwd']}: "
                             f"{exc.strerror}\n".encode())
                 os.chdir("/")
+            if request["op"] == "files":
+                os.close(report_w)
+                guest_files.serve(0, 1)
+                os._exit(0)
             program, argv = request["program"], request["argv"]
             if "/" in program:
                 os.execve(program, argv, env)
@@ -427,7 +451,7 @@ class Init:
         except BaseException as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             try:
-                os.write(report_w, f"{request['program']}: {reason}".encode())
+                os.write(report_w, f"{request.get('program', 'file service')}: {reason}".encode())
             finally:
                 os._exit(127)
 

@@ -32,9 +32,9 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import terminal
 from ..errors import BackendUnavailableError, SandboxError, UnknownUserError
@@ -49,11 +49,14 @@ from .base import (
     Sandbox,
 )
 
+if TYPE_CHECKING:
+    from ..files import GuestFiles
+
 __all__ = ["LocalBackend", "LocalSandbox"]
 
 # The jail init speaks the protocol of the proxy that started it; bump this whenever a message
 # changes meaning, so a newer proxy never talks past an older init still running.
-PROTOCOL = 1
+PROTOCOL = 3
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 PTY_DRAIN_S = 0.2
@@ -191,6 +194,34 @@ class LocalSandbox(Sandbox):
         )
         self._users[name] = user
         return user
+
+    async def find_program(self, user: GuestUser, candidates: Sequence[str]) -> str | None:
+        reply, _ = await _request(self.socket_path, {"op": "which", "paths": list(candidates)})
+        found = reply.get("path")
+        return str(found) if found else None
+
+    async def open_files(self, user: GuestUser) -> GuestFiles:
+        """The file service forked from the jail init as ``user``: no guest Python needed."""
+        from ..files import FileServiceSocket, GuestFiles
+
+        control = await _connect(self.socket_path)
+        try:
+            reply, fds = await _exchange(control, {
+                "op": "files", "uid": user.uid, "gid": user.gid, "groups": list(user.groups),
+                "cwd": user.home or "/"})
+        except BaseException:
+            control.close()
+            raise
+        if not reply.get("ok") or not fds:
+            control.close()
+            raise SandboxError(f"cannot start the file service: {reply.get('error', '?')}")
+        loop = asyncio.get_running_loop()
+        service = socket.socket(fileno=fds[0])
+        _, carrier = await loop.create_connection(FileServiceSocket, sock=service)
+        files = GuestFiles(carrier.client)
+        # The init ends the service when this control connection closes.
+        files.on_close(control.close)
+        return files
 
     async def spawn(self, spec: ProcessSpec, listener: ProcessListener) -> GuestProcess:
         request: dict[str, Any] = {

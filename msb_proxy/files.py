@@ -1,0 +1,300 @@
+"""Guest file operations as the login user: the client of ``guest/files.py``.
+
+:class:`GuestFiles` is what the native SFTP and scp servers work on. Each call is one request to
+the file service running in the guest; many can be in flight at once, so pipelined SFTP
+requests are served concurrently. Failures raise :class:`OSError` with the guest's errno and
+message.
+
+The service is reached either through a connected socket (the local backend forks it from the
+jail init) or through a guest process's stdin/stdout (any backend whose guest has
+``python3``), see :meth:`msb_proxy.backends.base.Sandbox.open_files`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .backends.base import ExitStatus
+
+__all__ = ["Attrs", "FileServiceClient", "GuestFiles"]
+
+_HEADER = struct.Struct(">IIH")
+
+
+@dataclass(frozen=True)
+class Attrs:
+    """A file's metadata, as ``stat`` gives it."""
+
+    size: int
+    uid: int
+    gid: int
+    mode: int
+    atime: int
+    mtime: int
+    nlink: int = 1
+
+    @classmethod
+    def from_wire(cls, data: dict[str, int]) -> Attrs:
+        return cls(size=data["size"], uid=data["uid"], gid=data["gid"], mode=data["mode"],
+                   atime=data["atime"], mtime=data["mtime"], nlink=data.get("nlink", 1))
+
+
+def _text(path: bytes) -> str:
+    return path.decode("utf-8", "surrogateescape")
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+class FileServiceClient:
+    """The proxy end of the file-service protocol, over any byte pipe.
+
+    ``send`` writes bytes toward the service; the owner feeds what comes back to
+    :meth:`data_received` and reports the end with :meth:`connection_lost`.
+    """
+
+    def __init__(self, send: Callable[[bytes], None], close: Callable[[], None]) -> None:
+        self._send = send
+        self._close = close
+        self._next_id = 1
+        self._waiting: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
+        self._buffer = bytearray()
+        self._lost: Exception | None = None
+
+    async def call(
+        self, op: str, payload: bytes = b"", **args: Any
+    ) -> tuple[dict[str, Any], bytes]:
+        """Run ``op`` in the guest; return its reply header and payload, or raise OSError."""
+        if self._lost is not None:
+            raise OSError(errno.ECONNRESET, f"the guest file service is gone: {self._lost}")
+        request_id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
+        header = json.dumps({"op": op, **args}).encode()
+        future: asyncio.Future[tuple[dict[str, Any], bytes]] = (
+            asyncio.get_running_loop().create_future())
+        self._waiting[request_id] = future
+        self._send(_HEADER.pack(4 + 2 + len(header) + len(payload), request_id, len(header))
+                   + header + payload)
+        reply, data = await future
+        if not reply.get("ok"):
+            code = int(reply.get("errno", errno.EIO))
+            raise OSError(code, str(reply.get("error") or os.strerror(code)))
+        return reply, data
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= 4:
+            (length,) = struct.unpack_from(">I", buffer)
+            if len(buffer) < 4 + length:
+                return
+            _, request_id, header_length = _HEADER.unpack_from(buffer)
+            start = _HEADER.size
+            reply = json.loads(bytes(buffer[start:start + header_length]))
+            payload = bytes(buffer[start + header_length:4 + length])
+            del buffer[:4 + length]
+            future = self._waiting.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result((reply, payload))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc or EOFError("closed")
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(
+                    OSError(errno.ECONNRESET, f"the guest file service ended: {self._lost}"))
+        self._waiting.clear()
+
+    def close(self) -> None:
+        self._close()
+
+
+class GuestFiles:
+    """File operations in the guest, typed. Paths are bytes, as SFTP carries them."""
+
+    def __init__(self, client: FileServiceClient) -> None:
+        self._client = client
+        self._on_close: list[Callable[[], None]] = []
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the service is closed (its carrier's resources)."""
+        self._on_close.append(callback)
+
+    async def open(self, path: bytes, flags: int, mode: int = 0o666) -> int:
+        reply, _ = await self._client.call("open", path=_text(path), flags=flags, mode=mode)
+        return int(reply["handle"])
+
+    async def opendir(self, path: bytes) -> int:
+        reply, _ = await self._client.call("opendir", path=_text(path))
+        return int(reply["handle"])
+
+    async def readdir(
+        self, handle: int, count: int = 100
+    ) -> list[tuple[bytes, Attrs, str, str]]:
+        """Up to ``count`` entries: name, lstat attributes, owner name, group name."""
+        reply, _ = await self._client.call("readdir", handle=handle, count=count)
+        return [(_bytes(e["name"]), Attrs.from_wire(e), e["owner"], e["group"])
+                for e in reply["entries"]]
+
+    async def close(self, handle: int) -> None:
+        await self._client.call("close", handle=handle)
+
+    async def read(self, handle: int, offset: int, length: int) -> bytes:
+        _, data = await self._client.call("read", handle=handle, offset=offset, length=length)
+        return data
+
+    async def write(self, handle: int, offset: int, data: bytes, append: bool = False) -> None:
+        await self._client.call("write", data, handle=handle, offset=offset, append=append)
+
+    async def stat(self, path: bytes, follow: bool = True) -> Attrs:
+        reply, _ = await self._client.call("stat", path=_text(path), follow=follow)
+        return Attrs.from_wire(reply["attrs"])
+
+    async def fstat(self, handle: int) -> Attrs:
+        reply, _ = await self._client.call("fstat", handle=handle)
+        return Attrs.from_wire(reply["attrs"])
+
+    async def setstat(self, path: bytes, attrs: dict[str, int], follow: bool = True) -> None:
+        await self._client.call("setstat", path=_text(path), attrs=attrs, follow=follow)
+
+    async def fsetstat(self, handle: int, attrs: dict[str, int]) -> None:
+        await self._client.call("fsetstat", handle=handle, attrs=attrs)
+
+    async def mkdir(self, path: bytes, mode: int = 0o777) -> None:
+        await self._client.call("mkdir", path=_text(path), mode=mode)
+
+    async def rmdir(self, path: bytes) -> None:
+        await self._client.call("rmdir", path=_text(path))
+
+    async def remove(self, path: bytes) -> None:
+        await self._client.call("remove", path=_text(path))
+
+    async def rename(self, old: bytes, new: bytes, replace: bool) -> None:
+        await self._client.call("rename", old=_text(old), new=_text(new), replace=replace)
+
+    async def symlink(self, target: bytes, path: bytes) -> None:
+        await self._client.call("symlink", target=_text(target), path=_text(path))
+
+    async def link(self, old: bytes, new: bytes) -> None:
+        await self._client.call("link", old=_text(old), new=_text(new))
+
+    async def readlink(self, path: bytes) -> bytes:
+        reply, _ = await self._client.call("readlink", path=_text(path))
+        return _bytes(reply["target"])
+
+    async def realpath(self, path: bytes, strict: bool = True) -> bytes:
+        reply, _ = await self._client.call("realpath", path=_text(path), strict=strict)
+        return _bytes(reply["path"])
+
+    async def statvfs(
+        self, path: bytes | None = None, handle: int | None = None
+    ) -> dict[str, int]:
+        args: dict[str, Any] = (
+            {"handle": handle} if handle is not None else {"path": _text(path or b"/")})
+        reply, _ = await self._client.call("statvfs", **args)
+        return dict(reply["statvfs"])
+
+    async def fsync(self, handle: int) -> None:
+        await self._client.call("fsync", handle=handle)
+
+    async def copy(self, source: int, offset: int, length: int, target: int,
+                   target_offset: int) -> int:
+        reply, _ = await self._client.call("copy", source=source, target=target, offset=offset,
+                                           length=length, target_offset=target_offset)
+        return int(reply["copied"])
+
+    async def glob(self, pattern: bytes) -> list[bytes]:
+        """The paths matching the shell wildcard ``pattern``, sorted."""
+        reply, _ = await self._client.call("glob", pattern=_text(pattern))
+        return [_bytes(path) for path in reply["paths"]]
+
+    async def which(self, paths: list[str]) -> str | None:
+        """The first of ``paths`` that is an executable file for the user, or None."""
+        reply, _ = await self._client.call("which", paths=paths)
+        found = reply.get("path")
+        return str(found) if found else None
+
+    async def names(
+        self, uids: list[int], gids: list[int]
+    ) -> tuple[dict[int, str], dict[int, str]]:
+        reply, _ = await self._client.call("names", uids=uids, gids=gids)
+        return ({int(k): v for k, v in reply["users"].items()},
+                {int(k): v for k, v in reply["groups"].items()})
+
+    def close_service(self) -> None:
+        """End the file service; in-flight calls fail."""
+        self._client.close()
+        for callback in self._on_close:
+            callback()
+        self._on_close.clear()
+
+
+class FileServiceSocket(asyncio.Protocol):
+    """Carries a :class:`FileServiceClient` over a connected stream socket."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.client = FileServiceClient(self._write, self._shut)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.client.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.connection_lost(exc)
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _shut(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class FileServiceProcess:
+    """Carries a :class:`FileServiceClient` over a guest process's stdin and stdout.
+
+    Implements :class:`~msb_proxy.backends.base.ProcessListener` for that process.
+    """
+
+    def __init__(self) -> None:
+        self.process: Any = None
+        self.client = FileServiceClient(self._write, self._shut)
+        self.stderr = bytearray()
+
+    def _write(self, data: bytes) -> None:
+        if self.process is not None:
+            self.process.write_stdin(data)
+
+    def _shut(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(Exception):
+                self.process.hangup()
+
+    def output_received(self, data: bytes, stderr: bool) -> None:
+        if stderr:
+            self.stderr += data[:4096 - len(self.stderr)]
+        else:
+            self.client.data_received(data)
+
+    def stdin_paused(self) -> None:
+        pass
+
+    def stdin_resumed(self) -> None:
+        pass
+
+    def process_exited(self, status: ExitStatus) -> None:
+        detail = self.stderr.decode(errors="replace").strip().splitlines()
+        self.client.connection_lost(EOFError(detail[-1] if detail else status.describe()))
