@@ -138,6 +138,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._pending_eof = False
+        self._stdin_paused = False
         self._pending_signals: list[int] = []
         self._pending_resize: tuple[int, int, int, int] | None = None
         self._exited = False
@@ -207,7 +208,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
                 process.write_stdin(chunk)
             self._pending.clear()
             self._pending_size = 0
-            self._chan.resume_reading()
+            if not self._stdin_paused:  # the backlog may itself have filled the guest's stdin
+                self._chan.resume_reading()
         if self._pending_eof:
             process.close_stdin()
         for signum in self._pending_signals:
@@ -283,10 +285,12 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._chan.write(data)
 
     def stdin_paused(self) -> None:
+        self._stdin_paused = True
         if self._chan is not None and not self._closed:
             self._chan.pause_reading()
 
     def stdin_resumed(self) -> None:
+        self._stdin_paused = False
         if self._chan is not None and not self._closed:
             self._chan.resume_reading()
 

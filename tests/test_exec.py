@@ -149,7 +149,7 @@ async def _client(msb: Env, sandbox: str) -> AsyncIterator[asyncssh.SSHClientCon
     """asyncssh as the client, through the same ProxyCommand the ssh config uses."""
     proxy = ["env", f"HOME={msb.user_home}", f"MSB_PROXY_HOME={msb.home}",
              f"MSB_PROXY_ROOTFS={msb.rootfs}", str(PROXY), "stdio", "--backend", msb.backend,
-             msb.host(sandbox)]
+             "--host-prefix", "msb-", msb.host(sandbox)]
     conn = await asyncssh.connect(
         msb.host(sandbox), proxy_command=proxy, username="root", client_keys=[str(msb.key)],
         known_hosts=None, config=None,
