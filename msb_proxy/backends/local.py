@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import terminal
 from ..errors import BackendUnavailableError, SandboxError, UnknownUserError
+from ..pipes import BatchedWriter
 from ..state import StateDir
 from .base import (
     Backend,
@@ -61,6 +62,7 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 PTY_DRAIN_S = 0.2
 STDIN_HIGH_WATER = 256 * 1024
+READ_SIZE = 1 << 20  # the guest's stdout pipe holds this much: read it whole
 SEND_BUFFER = 8 << 20  # one spawn request carries the whole environment and command line
 _UNIX_PATH_MAX = 107
 
@@ -259,7 +261,7 @@ class LocalProcess(GuestProcess):
         self._listener = listener
         self._pty = pty
         self._loop = asyncio.get_running_loop()
-        self._stdin: asyncio.WriteTransport | None = None
+        self._stdin: BatchedWriter | None = None
         self._readers: list[asyncio.ReadTransport] = []
         self._open_outputs = 0
         self._status: ExitStatus | None = None
@@ -280,13 +282,14 @@ class LocalProcess(GuestProcess):
                 lambda e=is_stderr: _OutputReader(self, e),  # type: ignore[misc]
                 os.fdopen(fd, "rb", buffering=0),
             )
+            transport.max_size = READ_SIZE  # type: ignore[attr-defined]
             self._readers.append(transport)
             self._open_outputs += 1
         stdin, _ = await self._loop.connect_write_pipe(
             lambda: _InputWriter(self._listener), os.fdopen(writer_fd, "wb", buffering=0)
         )
         stdin.set_write_buffer_limits(high=STDIN_HIGH_WATER)
-        self._stdin = stdin
+        self._stdin = BatchedWriter(stdin)
         self._loop.add_reader(self._control.fileno(), self._on_control)
 
     # ---- GuestProcess

@@ -1,0 +1,70 @@
+"""Write batching for the bulk data path.
+
+asyncssh writes one SSH packet at a time (16 to 32 KiB) and the session writes one channel
+packet at a time into the guest's stdin; written straight through, every packet costs a system
+call. :class:`BatchedWriter` collects what is written during one event-loop turn and hands it to
+the transport as one write at the end of that turn, which is when the data would have left
+anyway: the latency is unchanged, the system calls drop roughly tenfold on a transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+__all__ = ["BatchedWriter"]
+
+
+class BatchedWriter:
+    """An ``asyncio.WriteTransport`` front that coalesces writes made within one loop turn."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport = transport
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._scheduled = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data or self.transport.is_closing():
+            return
+        self._pending.append(data if isinstance(data, bytes) else bytes(data))
+        self._pending_size += len(data)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Hand everything collected so far to the transport now."""
+        self._scheduled = False
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Write what is collected, then close once the transport has written it all."""
+        self.flush()
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop what is collected and close at once."""
+        self._pending.clear()
+        self._pending_size = 0
+        if not self.transport.is_closing():
+            self.transport.abort()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return self._pending_size + self.transport.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.transport.set_write_buffer_limits(high, low)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
