@@ -73,7 +73,7 @@ def _measure(harness: Harness, workloads: Sequence[Workload], runs: tuple[int, i
             # Alternate which side goes first, so drift in the machine's load hits both alike.
             order = SIDES if number % 2 == 0 else tuple(reversed(SIDES))
             for side in order:
-                sample = harness.timed(side, work.command, size, timeout)
+                sample = harness.timed(side, work.command, size, timeout, work.warm)
                 samples[(work.key, side)].append(sample)
                 rate = f", {size / sample.seconds / 1e6:.0f} MB/s" if work.heavy else ""
                 _progress(f"{work.key} {number + 1}/{count} {side}: "

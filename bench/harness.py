@@ -125,7 +125,10 @@ class Harness:
         self.proxy = proxy
         self.name = f"bench-{secrets.token_hex(4)}"
         self.hosts = {"msb-proxy": f"msb-{self.name}", "sshd": f"sshd-{self.name}"}
+        self.cold_host = f"msb-cold-{self.name}"  # msb-proxy serving in its own process
         self.root = Path(tempfile.mkdtemp(prefix="msb-bench-"))
+        self.runtime_dir = self.root / "run"  # where msb-proxy's warm server listens
+        self.runtime_dir.mkdir(mode=0o700)
         self.user_home = self.root / "user"
         self.home = self.root / "msb-proxy-home"
         self.key = self.root / "id_ed25519"
@@ -176,7 +179,10 @@ class Harness:
         proxy = " ".join(shlex.quote(part) for part in (
             str(self.proxy), "stdio", "--backend", "local", "--host-prefix", "msb-"))
         text = (f"Host {self.hosts['msb-proxy']}\n"
-                f"  ProxyCommand {measure} {proxy} %n\n")
+                f"  ProxyCommand {measure} {proxy} %n\n"
+                f"Host {self.cold_host}\n"
+                f"  ProxyCommand {measure} env MSB_PROXY_WARM=0 {proxy} "
+                f"{self.hosts['msb-proxy']}\n")
         if self.init_pid is not None:
             # The PID is fixed here, not read per connection: a `cat init.pid` in the
             # ProxyCommand would be a cost the msb-proxy side does not pay.
@@ -237,9 +243,10 @@ class Harness:
                     f"end counted {up.strip() or '0'} up and {down.strip() or '0'} down")
 
     # ---- running
-    def command(self, side: str, template: str, size: int = 0) -> str:
-        """``template`` (see rows.py for its placeholders) filled in for ``side``."""
-        host = self.hosts[side]
+    def command(self, side: str, template: str, size: int = 0, warm: bool = True) -> str:
+        """``template`` (see rows.py for its placeholders) filled in for ``side``; ``warm``
+        False keeps msb-proxy from handing the connection to its warm server."""
+        host = self.hosts[side] if warm or side != "msb-proxy" else self.cold_host
         return template.format(
             ssh=f"ssh -F {shlex.quote(str(self.config))} {shlex.quote(host)}",
             config=shlex.quote(str(self.config)), host=shlex.quote(host), size=size)
@@ -257,14 +264,16 @@ class Harness:
         outcome = self._run(command, stdin, SETUP_TIMEOUT_S, side)
         return outcome.out.decode(errors="replace"), outcome.err.decode(errors="replace")
 
-    def timed(self, side: str, template: str, size: int, timeout: float) -> Sample:
+    def timed(self, side: str, template: str, size: int, timeout: float,
+              warm: bool = True) -> Sample:
         """Run one workload command on ``side``: its wall time, client start to client exit, and
         what the server side of it cost."""
         time_file = self.root / f"time-{self._runs}"
         self._runs += 1
         time_file.touch()
         guest_before = self._init_cpu(children=True)
-        outcome = self._run(self.command(side, template, size), None, timeout, side, time_file)
+        outcome = self._run(self.command(side, template, size, warm), None, timeout, side,
+                            time_file)
         guest = self._init_cpu(children=True) - guest_before
         rss_kib, proxy_cpu = _time_report(time_file)
         return Sample(outcome.seconds, rss_kib,
@@ -276,6 +285,7 @@ class Harness:
         env.update(HOME=str(self.user_home), SHELL="/bin/sh", PYTHONPATH=str(self.source),
                    MSB_PROXY_HOME=str(self.home),
                    MSB_PROXY_ROOTFS=str(self.rootfs), MSB_PROXY_BACKEND="local",
+                   XDG_RUNTIME_DIR=str(self.runtime_dir),
                    MSB_BENCH_TIME=str(time_file or os.devnull))
         return env
 
@@ -366,6 +376,7 @@ class Harness:
     def close(self) -> list[str]:
         """Remove the sandbox and the temporary root; return what could not be cleaned up."""
         problems: list[str] = []
+        self._stop_warm_server()
         if self._started:
             removed = subprocess.run(
                 [str(self.proxy), "rm", self.name], env=self._env(None), cwd=self.root,
@@ -375,6 +386,16 @@ class Harness:
             problems += self._end_leftovers()
         shutil.rmtree(self.root, ignore_errors=True)
         return problems
+
+    def _stop_warm_server(self) -> None:
+        """End msb-proxy's warm server: it would otherwise idle on for minutes after the run."""
+        marker = str(self.runtime_dir).encode()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    argv = (entry / "cmdline").read_bytes().split(b"\0")
+                    if b"msb_proxy.warm" in argv and any(a.startswith(marker) for a in argv):
+                        os.kill(int(entry.name), signal.SIGTERM)
 
     def _end_leftovers(self) -> list[str]:
         """Find processes of ours still alive after the sandbox is gone, and end them."""

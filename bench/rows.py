@@ -25,11 +25,17 @@ __all__ = ["LATENCY", "PEAK_RSS", "ROWS", "SERVER_CPU", "THROUGHPUT", "WORKLOADS
 
 @dataclass(frozen=True)
 class Workload:
-    """One timed command. ``heavy`` ones move the payload, so they get fewer runs by default."""
+    """One timed command. ``heavy`` ones move the payload, so they get fewer runs by default.
+
+    ``warm``: msb-proxy may hand the connection to its warm server, as it does by default. Off,
+    it serves in the ProxyCommand process itself (``MSB_PROXY_WARM=0``): what a first
+    connection costs, and the only way its RSS and CPU are seen by ``/usr/bin/time``.
+    """
 
     key: str
     command: str
     heavy: bool = False
+    warm: bool = True
 
 
 @dataclass(frozen=True)
@@ -108,19 +114,26 @@ class Row:
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload("true", "{ssh} true"),
-    Workload("upload", "head -c {size} /dev/zero | {ssh} 'cat >/dev/null'", heavy=True),
-    Workload("download", "{ssh} 'head -c {size} /dev/zero' | cat >/dev/null", heavy=True),
+    Workload("true-cold", "{ssh} true", warm=False),
+    # Served in the measured process, so that the RSS and CPU rows are msb-proxy's own.
+    Workload("upload", "head -c {size} /dev/zero | {ssh} 'cat >/dev/null'", heavy=True,
+             warm=False),
+    Workload("download", "{ssh} 'head -c {size} /dev/zero' | cat >/dev/null", heavy=True,
+             warm=False),
 )
 
 ROWS: tuple[Row, ...] = (
     Row("true", "`ssh host true` latency", ("true",), LATENCY),
+    Row("true-cold", "`ssh host true` latency, first connection (no warm server)",
+        ("true-cold",), LATENCY),
     Row("upload", "upload {size}: `head -c {size_arg} /dev/zero | ssh host 'cat >/dev/null'`",
         ("upload",), THROUGHPUT),
     Row("download",
         "download {size}: `ssh host 'head -c {size_arg} /dev/zero' | cat >/dev/null`",
         ("download",), THROUGHPUT),
     Row("rss", "proxy peak RSS (upload + download runs)", ("upload", "download"), PEAK_RSS),
-    Row("cpu-true", "server CPU per `ssh host true`", ("true",), SERVER_CPU),
+    Row("cpu-true", "server CPU per `ssh host true` (no warm server)", ("true-cold",),
+        SERVER_CPU),
     Row("cpu-upload", "server CPU per upload of {size}", ("upload",), SERVER_CPU),
     Row("cpu-download", "server CPU per download of {size}", ("download",), SERVER_CPU),
 )

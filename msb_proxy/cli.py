@@ -1,25 +1,29 @@
 """The ``msb-proxy`` command: argument parsing, exit codes and one-line errors.
 
-``msb-proxy stdio`` is what OpenSSH runs as a ProxyCommand; it must start fast, so everything
-heavy (asyncssh, a backend) is imported only once the command needs it. In that mode stdout
+``msb-proxy stdio`` is what OpenSSH runs as a ProxyCommand; it must start fast. It first offers
+the connection to the warm server (``warm.py``), which needs nothing imported here; only when
+it serves the connection itself does it import asyncssh and a backend. In that mode stdout
 belongs to the SSH protocol: nothing else is ever written there.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
-from .config import Config, load_config, sandbox_name_from_host
 from .errors import ConfigError, UserError
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    import asyncio
+
+    from .config import Config
+
+__all__ = ["main", "run"]
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
@@ -61,8 +65,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    args = _parser().parse_args(argv)
+    """The ``msb-proxy`` console script."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    code: int | None = None
+    if arguments[:1] == ["stdio"] and "--debug" not in arguments:
+        from .warm import delegate
+
+        code = delegate(arguments, os.environ)
+    if code is None:
+        code = run(arguments)
+    # Leave without interpreter finalization: the microsandbox SDK's runtime threads may still
+    # be winding down and would print a panic if Python were torn down under them.
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    os._exit(code)
+
+
+def run(arguments: Sequence[str]) -> int:
+    """Carry out one ``msb-proxy`` command line in this process; return its exit status."""
+    try:
+        args = _parser().parse_args(arguments)
+    except SystemExit as exit_:  # --help, --version, or a usage error already printed
+        return exit_.code if isinstance(exit_.code, int) else 0
     debug = bool(getattr(args, "debug", False))
+    from .config import load_config
+
     try:
         config = load_config(os.environ, backend=args.backend, debug=debug)
         if args.command == "stdio":
@@ -83,13 +112,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         _print_error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
                      "the traceback)")
         code = EXIT_INTERNAL
-    # Leave without interpreter finalization: the microsandbox SDK's runtime threads may still
-    # be winding down and would print a panic if Python were torn down under them.
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__):
-        with contextlib.suppress(Exception):
-            if stream is not None:
-                stream.flush()
-    os._exit(code)
+    return code
 
 
 def _print_error(message: str) -> None:
@@ -97,6 +120,10 @@ def _print_error(message: str) -> None:
 
 
 def _stdio(config: Config, host: str, prefix: str) -> int:
+    import asyncio
+
+    from .config import sandbox_name_from_host
+
     name = sandbox_name_from_host(host, prefix)
     # Anything printed by accident must not corrupt the protocol on fd 1.
     sys.stdout = sys.stderr
@@ -129,6 +156,10 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
 
 
 def _lifecycle(config: Config, command: str, name: str) -> int:
+    import asyncio
+
+    from .config import sandbox_name_from_host
+
     name = sandbox_name_from_host(name, None)
     from .backends import open_backend
 

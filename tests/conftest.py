@@ -9,9 +9,11 @@ with the reason shown).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -25,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROXY = Path(sys.executable).parent / "msb-proxy"
 DEFAULT_ROOTFS = Path("/var/cache/msb-proxy/rootfs/bookworm-v1")
 TEST_BACKEND = os.environ.get("MSB_PROXY_TEST_BACKEND", "local")
+WARM_IDLE_S = 20
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -102,11 +105,32 @@ class Env:
     rootfs: Path
     sandboxes: list[str] = field(default_factory=list)
 
+    @property
+    def runtime_dir(self) -> Path:
+        """This installation's XDG_RUNTIME_DIR: where its warm server listens."""
+        return self.root / "run"
+
+    @property
+    def cold_config(self) -> Path:
+        """An ssh config whose ProxyCommand serves in-process (MSB_PROXY_WARM=0), for tests
+        that watch the serving process itself."""
+        return self.root / "ssh_config.cold"
+
     def proxy_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MSB_PROXY_")}
         env.update(HOME=str(self.user_home), MSB_PROXY_HOME=str(self.home),
-                   MSB_PROXY_ROOTFS=str(self.rootfs), MSB_PROXY_BACKEND=self.backend)
+                   MSB_PROXY_ROOTFS=str(self.rootfs), MSB_PROXY_BACKEND=self.backend,
+                   XDG_RUNTIME_DIR=str(self.runtime_dir), MSB_PROXY_WARM_IDLE_S=str(WARM_IDLE_S))
         return env
+
+    def proxy_command(self, *, warm: bool = True) -> list[str]:
+        """The ProxyCommand as an argv, without the trailing host."""
+        return ["env", f"HOME={self.user_home}", f"MSB_PROXY_HOME={self.home}",
+                f"MSB_PROXY_ROOTFS={self.rootfs}", f"XDG_RUNTIME_DIR={self.runtime_dir}",
+                f"MSB_PROXY_WARM={'1' if warm else '0'}",
+                # Warm servers of the suite's many installations must not outlive it by long.
+                f"MSB_PROXY_WARM_IDLE_S={WARM_IDLE_S}", str(PROXY), "stdio",
+                "--backend", self.backend, "--host-prefix", "msb-"]
 
     def host(self, sandbox: str) -> str:
         """The ssh host name of ``sandbox``; the sandbox is removed when the session ends."""
@@ -136,12 +160,10 @@ class Env:
                         env=self.proxy_env())
 
 
-def write_ssh_config(env: Env, extra: str = "") -> None:
-    proxy = " ".join(shlex.quote(part) for part in (
-        "env", f"HOME={env.user_home}", f"MSB_PROXY_HOME={env.home}",
-        f"MSB_PROXY_ROOTFS={env.rootfs}", str(PROXY), "stdio", "--backend", env.backend,
-        "--host-prefix", "msb-"))
-    env.config.write_text(
+def write_ssh_config(env: Env, extra: str = "", *, warm: bool = True,
+                     path: Path | None = None) -> None:
+    proxy = " ".join(shlex.quote(part) for part in env.proxy_command(warm=warm))
+    (path or env.config).write_text(
         "Host msb-*\n"
         f"  ProxyCommand {proxy} %n\n"
         f"  IdentityFile {env.key}\n"
@@ -180,10 +202,32 @@ def msb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     (home / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
     env = Env(root=root, home=home, user_home=user_home, key=key, config=root / "ssh_config",
               backend=TEST_BACKEND, rootfs=rootfs)
+    env.runtime_dir.mkdir(mode=0o700)
     write_ssh_config(env)
+    write_ssh_config(env, warm=False, path=env.cold_config)
     yield env
     for name in env.sandboxes:
         env.msb_proxy("rm", name, timeout=60)
+    stop_warm_servers(env.runtime_dir)
+
+
+def warm_servers(runtime_dir: Path) -> list[int]:
+    """PIDs of the warm servers listening in ``runtime_dir``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if b"msb_proxy.warm" in argv and any(
+                        arg.startswith(str(runtime_dir).encode()) for arg in argv):
+                    found.append(int(entry.name))
+    return found
+
+
+def stop_warm_servers(runtime_dir: Path) -> None:
+    for pid in warm_servers(runtime_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 @pytest.fixture(scope="session")

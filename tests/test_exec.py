@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import asyncssh
 import pytest
-from conftest import PROXY, Env
+from conftest import Env
 
 
 def test_stdout_and_stderr_arrive_separately(msb: Env, sandbox: str) -> None:
@@ -147,9 +147,7 @@ def test_kill_by_signal_is_reported_as_exit_signal(msb: Env, sandbox: str) -> No
 @contextlib.asynccontextmanager
 async def _client(msb: Env, sandbox: str) -> AsyncIterator[asyncssh.SSHClientConnection]:
     """asyncssh as the client, through the same ProxyCommand the ssh config uses."""
-    proxy = ["env", f"HOME={msb.user_home}", f"MSB_PROXY_HOME={msb.home}",
-             f"MSB_PROXY_ROOTFS={msb.rootfs}", str(PROXY), "stdio", "--backend", msb.backend,
-             "--host-prefix", "msb-", msb.host(sandbox)]
+    proxy = [*msb.proxy_command(), msb.host(sandbox)]
     conn = await asyncssh.connect(
         msb.host(sandbox), proxy_command=proxy, username="root", client_keys=[str(msb.key)],
         known_hosts=None, config=None,

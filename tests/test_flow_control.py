@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 import asyncssh
-from conftest import PROXY, Env
+from conftest import Env
 
 MIB = 1 << 20
 RSS_LIMIT = 150 * MIB  # msb-proxy idles at ~45 MiB; the stall must not add more than buffers
@@ -33,7 +33,8 @@ WAIT_S = 120  # the machine is shared: bounds every wait generously
 
 def _ssh(msb: Env, sandbox: str, command: str, stdin: int | IO[bytes] | None,
          stdout: int | IO[bytes] | None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["ssh", "-F", str(msb.config), msb.host(sandbox), command],
+    # In-process serving (MSB_PROXY_WARM=0): the process ssh starts is the one that serves.
+    return subprocess.Popen(["ssh", "-F", str(msb.cold_config), msb.host(sandbox), command],
                             stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
 
 
@@ -163,9 +164,7 @@ def test_upload_sent_while_the_guest_starts_is_still_flow_controlled(
     accepted, while the guest is still being started, so that more than a pipe's worth is
     usually waiting when it starts (how much depends on timing, as with OpenSSH's client)."""
     size = 300 * MIB
-    proxy_command = ["env", f"HOME={msb.user_home}", f"MSB_PROXY_HOME={msb.home}",
-                     f"MSB_PROXY_ROOTFS={msb.rootfs}", str(PROXY), "stdio", "--backend",
-                     msb.backend, "--host-prefix", "msb-", msb.host(sandbox)]
+    proxy_command = [*msb.proxy_command(warm=False), msb.host(sandbox)]
 
     async def main() -> tuple[list[int], float, bytes, int | None]:
         async with asyncssh.connect(
