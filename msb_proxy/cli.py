@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "run"]
 
+# Commands that live in msb_proxy/commands/, each a module with run(config, args) -> int.
+COMMAND_MODULES = {"config": "ssh_config", "authorize": "authorize", "doctor": "doctor",
+                   "ls": "ls"}
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
@@ -55,12 +58,47 @@ def _parser() -> argparse.ArgumentParser:
                     "'ProxyCommand msb-proxy stdio --host-prefix msb- %%n'.")
     stdio.add_argument("--host-prefix", default="", metavar="PREFIX",
                        help="strip PREFIX from HOST to get the sandbox name")
+    stdio.add_argument("-q", "--quiet", action="store_true",
+                       help="print no progress while a sandbox is created or started")
     stdio.add_argument("host", metavar="HOST", help="the host name OpenSSH was given (%%n)")
 
     for name, text in (("stop", "stop a sandbox"),
                        ("rm", "stop and delete a sandbox (its host key is kept)")):
         sub = commands.add_parser(name, parents=[common], help=text, description=text + ".")
         sub.add_argument("name", metavar="NAME", help="sandbox name")
+
+    config = commands.add_parser(
+        "config", parents=[common], help="print or install the ssh_config block for msb-proxy",
+        description="Print the ssh_config block that makes 'ssh PREFIXNAME' reach sandbox NAME, "
+                    "or install it: an include file in ~/.ssh plus one Include line at the top "
+                    "of ~/.ssh/config.")
+    action = config.add_mutually_exclusive_group()
+    action.add_argument("--install", action="store_true",
+                        help="install the block (idempotent; ~/.ssh/config is backed up first)")
+    action.add_argument("--uninstall", action="store_true",
+                        help="remove exactly what --install added")
+    config.add_argument("--prefix", default="msb-", help="host name prefix (default: msb-)")
+    config.add_argument("--user", default="root", help="guest user to log in as (default: root)")
+    config.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra ssh_config option for these hosts (repeatable)")
+
+    authorize = commands.add_parser(
+        "authorize", parents=[common], help="allow a public key to log in to every sandbox",
+        description="Add public keys to $MSB_PROXY_HOME/authorized_keys (deduplicated, 0600).")
+    source = authorize.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", metavar="PATH",
+                        help="a public key file (e.g. ~/.ssh/id_ed25519.pub)")
+    source.add_argument("--key", metavar="KEY", help="a public key line")
+    source.add_argument("--stdin", action="store_true", help="public key lines from stdin")
+
+    commands.add_parser(
+        "doctor", parents=[common], help="check that everything msb-proxy needs is in place",
+        description="Check the backend, keys, config and ssh_config, and per sandbox the guest "
+                    "tools that features need; exit non-zero when something essential is missing.")
+
+    ls = commands.add_parser("ls", parents=[common], help="list sandboxes",
+                             description="List sandboxes with their state, backend and ssh alias.")
+    ls.add_argument("--json", action="store_true", help="print a JSON list of objects")
     return parser
 
 
@@ -96,8 +134,14 @@ def run(arguments: Sequence[str]) -> int:
         config = load_config(os.environ, backend=args.backend, debug=debug)
         if args.command == "stdio":
             code = _stdio(config, args.host, args.host_prefix)
-        else:
+        elif args.command in ("stop", "rm"):
             code = _lifecycle(config, args.command, args.name)
+        else:
+            import importlib
+
+            module = importlib.import_module(f".commands.{COMMAND_MODULES[args.command]}",
+                                             __package__)
+            code = int(module.run(config, args))
     except UserError as exc:
         if not getattr(exc, "reported", False):
             _print_error(str(exc))

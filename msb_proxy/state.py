@@ -5,6 +5,7 @@
     MSB_PROXY_HOME/            0700
       config.toml              optional, see config.py
       authorized_keys          keys allowed to log in to every sandbox
+      known_hosts              every sandbox alias's host key, for ssh's UserKnownHostsFile
       host_keys/<slug>         one ed25519 host key per sandbox name, 0600, kept across rm
       sandboxes/<slug>/        the local backend's sandboxes (see backends/local.py)
       locks/<slug>.lock        held while a sandbox is being decided on or started
@@ -51,6 +52,11 @@ class StateDir:
     @property
     def authorized_keys(self) -> Path:
         return self.home / "authorized_keys"
+
+    @property
+    def known_hosts(self) -> Path:
+        """Pinned host keys, one line per ssh alias, kept by msb-proxy for the ssh client."""
+        return self.home / "known_hosts"
 
     def host_key(self, name: str) -> Path:
         return self.ensure("host_keys") / slug(name)
