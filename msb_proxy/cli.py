@@ -131,7 +131,8 @@ def run(arguments: Sequence[str]) -> int:
     from .config import load_config
 
     try:
-        config = load_config(os.environ, backend=args.backend, debug=debug)
+        config = load_config(os.environ, backend=args.backend, debug=debug,
+                             quiet=bool(getattr(args, "quiet", False)))
         if args.command == "stdio":
             code = _stdio(config, args.host, args.host_prefix)
         elif args.command in ("stop", "rm"):
@@ -165,6 +166,7 @@ def _print_error(message: str) -> None:
 
 def _stdio(config: Config, host: str, prefix: str) -> int:
     import asyncio
+    import signal
 
     from .config import sandbox_name_from_host
 
@@ -174,28 +176,42 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     _setup_logging(config.debug)
 
     from .backends import open_backend
+    from .idle import ConnectionTracker
+    from .known_hosts import pin
+    from .progress import Progress
     from .server import SshServer, SshServerOptions
     from .state import StateDir
     from .stdio import SshStdioStream
 
     state = StateDir(config.home)
+    template = config.template(name)
     keys = [state.authorized_keys,
             config.user_home / ".microsandbox" / "ssh" / "authorized_keys",
             *sorted((config.user_home / ".ssh").glob("*.pub"))]
     options = SshServerOptions(host_key_path=state.host_key(name), authorized_keys_paths=keys,
-                               accept_env=config.accept_env)
+                               template=template, progress=Progress(quiet=config.quiet))
 
     def report(error: UserError) -> None:
         error.reported = True  # type: ignore[attr-defined]
         _print_error(str(error))
 
-    async def serve() -> None:
+    async def serve(tracker: ConnectionTracker) -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_exception_handler(config.debug))
-        server = await SshServer.prepare(open_backend(config), name, options)
-        await server.serve(SshStdioStream(), on_error=report)
+        # OpenSSH sends its ProxyCommand SIGHUP when it is done: wind down, don't just die.
+        hangup = asyncio.Event()
+        for signum in (signal.SIGHUP, signal.SIGTERM):
+            loop.add_signal_handler(signum, hangup.set)
+        server = await SshServer.prepare(open_backend(config, template.backend), name, options)
+        # Pinned before the client can see the key: StrictHostKeyChecking yes never prompts.
+        public = server.host_key.export_public_key("openssh").decode().split()
+        pin(state.known_hosts, host, " ".join(public[:2]))
+        sandbox = await server.serve(SshStdioStream(), on_error=report, hangup=hangup)
+        if sandbox is not None:
+            tracker.sandbox_opened(sandbox)
 
-    asyncio.run(serve())
+    with ConnectionTracker(state, name, template, os.environ) as tracker:
+        asyncio.run(serve(tracker))
     return 0
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "BackendUnavailableError",
     "ConfigError",
     "SandboxError",
+    "SandboxNotFoundError",
     "SandboxNotRunningError",
     "UnknownUserError",
     "UserError",
@@ -43,6 +44,10 @@ class BackendUnavailableError(UserError):
 
 class SandboxError(UserError):
     """A sandbox could not be started, reached or stopped."""
+
+
+class SandboxNotFoundError(SandboxError):
+    """There is no sandbox of that name (and it may not be created)."""
 
 
 class SandboxNotRunningError(SandboxError):

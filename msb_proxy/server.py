@@ -18,22 +18,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
 from . import __version__
 from .backends.base import Backend, GuestUser, Sandbox
+from .config import SandboxTemplate
 from .errors import UnknownUserError, UserError
 from .keys import AuthorizedKeys, load_or_create_host_key
-from .session import GuestSession, Login
+from .progress import Progress
+from .session import Activity, GuestSession, Login
 from .stdio import DuplexStream
 
 __all__ = ["SshServer", "SshServerOptions"]
 
 SERVER_VERSION = f"msb_proxy_{__version__}"
 LOGIN_TIMEOUT_S = 120
+KEEPALIVE_COUNT_MAX = 3  # unanswered keepalives before the client counts as gone, as sshd
 # Offered ciphers, best first. asyncssh runs chacha20-poly1305 as three OpenSSL calls per packet,
 # which caps a transfer at a third of what AES-GCM or AES-CTR with an EtM MAC reach on a CPU
 # with AES instructions; there we leave it out, and OpenSSH clients settle on AES (their next
@@ -52,6 +56,9 @@ class SshServerOptions:
     ``authorized_keys_paths`` and ``authorized_keys`` (public key lines); an empty union is an
     error. ``user`` runs every session as that guest user whatever the SSH login name.
     ``accept_env`` adds glob patterns of client variables to pass on (sshd's ``AcceptEnv``).
+    ``template`` says how the sandbox is created if it is missing, and carries the
+    per-sandbox settings (default login user, session environment, keepalive, inactivity
+    timeout); ``progress`` is told about starting and creating it.
     """
 
     host_key_path: Path | None = None
@@ -61,6 +68,8 @@ class SshServerOptions:
     user: str | None = None
     sftp: bool = True
     accept_env: tuple[str, ...] = ()
+    template: SandboxTemplate = field(default_factory=SandboxTemplate)
+    progress: Progress | None = None
 
 
 class SshServer:
@@ -102,9 +111,12 @@ class SshServer:
         return cls(backend, sandbox, options, host_key, authorized)
 
     async def serve(self, stream: DuplexStream,
-                    on_error: Callable[[UserError], None] | None = None) -> None:
-        """Serve one SSH connection over ``stream`` until either side closes it.
+                    on_error: Callable[[UserError], None] | None = None,
+                    hangup: asyncio.Event | None = None) -> Sandbox | None:
+        """Serve one SSH connection over ``stream`` until either side closes it, or ``hangup``
+        is set (the client is known to be gone).
 
+        Returns the sandbox the connection used (None if it never got that far).
         ``on_error`` is called as soon as a failure the user should see happens (the sandbox
         cannot be opened, the login user does not exist), while the client is still connected;
         the same error is then raised once the connection is over. A client that simply
@@ -112,7 +124,10 @@ class SshServer:
         """
         loop = asyncio.get_running_loop()
         gate = _Gatekeeper(self, on_error)
-        gate.sandbox_task = loop.create_task(self.backend.open(self.sandbox))
+        options = self.options
+        progress = options.progress or Progress(quiet=True)
+        gate.sandbox_task = loop.create_task(
+            self.backend.open(self.sandbox, options.template, progress))
         try:
             conn = await asyncssh.connect_reverse(
                 "", 0,
@@ -131,16 +146,30 @@ class SshServer:
                 kbdint_auth=False,
                 gss_host=None,
                 login_timeout=LOGIN_TIMEOUT_S,
-                keepalive_interval=0,
+                keepalive_interval=options.template.keepalive,
+                keepalive_count_max=KEEPALIVE_COUNT_MAX,
                 encryption_algs=_preferred_ciphers(),
             )
         except (asyncssh.Error, OSError):
             conn = None
+        finally:
+            progress.close()
         if conn is not None:
-            await conn.wait_closed()
-        await gate.release()
+            idle = loop.create_task(gate.close_when_unused(options.template.inactivity_timeout))
+            closed = loop.create_task(conn.wait_closed())
+            waits: set[asyncio.Task[Any]] = {idle, closed}
+            if hangup is not None:
+                waits.add(loop.create_task(hangup.wait()))
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if not closed.done():
+                conn.abort()
+                await conn.wait_closed()
+            for task in waits:
+                task.cancel()
+        sandbox = await gate.release()
         if gate.failure is not None:
             raise gate.failure
+        return sandbox
 
 
 def _preferred_ciphers() -> list[str]:
@@ -170,6 +199,7 @@ class _Gatekeeper(asyncssh.SSHServer):
         self.sandbox_task: asyncio.Task[Sandbox] | None = None
         self.failure: UserError | None = None
         self._login: Login | None = None
+        self.activity = Activity()
 
     def _fail(self, error: UserError) -> None:
         if self.failure is None:
@@ -177,15 +207,37 @@ class _Gatekeeper(asyncssh.SSHServer):
             if self._on_error is not None:
                 self._on_error(error)
 
-    async def release(self) -> None:
+    async def release(self) -> Sandbox | None:
+        """Let go of the sandbox at the end of the connection; return it if it was opened."""
         task = self.sandbox_task
         if task is None:
-            return
+            return None
         if not task.done():
             task.cancel()
-        with contextlib.suppress(BaseException):
+        try:
             sandbox = await task
+        except BaseException:
+            return None
+        with contextlib.suppress(Exception):
             await sandbox.close()
+        return sandbox
+
+    async def close_when_unused(self, timeout: float) -> None:
+        """Disconnect once no channel has been open for ``timeout`` seconds (0: never).
+
+        Like OpenSSH's UnusedConnectionTimeout: an idle shell keeps its connection, a
+        connection nobody uses any more (a forgotten ControlMaster) ends, so the sandbox can
+        idle-stop.
+        """
+        if timeout <= 0:
+            return
+        while True:
+            await asyncio.sleep(min(timeout, 30.0) / 4)
+            unused = self.activity.unused_for()
+            if unused is not None and unused >= timeout and self._conn is not None:
+                self._conn.disconnect(asyncssh.DISC_BY_APPLICATION,
+                                      f"msb-proxy: no channel open for {timeout:.0f} s")
+                return
 
     # ---- asyncssh.SSHServer
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -203,9 +255,10 @@ class _Gatekeeper(asyncssh.SSHServer):
         as with sshd, after the reason is reported.
         """
         assert self.sandbox_task is not None
+        options = self._server.options
         try:
             sandbox = await self.sandbox_task
-            user: GuestUser = await sandbox.lookup_user(self._server.options.user or username)
+            user = await self._lookup_user(sandbox, options.user or username)
         except UnknownUserError as exc:
             self._fail(exc)
             return True
@@ -214,10 +267,22 @@ class _Gatekeeper(asyncssh.SSHServer):
             if self._conn is not None:
                 self._conn.disconnect(asyncssh.DISC_SERVICE_NOT_AVAILABLE, f"msb-proxy: {exc}")
             return True
-        options = self._server.options
-        self._login = Login(sandbox=sandbox, user=user, accept_env=options.accept_env,
-                            sftp=options.sftp)
+        template = options.template
+        self._login = Login(sandbox=sandbox, user=user,
+                            accept_env=options.accept_env + template.accept_env,
+                            sftp=options.sftp, env=dict(template.env), activity=self.activity)
         return True
+
+    async def _lookup_user(self, sandbox: Sandbox, name: str) -> GuestUser:
+        """``name`` as a guest user; a name the guest lacks falls back to the template's user
+        (``ssh msb-api`` sends your laptop's user name unless told otherwise)."""
+        try:
+            return await sandbox.lookup_user(name)
+        except UnknownUserError:
+            fallback = self._server.options.template.user
+            if fallback is None or fallback == name or self._server.options.user:
+                raise
+            return await sandbox.lookup_user(fallback)
 
     def public_key_auth_supported(self) -> bool:
         return True

@@ -24,8 +24,9 @@ import asyncio
 import fnmatch
 import posixpath
 import signal
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import asyncssh
@@ -62,14 +63,40 @@ MAX_PENDING_INPUT = 4 << 20
 CHANNEL_WRITE_SIZE = 32 * 1024  # OpenSSH's channel packet size
 
 
+class Activity:
+    """The channels open on one connection, for its unused-connection timeout."""
+
+    def __init__(self) -> None:
+        self._open = 0
+        self._since = time.monotonic()
+
+    def opened(self) -> None:
+        self._open += 1
+
+    def closed(self) -> None:
+        self._open -= 1
+        if self._open == 0:
+            self._since = time.monotonic()
+
+    def unused_for(self) -> float | None:
+        """Seconds since the last channel closed, or None while one is open."""
+        return None if self._open else time.monotonic() - self._since
+
+
 @dataclass(frozen=True)
 class Login:
-    """What every session of one authenticated connection shares."""
+    """What every session of one authenticated connection shares.
+
+    ``env`` is the sandbox template's environment, given to every session (as sshd's PAM
+    gives ``/etc/environment``).
+    """
 
     sandbox: Sandbox
     user: GuestUser
     accept_env: tuple[str, ...] = ()
     sftp: bool = True
+    env: Mapping[str, str] = field(default_factory=dict)
+    activity: Activity = field(default_factory=Activity)
 
     def environment(self, client_env: Mapping[str, str], term: str | None) -> dict[str, str]:
         """The environment sshd would give a session of this user (see module docstring)."""
@@ -82,6 +109,7 @@ class Login:
             "MAIL": f"/var/mail/{user.name}",
             "SHELL": self.shell,
         }
+        env.update(self.env)
         if term is not None:
             env["TERM"] = term
         patterns = BUILTIN_ACCEPT_ENV + self.accept_env
@@ -149,6 +177,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     # ---- channel set-up requests
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
+        self._login.activity.opened()
         chan.set_write_buffer_limits(high=256 * 1024)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
@@ -272,6 +301,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._login.activity.closed()
         if self._process is not None and not self._exited:
             self._process.hangup()
         elif self._starting is not None and not self._starting.done():

@@ -50,6 +50,10 @@ class StateDir:
         return path
 
     @property
+    def config_file(self) -> Path:
+        return self.home / "config.toml"
+
+    @property
     def authorized_keys(self) -> Path:
         return self.home / "authorized_keys"
 

@@ -9,10 +9,10 @@ from .base import Backend
 __all__ = ["open_backend"]
 
 
-def open_backend(config: Config) -> Backend:
-    """The backend ``config`` names, imported only when chosen."""
+def open_backend(config: Config, name: str | None = None) -> Backend:
+    """The backend called ``name`` (default: the configured one), imported only when chosen."""
     state = StateDir(config.home)
-    if config.backend == "local":
+    if (name or config.backend) == "local":
         from .local import LocalBackend
 
         return LocalBackend(state, config.rootfs)

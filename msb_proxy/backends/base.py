@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from ..config import SandboxTemplate
     from ..files import GuestFiles
+    from ..progress import Progress
 
 __all__ = [
     "Backend",
@@ -38,6 +40,7 @@ __all__ = [
     "ProcessSpec",
     "PtySpec",
     "Sandbox",
+    "SandboxInfo",
 ]
 
 
@@ -190,9 +193,16 @@ class GuestProcess(abc.ABC):
 
 
 class Sandbox(abc.ABC):
-    """A running sandbox, as one SSH connection uses it."""
+    """A running sandbox, as one SSH connection uses it.
+
+    ``run_id`` identifies this run of the sandbox: it changes whenever the sandbox is started
+    anew, so that msb-proxy only ever idle-stops a run it started itself. ``started`` says
+    whether the :meth:`Backend.open` that returned it started (or created) it.
+    """
 
     name: str
+    run_id: str = ""
+    started: bool = False
 
     @abc.abstractmethod
     async def lookup_user(self, name: str) -> GuestUser:
@@ -275,22 +285,52 @@ class _Collector:
             self.done.set_result(status)
 
 
+@dataclass(frozen=True)
+class SandboxInfo:
+    """One line of ``msb-proxy ls``: ``state`` is ``running``, ``stopped``, ``paused`` ..."""
+
+    name: str
+    state: str
+    backend: str
+
+
 class Backend(abc.ABC):
-    """A kind of sandbox runtime: finds, starts and stops sandboxes by name."""
+    """A kind of sandbox runtime: finds, creates, starts and stops sandboxes by name."""
 
     name: str
 
     @abc.abstractmethod
-    async def open(self, name: str) -> Sandbox:
-        """Return the sandbox ``name``, ready to run processes.
+    async def open(self, name: str, template: SandboxTemplate, progress: Progress) -> Sandbox:
+        """Return the sandbox ``name`` running and ready for processes (an SSH connection).
 
-        Whether a sandbox that is not running is started is the backend's policy, stated in its
-        docstring. Raises :class:`~msb_proxy.errors.UserError` subclasses with a one-line reason.
+        Running: used as it is. Stopped or crashed: started. Paused: resumed. Starting or
+        stopping elsewhere: waited for, within a bound. Missing: created from ``template``
+        when ``template.create`` allows it, else
+        :class:`~msb_proxy.errors.SandboxNotFoundError`. Steps that take a while are reported
+        to ``progress``. Concurrent calls for one name, from any number of processes, create
+        or start it once. Other failures raise :class:`~msb_proxy.errors.UserError`
+        subclasses with a one-line reason.
         """
 
     @abc.abstractmethod
+    async def state_of(self, name: str) -> str | None:
+        """The state of sandbox ``name`` as :class:`SandboxInfo` spells it; None if missing."""
+
+    @abc.abstractmethod
+    async def current_run(self, name: str) -> str | None:
+        """The ``run_id`` of the sandbox's current run (see :class:`Sandbox`); None if it is
+        not running."""
+
+    @abc.abstractmethod
+    async def list(self) -> list[SandboxInfo]:
+        """Every sandbox this backend knows."""
+
+    @abc.abstractmethod
     async def stop(self, name: str) -> bool:
-        """Stop the sandbox ``name``; return False when it was not running."""
+        """Stop the sandbox ``name``; return False when it was not running.
+
+        Raises :class:`~msb_proxy.errors.SandboxNotFoundError` when there is no such sandbox.
+        """
 
     @abc.abstractmethod
     async def remove(self, name: str) -> bool:

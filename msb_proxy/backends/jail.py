@@ -103,8 +103,8 @@ def _prctl(option: int, arg: int) -> None:
 # Building the jail
 
 
-def build(name: str, rootfs: str, sandbox_dir: str) -> None:
-    """Mount the sandbox's root under ``sandbox_dir`` and pivot into it (we are PID 1 here)."""
+def build(name: str, rootfs: str, sandbox_dir: str, volumes: list[str]) -> None:
+    """Mount the sandbox's root under ``sandbox_dir`` (we are PID 1 here)."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     os.chdir(sandbox_dir)
     root_mode = stat.S_IMODE(os.stat(rootfs).st_mode)
@@ -116,6 +116,8 @@ def build(name: str, rootfs: str, sandbox_dir: str) -> None:
     # Relative paths: sandbox directories may hold characters that mount options reserve.
     _mount("overlay", "root", "overlay", 0, "lowerdir=lower,upperdir=upper,workdir=work")
     os.chdir("root")
+    for volume in volumes:
+        _bind_volume(volume)
 
     for directory in ("proc", "sys", "dev", "run", "tmp"):
         os.makedirs(directory, exist_ok=True)
@@ -129,6 +131,31 @@ def build(name: str, rootfs: str, sandbox_dir: str) -> None:
 
     socket.sethostname(_hostname(name))
     _loopback_up()
+
+
+def _bind_volume(volume: str) -> None:
+    """Bind host directory (or file) ``HOST:GUEST[:ro]`` into the guest tree (cwd is its root).
+
+    Nothing runs in the guest yet, so checking that no part of GUEST is a symlink (which could
+    point the mount out of the guest tree, onto the host) cannot be raced.
+    """
+    host, guest, *mode = volume.split(":")
+    parts = [part for part in guest.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise OSError(errno.EINVAL, f"volume {volume}: '..' in the guest path")
+    target = "."
+    for part in parts:
+        target = os.path.join(target, part)
+        if os.path.islink(target):
+            raise OSError(errno.EINVAL, f"volume {volume}: {guest} passes through a symlink")
+        if not os.path.exists(target):
+            if os.path.isdir(host) or part != parts[-1]:
+                os.mkdir(target, 0o755)
+            else:
+                open(target, "a").close()
+    _mount(host, target, None, MS_BIND | MS_REC)
+    if mode == ["ro"]:
+        _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
 
 
 def _build_dev() -> None:
@@ -503,7 +530,7 @@ def main() -> None:
         os._exit(0)
 
     try:
-        build(settings["name"], settings["rootfs"], settings["dir"])
+        build(settings["name"], settings["rootfs"], settings["dir"], settings.get("volumes", []))
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock_path = "../init.sock"  # relative to the overlay mount: unix paths are short
         if os.path.lexists(sock_path):

@@ -37,8 +37,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import terminal
-from ..errors import BackendUnavailableError, SandboxError, UnknownUserError
+from ..config import SandboxTemplate
+from ..errors import (
+    BackendUnavailableError,
+    ConfigError,
+    SandboxError,
+    SandboxNotFoundError,
+    UnknownUserError,
+)
 from ..pipes import BatchedWriter
+from ..progress import Progress
 from ..state import StateDir
 from .base import (
     Backend,
@@ -48,6 +56,7 @@ from .base import (
     ProcessListener,
     ProcessSpec,
     Sandbox,
+    SandboxInfo,
 )
 
 if TYPE_CHECKING:
@@ -59,6 +68,7 @@ __all__ = ["LocalBackend", "LocalSandbox"]
 # changes meaning, so a newer proxy never talks past an older init still running.
 PROTOCOL = 3
 START_TIMEOUT_S = 30.0
+LOCK_WAIT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 PTY_DRAIN_S = 0.2
 STDIN_HIGH_WATER = 256 * 1024
@@ -68,7 +78,13 @@ _UNIX_PATH_MAX = 107
 
 
 class LocalBackend(Backend):
-    """Sandboxes as namespace jails over the base rootfs ``rootfs``; started on first use."""
+    """Sandboxes as namespace jails over a base rootfs directory.
+
+    On connect: a running jail is used; a stopped (or crashed) one is started; a missing one is
+    created from its template when the template allows it. A jail another connection is
+    bringing up is waited for (the per-sandbox lock), at most ``LOCK_WAIT_S``. ``cpus`` and
+    ``memory`` of a template are not enforced here (there are no cgroups to hold them).
+    """
 
     name = "local"
 
@@ -81,43 +97,85 @@ class LocalBackend(Backend):
             raise BackendUnavailableError(
                 "the local backend needs root (it mounts and creates namespaces); run as root"
             )
-        if not (self.rootfs / "bin").exists() and not (self.rootfs / "usr" / "bin").is_dir():
-            raise BackendUnavailableError(
-                f"no rootfs at {self.rootfs}; build one with 'make rootfs' or point "
-                "MSB_PROXY_ROOTFS at a root file system directory"
-            )
 
-    async def open(self, name: str) -> LocalSandbox:
-        """Return the running jail ``name``, starting it (and creating its layer) if needed."""
+    def _base_rootfs(self, name: str, template: SandboxTemplate) -> Path:
+        if template.network not in (None, "none"):
+            raise ConfigError(
+                f"sandbox {name!r}: the local backend gives a sandbox its own loopback and no "
+                f"other network; network = {template.network!r} needs the microsandbox backend"
+            )
+        image = template.image
+        if image is not None and not image.startswith("/"):
+            raise ConfigError(
+                f"sandbox {name!r}: the local backend boots a root file system directory, not "
+                f"the image {image!r}; set image to a directory or use the microsandbox backend"
+            )
+        rootfs = Path(image) if image is not None else self.rootfs
+        if not (rootfs / "bin").exists() and not (rootfs / "usr" / "bin").is_dir():
+            raise BackendUnavailableError(
+                f"no rootfs at {rootfs}; build one with 'make rootfs' or point "
+                "MSB_PROXY_ROOTFS (or image in the config file) at a root file system directory"
+            )
+        return rootfs
+
+    async def open(self, name: str, template: SandboxTemplate, progress: Progress) -> LocalSandbox:
+        """Return the running jail ``name``, starting or creating it as its state needs."""
         self._check_host()
         directory = self.state.sandbox_dir(name)
         socket_path = directory / "init.sock"
-        async with _locked(self.state.lock_file(name)):
+        async with _locked(self.state.lock_file(name), name):
             protocol = await _ping(socket_path)
+            started = protocol is None
             if protocol is None:
-                await self._start(name, directory)
+                settings = _read_settings(directory)
+                if settings is None:
+                    if not template.create:
+                        raise SandboxNotFoundError(
+                            f"there is no sandbox {name!r} and its template does not allow "
+                            f"creating it; set create = true for it in {self.state.config_file}"
+                        )
+                    rootfs = self._base_rootfs(name, template)
+                    progress.step(f"creating sandbox {name!r} from {rootfs} ...")
+                    settings = self._create(name, directory, rootfs)
+                else:
+                    progress.step(f"starting sandbox {name!r} ...")
+                await self._start(name, directory, settings, template.volumes)
             elif protocol != PROTOCOL:
                 raise SandboxError(
                     f"sandbox {name!r} runs a jail from another msb-proxy version; restart it "
                     f"with 'msb-proxy stop {name}' (its files are kept)"
                 )
-        return LocalSandbox(name, socket_path)
+        if started:
+            progress.done(f"sandbox {name!r} ready")
+        run_id = str(_read_pid(directory / "init.pid"))
+        return LocalSandbox(name, socket_path, run_id=run_id, started=started)
 
-    async def _start(self, name: str, directory: Path) -> None:
+    def _create(self, name: str, directory: Path, rootfs: Path) -> dict[str, str]:
         self.state.ensure("sandboxes")
         directory.mkdir(mode=0o700, exist_ok=True)
+        settings = {"name": name, "rootfs": str(rootfs)}
+        # The base a writable layer was made on is part of the sandbox: later starts keep it.
+        (directory / "sandbox.json").write_text(json.dumps(settings), encoding="utf-8")
         (directory / "name").write_text(name + "\n", encoding="utf-8", errors="surrogateescape")
+        return settings
+
+    async def _start(self, name: str, directory: Path, settings: dict[str, str],
+                     volumes: Sequence[str]) -> None:
+        for volume in volumes:
+            host = volume.split(":")[0]
+            if not os.path.isdir(host) and not os.path.isfile(host):
+                raise ConfigError(f"sandbox {name!r}: volume {volume!r}: {host} does not exist")
         ready_r, ready_w = os.pipe()
         with open(directory / "init.log", "ab") as log:
-            settings = {"name": name, "rootfs": str(self.rootfs), "dir": str(directory),
-                        "ready_fd": ready_w, "protocol": PROTOCOL}
+            jail = {"name": name, "rootfs": settings["rootfs"], "dir": str(directory),
+                    "ready_fd": ready_w, "protocol": PROTOCOL, "volumes": list(volumes)}
             # The guest sees the init as PID 1: argv[0] "msb-init" and no host paths in argv.
             # Only msb_proxy and the standard library are imported there, so PYTHONPATH is all
             # it needs of this installation.
             process = subprocess.Popen(
                 ["msb-init", "-m", "msb_proxy.backends.jail"], executable=sys.executable,
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                     "MSB_PROXY_JAIL": json.dumps(settings),
+                     "MSB_PROXY_JAIL": json.dumps(jail),
                      "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                 pass_fds=(ready_w,), start_new_session=True,
@@ -139,12 +197,36 @@ class LocalBackend(Backend):
             reason = text.removeprefix("error: ") or "the jail init exited"
             raise SandboxError(f"cannot start sandbox {name!r}: {reason}")
 
+    async def state_of(self, name: str) -> str | None:
+        directory = self.state.sandbox_dir(name)
+        if _read_settings(directory) is None:
+            return None
+        return "running" if await _ping(directory / "init.sock") is not None else "stopped"
+
+    async def current_run(self, name: str) -> str | None:
+        directory = self.state.sandbox_dir(name)
+        if await _ping(directory / "init.sock") is None:
+            return None
+        return str(_read_pid(directory / "init.pid"))
+
+    async def list(self) -> list[SandboxInfo]:
+        found = []
+        for directory in sorted((self.state.home / "sandboxes").glob("*")):
+            settings = _read_settings(directory)
+            if settings is not None:
+                running = await _ping(directory / "init.sock") is not None
+                found.append(SandboxInfo(name=settings["name"], backend=self.name,
+                                         state="running" if running else "stopped"))
+        return found
+
     async def stop(self, name: str) -> bool:
         directory = self.state.sandbox_dir(name)
         socket_path = directory / "init.sock"
         if os.geteuid() != 0:
             raise BackendUnavailableError("the local backend needs root to stop sandboxes")
-        async with _locked(self.state.lock_file(name)):
+        if _read_settings(directory) is None:
+            raise SandboxNotFoundError(f"there is no sandbox {name!r}")
+        async with _locked(self.state.lock_file(name), name):
             pid = _read_pid(directory / "init.pid")
             try:
                 await _request(socket_path, {"op": "stop"})
@@ -166,8 +248,9 @@ class LocalBackend(Backend):
         directory = self.state.sandbox_dir(name)
         if not directory.exists():
             return False
-        await self.stop(name)
-        async with _locked(self.state.lock_file(name)):
+        if _read_settings(directory) is not None:
+            await self.stop(name)
+        async with _locked(self.state.lock_file(name), name):
             for mount_point in (directory / "root", directory / "lower"):
                 if mount_point.is_mount():
                     raise SandboxError(f"{mount_point} is still mounted; not deleting {name!r}")
@@ -175,12 +258,24 @@ class LocalBackend(Backend):
         return True
 
 
+def _read_settings(directory: Path) -> dict[str, str] | None:
+    """The sandbox's creation settings, or None when there is no such sandbox."""
+    try:
+        data = json.loads((directory / "sandbox.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {str(k): str(v) for k, v in data.items()}
+
+
 class LocalSandbox(Sandbox):
     """One connection's view of a running jail: requests go to its init's socket."""
 
-    def __init__(self, name: str, socket_path: Path) -> None:
+    def __init__(self, name: str, socket_path: Path, run_id: str = "",
+                 started: bool = False) -> None:
         self.name = name
         self.socket_path = socket_path
+        self.run_id = run_id
+        self.started = started
         self._users: dict[str, GuestUser] = {}
 
     async def lookup_user(self, name: str) -> GuestUser:
@@ -535,15 +630,25 @@ def _read_until_eof(fd: int) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def _locked(path: Path) -> AsyncIterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` without blocking the event loop."""
+async def _locked(path: Path, name: str) -> AsyncIterator[None]:
+    """Hold the exclusive ``flock`` of sandbox ``name`` without blocking the event loop.
+
+    Another process holds it only while it decides on, creates, starts or stops the sandbox;
+    if that takes longer than ``LOCK_WAIT_S`` something is stuck, and we say so.
+    """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT_S
     try:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SandboxError(
+                        f"sandbox {name!r} is still being started or stopped by another "
+                        f"msb-proxy after {LOCK_WAIT_S:.0f} s; try again, or see its "
+                        f"init.log") from None
                 await asyncio.sleep(0.01)
         yield
     finally:
