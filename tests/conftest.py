@@ -123,14 +123,19 @@ class Env:
                    XDG_RUNTIME_DIR=str(self.runtime_dir), MSB_PROXY_WARM_IDLE_S=str(WARM_IDLE_S))
         return env
 
-    def proxy_command(self, *, warm: bool = True) -> list[str]:
-        """The ProxyCommand as an argv, without the trailing host."""
+    def proxy_command(self, *, warm: bool = True, quiet: bool = True) -> list[str]:
+        """The ProxyCommand as an argv, without the trailing host.
+
+        ``quiet``: no progress lines when a sandbox is created or started, so that tests can
+        hold stderr to exactly what the command printed (tests of progress turn it off).
+        """
         return ["env", f"HOME={self.user_home}", f"MSB_PROXY_HOME={self.home}",
                 f"MSB_PROXY_ROOTFS={self.rootfs}", f"XDG_RUNTIME_DIR={self.runtime_dir}",
                 f"MSB_PROXY_WARM={'1' if warm else '0'}",
                 # Warm servers of the suite's many installations must not outlive it by long.
                 f"MSB_PROXY_WARM_IDLE_S={WARM_IDLE_S}", str(PROXY), "stdio",
-                "--backend", self.backend, "--host-prefix", "msb-"]
+                "--backend", self.backend, "--host-prefix", "msb-",
+                *(["--quiet"] if quiet else [])]
 
     def host(self, sandbox: str) -> str:
         """The ssh host name of ``sandbox``; the sandbox is removed when the session ends."""
@@ -160,9 +165,9 @@ class Env:
                         env=self.proxy_env())
 
 
-def write_ssh_config(env: Env, extra: str = "", *, warm: bool = True,
+def write_ssh_config(env: Env, extra: str = "", *, warm: bool = True, quiet: bool = True,
                      path: Path | None = None) -> None:
-    proxy = " ".join(shlex.quote(part) for part in env.proxy_command(warm=warm))
+    proxy = " ".join(shlex.quote(part) for part in env.proxy_command(warm=warm, quiet=quiet))
     (path or env.config).write_text(
         "Host msb-*\n"
         f"  ProxyCommand {proxy} %n\n"

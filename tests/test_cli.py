@@ -92,7 +92,7 @@ def _proxy_config(env: Env, flag: str | None, variable: str | None) -> Path:
                 f"MSB_PROXY_HOME={env.home}", f"MSB_PROXY_ROOTFS={env.rootfs}"]
     if variable is not None:
         settings.append(f"MSB_PROXY_BACKEND={variable}")
-    command = [*settings, str(PROXY), "stdio", "--host-prefix", "msb-"]
+    command = [*settings, str(PROXY), "stdio", "--quiet", "--host-prefix", "msb-"]
     if flag is not None:
         command += ["--backend", flag]
     path = env.root / f"ssh_config-{flag}-{variable}"
@@ -143,7 +143,7 @@ BAD_HOSTS = {
 @pytest.mark.parametrize("host", BAD_HOSTS.values(), ids=BAD_HOSTS.keys())
 def test_bad_host_is_refused_before_any_backend_is_touched(private: Env, host: str) -> None:
     before = _state(private.home)
-    run = _proxy(private, "stdio", "--host-prefix", "msb-", host)
+    run = _proxy(private, "stdio", "--quiet", "--host-prefix", "msb-", host)
     assert run.returncode != 0
     assert run.stdout == b""
     line = _one_error_line(run)
@@ -173,7 +173,7 @@ NAMES_OF_128_BYTES = {"ascii": "a" * 128, "two-byte-characters": "\u00e9" * 64}
 @pytest.mark.parametrize("name", NAMES_OF_128_BYTES.values(), ids=NAMES_OF_128_BYTES.keys())
 def test_host_of_exactly_128_bytes_is_accepted(private: Env, name: str) -> None:
     host = private.host(name)
-    run = _proxy(private, "stdio", "--host-prefix", "msb-", host)
+    run = _proxy(private, "stdio", "--quiet", "--host-prefix", "msb-", host)
     assert (run.returncode, run.stdout, run.err) == (0, BANNER, "")
 
 
@@ -188,14 +188,14 @@ def test_128_byte_sandbox_name_works_through_ssh(private: Env) -> None:
 def test_stdout_is_only_the_banner_when_the_client_sends_nothing(private: Env) -> None:
     private.host("banner")
     with open(os.devnull, "rb") as devnull:
-        run = _proxy(private, "stdio", "--host-prefix", "msb-", "msb-banner",
+        run = _proxy(private, "stdio", "--quiet", "--host-prefix", "msb-", "msb-banner",
                      stdin=devnull.fileno(), timeout=20)
     assert (run.returncode, run.stdout, run.err) == (0, BANNER, "")
 
 
 def test_stdout_is_only_the_banner_when_the_client_closes_its_pipe(private: Env) -> None:
     private.host("banner")
-    run = _proxy(private, "stdio", "--host-prefix", "msb-", "msb-banner", timeout=20)
+    run = _proxy(private, "stdio", "--quiet", "--host-prefix", "msb-", "msb-banner", timeout=20)
     assert (run.returncode, run.stdout, run.err) == (0, BANNER, "")
 
 
