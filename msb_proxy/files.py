@@ -5,26 +5,24 @@ the file service running in the guest; many can be in flight at once, so pipelin
 requests are served concurrently. Failures raise :class:`OSError` with the guest's errno and
 message.
 
-The service is reached either through a connected socket (the local backend forks it from the
-jail init) or through a guest process's stdin/stdout (any backend whose guest has
-``python3``), see :meth:`msb_proxy.backends.base.Sandbox.open_files`.
+The service is the ``files`` guest helper, reached through a :class:`~msb_proxy.helpers.Link`
+(see :func:`open_files`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import os
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .backends.base import ExitStatus
+from .backends.base import GuestUser, Sandbox
+from .helpers import Link
 
-__all__ = ["Attrs", "FileServiceClient", "GuestFiles"]
+__all__ = ["Attrs", "FileServiceClient", "GuestFiles", "open_files"]
 
 _HEADER = struct.Struct(">IIH")
 
@@ -55,16 +53,20 @@ def _bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+async def open_files(sandbox: Sandbox, user: GuestUser) -> GuestFiles:
+    """Start the file service in ``sandbox`` as ``user`` (working in their home)."""
+    link = await sandbox.start_helper(user, "files")
+    client = FileServiceClient(link)
+    link.attach(client)
+    return GuestFiles(client)
+
+
 class FileServiceClient:
-    """The proxy end of the file-service protocol, over any byte pipe.
+    """The proxy end of the file-service protocol, over a helper link."""
 
-    ``send`` writes bytes toward the service; the owner feeds what comes back to
-    :meth:`data_received` and reports the end with :meth:`connection_lost`.
-    """
-
-    def __init__(self, send: Callable[[bytes], None], close: Callable[[], None]) -> None:
-        self._send = send
-        self._close = close
+    def __init__(self, link: Link) -> None:
+        self._link = link
+        self._send = link.send
         self._next_id = 1
         self._waiting: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
         self._buffer = bytearray()
@@ -90,7 +92,7 @@ class FileServiceClient:
             raise OSError(code, str(reply.get("error") or os.strerror(code)))
         return reply, data
 
-    def data_received(self, data: bytes) -> None:
+    def link_data(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
         while len(buffer) >= 4:
@@ -106,7 +108,7 @@ class FileServiceClient:
             if future is not None and not future.done():
                 future.set_result((reply, payload))
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def link_lost(self, exc: Exception | None) -> None:
         self._lost = exc or EOFError("closed")
         for future in self._waiting.values():
             if not future.done():
@@ -115,7 +117,7 @@ class FileServiceClient:
         self._waiting.clear()
 
     def close(self) -> None:
-        self._close()
+        self._link.close()
 
 
 class GuestFiles:
@@ -123,11 +125,6 @@ class GuestFiles:
 
     def __init__(self, client: FileServiceClient) -> None:
         self._client = client
-        self._on_close: list[Callable[[], None]] = []
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` when the service is closed (its carrier's resources)."""
-        self._on_close.append(callback)
 
     async def open(self, path: bytes, flags: int, mode: int = 0o666) -> int:
         reply, _ = await self._client.call("open", path=_text(path), flags=flags, mode=mode)
@@ -233,68 +230,3 @@ class GuestFiles:
     def close_service(self) -> None:
         """End the file service; in-flight calls fail."""
         self._client.close()
-        for callback in self._on_close:
-            callback()
-        self._on_close.clear()
-
-
-class FileServiceSocket(asyncio.Protocol):
-    """Carries a :class:`FileServiceClient` over a connected stream socket."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.client = FileServiceClient(self._write, self._shut)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.client.data_received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client.connection_lost(exc)
-
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def _shut(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-class FileServiceProcess:
-    """Carries a :class:`FileServiceClient` over a guest process's stdin and stdout.
-
-    Implements :class:`~msb_proxy.backends.base.ProcessListener` for that process.
-    """
-
-    def __init__(self) -> None:
-        self.process: Any = None
-        self.client = FileServiceClient(self._write, self._shut)
-        self.stderr = bytearray()
-
-    def _write(self, data: bytes) -> None:
-        if self.process is not None:
-            self.process.write_stdin(data)
-
-    def _shut(self) -> None:
-        if self.process is not None:
-            with contextlib.suppress(Exception):
-                self.process.hangup()
-
-    def output_received(self, data: bytes, stderr: bool) -> None:
-        if stderr:
-            self.stderr += data[:4096 - len(self.stderr)]
-        else:
-            self.client.data_received(data)
-
-    def stdin_paused(self) -> None:
-        pass
-
-    def stdin_resumed(self) -> None:
-        pass
-
-    def process_exited(self, status: ExitStatus) -> None:
-        detail = self.stderr.decode(errors="replace").strip().splitlines()
-        self.client.connection_lost(EOFError(detail[-1] if detail else status.describe()))

@@ -41,6 +41,7 @@ from .backends.base import (
     Sandbox,
 )
 from .errors import UserError
+from .files import open_files
 from .scp import NativeScp, ScpRequest, parse_scp_command
 
 __all__ = ["GuestSession", "Login"]
@@ -127,7 +128,7 @@ class Login:
             return await self.sandbox.spawn(replace(spec, program=server, argv=[server]), listener)
         from .sftp import NativeSftp
 
-        files = await self.sandbox.open_files(self.user)
+        files = await open_files(self.sandbox, self.user)
         home = (self.user.home or "/").encode("utf-8", "surrogateescape")
         return NativeSftp(files, listener, home)
 
@@ -138,7 +139,7 @@ class Login:
         candidates = [f"{directory}/scp" for directory in path.split(":") if directory]
         if await self.sandbox.find_program(self.user, candidates) is not None:
             return await self.sandbox.spawn(spec, listener)
-        files = await self.sandbox.open_files(self.user)
+        files = await open_files(self.sandbox, self.user)
         return NativeScp(request, files, listener, self.user.home or "/")
 
     @property

@@ -23,12 +23,11 @@ import abc
 import signal as _signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ..config import SandboxTemplate
-    from ..files import GuestFiles
+    from ..helpers import Link
     from ..progress import Progress
 
 __all__ = [
@@ -235,24 +234,24 @@ class Sandbox(abc.ABC):
         found = collector.stdout.decode("utf-8", "surrogateescape").strip()
         return found or None
 
-    async def open_files(self, user: GuestUser) -> GuestFiles:
-        """Start the guest file service (``guest/files.py``) as ``user``, working in their home.
+    async def start_helper(self, user: GuestUser, helper: str) -> Link:
+        """Start guest helper ``helper`` (see :mod:`msb_proxy.helpers`) as ``user``, in their
+        home, and return the link to it.
 
-        The default runs it with the guest's ``python3`` through :meth:`spawn`; a backend with a
-        better way overrides this. Raises :class:`~msb_proxy.errors.SandboxError` when the
-        service cannot be started.
+        The default runs the helper's source with the guest's ``python3`` through
+        :meth:`spawn`; a backend with a better way overrides this. Raises
+        :class:`~msb_proxy.errors.SandboxError` when the helper cannot be started.
         """
-        from ..files import FileServiceProcess, GuestFiles
+        from ..helpers import ProcessLink, helper_source
 
-        source = (Path(__file__).resolve().parent.parent / "guest" / "files.py").read_text()
-        carrier = FileServiceProcess()
+        link = ProcessLink()
         spec = ProcessSpec(
-            program="python3", argv=["python3", "-c", source],
+            program="python3", argv=["python3", "-c", helper_source(helper)],
             env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONUTF8": "1", "LC_ALL": "C.UTF-8"},
             cwd=user.home or "/", user=user,
         )
-        carrier.process = await self.spawn(spec, carrier)
-        return GuestFiles(carrier.client)
+        link.process = await self.spawn(spec, link)
+        return link
 
     async def close(self) -> None:  # noqa: B027  (a hook with a default, not abstract)
         """Release what this connection holds on the sandbox; the sandbox keeps running.

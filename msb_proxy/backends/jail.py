@@ -49,6 +49,7 @@ import traceback
 from typing import Any, NoReturn
 
 from msb_proxy.guest import files as guest_files
+from msb_proxy.guest import relay as guest_relay
 from msb_proxy.terminal import apply_modes, set_window_size
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -71,6 +72,7 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(platform.mach
 KEEP_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 29, 31})
 
 MAX_MESSAGE = 4 << 20
+HELPERS = {"files": guest_files.serve, "relay": guest_relay.serve}
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 HANGUP_GRACE_S = 3.0
@@ -371,7 +373,7 @@ class Init:
             client.send({"ok": True, "protocol": self.protocol})
         elif op == "user":
             client.send({"ok": True, "user": lookup_user(str(request["name"]))})
-        elif op in ("spawn", "files"):
+        elif op in ("spawn", "helper"):
             if client.pid is not None:
                 raise ValueError("one process per connection")
             self._spawn(client, request)
@@ -391,7 +393,7 @@ class Init:
     def _spawn(self, client: Client, request: dict[str, Any]) -> None:
         env = dict(request.get("env", {}))
         pty = request.get("pty")
-        if request["op"] == "files":
+        if request["op"] == "helper":
             ours_end, theirs_end = socket.socketpair()
             null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
             child_stdio = (theirs_end.fileno(), theirs_end.fileno(), null)
@@ -467,9 +469,10 @@ class Init:
                 os.write(2, f"Could not chdir to home directory {request['cwd']}: "
                             f"{exc.strerror}\n".encode())
                 os.chdir("/")
-            if request["op"] == "files":
+            if request["op"] == "helper":
+                serve = HELPERS[request["helper"]]
                 os.close(report_w)
-                guest_files.serve(0, 1)
+                serve(0, 1)
                 os._exit(0)
             program, argv = request["program"], request["argv"]
             if "/" in program:
@@ -478,7 +481,8 @@ class Init:
         except BaseException as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             try:
-                os.write(report_w, f"{request.get('program', 'file service')}: {reason}".encode())
+                what = request.get("program") or f"{request.get('helper')} helper"
+                os.write(report_w, f"{what}: {reason}".encode())
             finally:
                 os._exit(127)
 

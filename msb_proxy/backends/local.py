@@ -60,13 +60,13 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from ..files import GuestFiles
+    from ..helpers import Link
 
 __all__ = ["LocalBackend", "LocalSandbox"]
 
 # The jail init speaks the protocol of the proxy that started it; bump this whenever a message
 # changes meaning, so a newer proxy never talks past an older init still running.
-PROTOCOL = 3
+PROTOCOL = 4
 START_TIMEOUT_S = 30.0
 LOCK_WAIT_S = 120.0
 STOP_TIMEOUT_S = 10.0
@@ -224,7 +224,7 @@ class LocalBackend(Backend):
         socket_path = directory / "init.sock"
         if os.geteuid() != 0:
             raise BackendUnavailableError("the local backend needs root to stop sandboxes")
-        if _read_settings(directory) is None:
+        if _read_settings(directory) is None and not (directory / "init.pid").exists():
             raise SandboxNotFoundError(f"there is no sandbox {name!r}")
         async with _locked(self.state.lock_file(name), name):
             pid = _read_pid(directory / "init.pid")
@@ -248,7 +248,7 @@ class LocalBackend(Backend):
         directory = self.state.sandbox_dir(name)
         if not directory.exists():
             return False
-        if _read_settings(directory) is not None:
+        with contextlib.suppress(SandboxNotFoundError):
             await self.stop(name)
         async with _locked(self.state.lock_file(name), name):
             for mount_point in (directory / "root", directory / "lower"):
@@ -297,28 +297,26 @@ class LocalSandbox(Sandbox):
         found = reply.get("path")
         return str(found) if found else None
 
-    async def open_files(self, user: GuestUser) -> GuestFiles:
-        """The file service forked from the jail init as ``user``: no guest Python needed."""
-        from ..files import FileServiceSocket, GuestFiles
+    async def start_helper(self, user: GuestUser, helper: str) -> Link:
+        """The helper forked from the jail init as ``user``: no Python needed in the guest."""
+        from ..helpers import SocketLink
 
         control = await _connect(self.socket_path)
         try:
             reply, fds = await _exchange(control, {
-                "op": "files", "uid": user.uid, "gid": user.gid, "groups": list(user.groups),
-                "cwd": user.home or "/"})
+                "op": "helper", "helper": helper, "uid": user.uid, "gid": user.gid,
+                "groups": list(user.groups), "cwd": user.home or "/"})
         except BaseException:
             control.close()
             raise
         if not reply.get("ok") or not fds:
             control.close()
-            raise SandboxError(f"cannot start the file service: {reply.get('error', '?')}")
-        loop = asyncio.get_running_loop()
-        service = socket.socket(fileno=fds[0])
-        _, carrier = await loop.create_connection(FileServiceSocket, sock=service)
-        files = GuestFiles(carrier.client)
-        # The init ends the service when this control connection closes.
-        files.on_close(control.close)
-        return files
+            raise SandboxError(f"cannot start the guest {helper} helper: "
+                               f"{reply.get('error', '?')}")
+        # The init ends the helper when this control connection closes.
+        _, link = await asyncio.get_running_loop().create_connection(
+            lambda: SocketLink(keep=control), sock=socket.socket(fileno=fds[0]))
+        return link
 
     async def spawn(self, spec: ProcessSpec, listener: ProcessListener) -> GuestProcess:
         request: dict[str, Any] = {
