@@ -1,15 +1,52 @@
-"""An in-process stand-in for the part of the microsandbox SDK (0.7.11) that msb-proxy calls.
+"""A stand-in for the part of the microsandbox SDK (0.7.11) that msb-proxy calls.
 
 microVMs cannot boot on our machines, so the ``microsandbox`` backend is tested against this: a
 module-like :class:`StandInSDK`, passed as ``MicrosandboxBackend(state, sdk=...)``. It offers
 exactly what the backend uses, with the names, signatures, event order and error messages of the
-real SDK (checked against its stubs and its source: sdk/python/src/exec.rs,
-sdk/rust/lib/sandbox/exec.rs, crates/agentd/lib/session.rs and process.rs):
+real SDK (checked against its stubs and its source: sdk/python/src/sandbox.rs and exec.rs,
+sdk/rust/lib/sandbox/exec.rs, sdk/rust/lib/backend/local/sandbox/mod.rs,
+crates/agentd/lib/session.rs and process.rs). The SDK's own value types (``SandboxStatus``,
+``PullEventType``, ``Image``/``ImageSource``, ``MountConfig``, ``Network``, ``NetworkPolicy``,
+``NetworkProfile``) and its error classes are used as they are, and mounts and networks are
+serialised with their own ``_to_dict()``, which is where the SDK rejects a malformed one.
 
-* ``Sandbox.get(name)`` -> a handle with ``status`` (as of the call), ``connect()``, ``stop()``,
-  ``remove()``; ``Sandbox.remove(name)``. Sandboxes are registered with
-  :meth:`StandInSDK.add_sandbox`; ``get_error`` makes every ``get`` raise, to play a host that
-  cannot run the runtime.
+The runtime's state (the SDK's sandbox database) is a JSON file in a directory given to
+:class:`StandInSDK`, changed under an exclusive ``flock``; so every process that makes a
+``StandInSDK`` on the same directory sees the same sandboxes, and races between processes are
+real races. Lifecycle:
+
+* ``Sandbox.get(name)`` -> a handle with ``name``, ``id``, ``status``, ``created_at`` and
+  ``updated_at`` as of the call (``updated_at`` changes with every status change, as the
+  database row's does), and ``connect()``, ``start(detached=)``, ``stop()``, ``pause()``,
+  ``resume()``, ``refresh()``, ``remove()``. A missing sandbox raises
+  ``SandboxNotFoundError("sandbox not found: NAME")``.
+* ``Sandbox.list()`` / ``Sandbox.list_with(cursor=, limit=)`` -> ``SandboxPage`` (by name;
+  :meth:`StandInSDK.set_page_size` makes pages short so ``next_cursor`` is exercised);
+  ``Sandbox.remove(name)``; ``Sandbox.start(name, detached=)``.
+* ``Sandbox.create_with_progress(name, image=, cpus=, memory=, env=, workdir=, volumes=,
+  network=, detached=)`` (not a coroutine) -> ``PullSession``: ``progress`` yields
+  ``PullEvent`` s while the creation runs in a task; ``await result()`` gives the
+  ``Sandbox`` or raises what failed. An OCI image (registered with
+  :meth:`StandInSDK.add_image`) gives STARTUP, RESOLVING, RESOLVED (layer count, total bytes),
+  per layer LAYER_DOWNLOAD_PROGRESS x4 and LAYER_DOWNLOAD_COMPLETE, per layer
+  LAYER_MATERIALIZE_STARTED and _COMPLETE, STITCH_COMPLETE, COMPLETE; once pulled, an image is
+  cached and later creations give STARTUP, RESOLVING, RESOLVED, COMPLETE only. An unknown
+  image fails with ``ImagePullFailedError`` after RESOLVING. ``Image.bind(dir)`` gives no
+  events (as the SDK's own tests show) and fails with ``InvalidConfigError`` when the
+  directory is missing. A name that exists fails with ``SandboxAlreadyExistsError``. A created
+  sandbox is RUNNING.
+* Statuses move CREATED/STOPPED/CRASHED -start-> STARTING -> RUNNING (or CRASHED when start
+  fails), RUNNING -pause-> PAUSED -resume-> RUNNING, live -stop-> STOPPED. A test places any
+  status with :meth:`StandInSDK.set_status`, optionally followed by another after a delay
+  (STARTING that becomes RUNNING, DRAINING that becomes STOPPED ...).
+* Knobs for tests, shared by every process on the directory: :meth:`StandInSDK.set_delay`
+  (``create`` or ``start`` takes that long: races can be exercised), :meth:`set_error`
+  (a call raises that SDK error until cleared; a ``start`` error also fails the boot of a
+  creation, leaving the sandbox CRASHED, as a VM that cannot boot does), and :meth:`calls`, the
+  record of every lifecycle call made, with its arguments and the caller's pid.
+
+Processes in a connected sandbox:
+
 * ``sandbox.fs.read/exists`` on a host directory standing for the guest's root.
 * ``sandbox.exec_stream`` and ``sandbox.exec`` run a REAL host process: the command with its
   arguments, environment and cwd, in a session of its own (a process group, as the agent makes
@@ -28,6 +65,19 @@ sdk/rust/lib/sandbox/exec.rs, crates/agentd/lib/session.rs and process.rs):
 
 Where it knowingly differs from the real SDK:
 
+* Only the calls and keyword arguments msb-proxy uses exist; anything else is an
+  ``AttributeError`` or ``TypeError``, so the backend cannot come to depend on something
+  untested. ``image`` must be an ``ImageSource`` (``Image.oci``/``Image.bind``), not a string.
+* Nothing boots: "starting" is a status change (after the ``start`` delay), a sandbox's guest
+  file system is a host directory (the image's registered root, or the bound directory), and
+  ``detached`` is only recorded: an attached sandbox is not stopped when its creator exits.
+* ``stop()`` goes straight to STOPPED (the SDK passes through DRAINING) and leaves processes
+  running; nothing ever crashes on its own.
+* The wording of the STARTUP event (its ``phase``), of digests and of errors other than the
+  observed ones (sandbox not found, not running; see shared/reference/upstream-msb-ssh.md;
+  ``rootfs bind path does not exist`` from the SDK's tests) is plausible, not observed. So is
+  the answer to ``start`` on a sandbox that is running (``SandboxStillRunningError``) or
+  paused, starting or draining (``MicrosandboxError``).
 * Processes run on the host as the test's own user: ``user`` is not applied, the file system is
   the host's (only ``fs`` calls use the stand-in root), and the environment is exactly ``env``
   (the agent merges it into its own).
@@ -36,9 +86,7 @@ Where it knowingly differs from the real SDK:
   needs to observe.
 * ``ExecSink.write`` returns once the bytes are in the process's pipe or terminal, not once the
   agent has them; ``close()`` on a terminal does nothing.
-* ``handle.stop()`` only changes the recorded status: processes keep running.
-* Error messages other than the observed ones (sandbox not found, not running; see
-  shared/reference/upstream-msb-ssh.md) and the agent's spawn failure are plausible wordings.
+* The agent's spawn failure message is a plausible wording.
 """
 
 from __future__ import annotations
@@ -48,28 +96,75 @@ import contextlib
 import enum
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import signal as _signal
 import struct
 import subprocess
 import termios
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+from microsandbox import errors as _errors
+from microsandbox.errors import (
+    ExecFailedError,
+    FilesystemError,
+    ImageNotFoundError,
+    ImagePullFailedError,
+    InvalidConfigError,
+    MicrosandboxError,
+    PathNotFoundError,
+    RuntimeIncompleteError,
+    RuntimeNotInstalledError,
+    SandboxAlreadyExistsError,
+    SandboxNotFoundError,
+    SandboxNotRunningError,
+    SandboxReplacedError,
+    SandboxStillRunningError,
+)
+from microsandbox.types import (
+    Image,
+    ImageSource,
+    ImageSourceKind,
+    MountConfig,
+    MountKind,
+    Network,
+    NetworkPolicy,
+    NetworkProfile,
+    PullEventType,
+    SandboxStatus,
+)
 
 __all__ = [
     "ExecEvent",
     "ExecEventType",
     "ExecFailedError",
+    "FilesystemError",
+    "Image",
+    "ImageNotFoundError",
+    "ImagePullFailedError",
+    "InvalidConfigError",
     "MicrosandboxError",
+    "MountConfig",
+    "MountKind",
+    "Network",
+    "NetworkPolicy",
+    "NetworkProfile",
     "PathNotFoundError",
+    "PullEvent",
+    "PullEventType",
     "RuntimeIncompleteError",
     "RuntimeNotInstalledError",
+    "SandboxAlreadyExistsError",
     "SandboxNotFoundError",
     "SandboxNotRunningError",
+    "SandboxReplacedError",
     "SandboxStatus",
     "SandboxStillRunningError",
     "StandInSDK",
@@ -78,16 +173,7 @@ __all__ = [
 
 READ_CHUNK = 16 * 1024
 DEFAULT_ROWS, DEFAULT_COLS = 24, 80
-
-
-class SandboxStatus(enum.StrEnum):
-    CREATED = "created"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPED = "stopped"
-    CRASHED = "crashed"
-    DRAINING = "draining"
-    PAUSED = "paused"
+DOWNLOAD_STEPS = 4  # LAYER_DOWNLOAD_PROGRESS events per layer
 
 
 class ExecEventType(enum.StrEnum):
@@ -125,42 +211,6 @@ class Stdin:
         return cls(StdinMode.BYTES, data)
 
 
-class MicrosandboxError(Exception):
-    """Base of every SDK error; one string argument, as the real classes take from Rust."""
-
-
-class RuntimeNotInstalledError(MicrosandboxError):
-    pass
-
-
-class RuntimeIncompleteError(MicrosandboxError):
-    pass
-
-
-class SandboxNotFoundError(MicrosandboxError):
-    pass
-
-
-class SandboxNotRunningError(MicrosandboxError):
-    pass
-
-
-class SandboxStillRunningError(MicrosandboxError):
-    pass
-
-
-class ExecFailedError(MicrosandboxError):
-    pass
-
-
-class PathNotFoundError(MicrosandboxError):
-    pass
-
-
-class FilesystemError(MicrosandboxError):
-    pass
-
-
 @dataclass(frozen=True)
 class ExecEvent:
     event_type: ExecEventType
@@ -188,52 +238,218 @@ class ExecOutput:
         return self.stderr_bytes.decode()
 
 
+@dataclass(frozen=True)
+class PullEvent:
+    """One step of an image pull, with the fields the SDK fills for its kind."""
+
+    event_type: PullEventType
+    phase: str | None = None
+    completed_bytes: int | None = None
+    reference: str | None = None
+    manifest_digest: str | None = None
+    layer_count: int | None = None
+    total_download_bytes: int | None = None
+    layer_index: int | None = None
+    digest: str | None = None
+    diff_id: str | None = None
+    downloaded_bytes: int | None = None
+    total_bytes: int | None = None
+    bytes_read: int | None = None
+
+
 _LIVE = frozenset({SandboxStatus.RUNNING, SandboxStatus.STARTING, SandboxStatus.PAUSED,
                    SandboxStatus.DRAINING})
+_STARTABLE = frozenset({SandboxStatus.CREATED, SandboxStatus.STOPPED, SandboxStatus.CRASHED})
+_CALLS = ("get", "list", "create", "start", "resume", "stop", "connect")
 
 
-@dataclass
-class SandboxRecord:
-    """A sandbox as the stand-in runtime knows it."""
+def _digest(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
-    name: str
-    root: Path
-    status: SandboxStatus
+
+# ---------------------------------------------------------------------------------------------
+# The runtime's state
+
+
+class _Store:
+    """The runtime's database: one JSON document, read and written under an exclusive flock."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._document = directory / "runtime.json"
+        self._lock = directory / "runtime.lock"
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[dict[str, Any]]:
+        """The state, locked; written back when the block ends without an exception."""
+        fd = os.open(self._lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                state: dict[str, Any] = json.loads(self._document.read_text())
+            except FileNotFoundError:
+                state = {"next_id": 1, "sandboxes": {}, "images": {}, "calls": [],
+                         "knobs": {"delays": {}, "errors": {}, "page_size": 100}}
+            _apply_due_changes(state)
+            yield state
+            scratch = self._document.with_name(f".runtime.{os.getpid()}.tmp")
+            scratch.write_text(json.dumps(state))
+            os.replace(scratch, self._document)
+        finally:
+            os.close(fd)
+
+
+def _apply_due_changes(state: dict[str, Any]) -> None:
+    """Make every status change a test scheduled (``set_status(..., then=)``) that is due."""
+    now = time.time()
+    for record in state["sandboxes"].values():
+        if record["then"] is not None and record["then"][1] <= now:
+            status, when = record["then"]
+            _set_status(record, SandboxStatus(status), when)
+
+
+def _set_status(record: dict[str, Any], status: SandboxStatus, when: float | None = None) -> None:
+    """Change the status and ``updated_at``, which strictly increases, as the row's does."""
+    record["status"] = status.value
+    record["updated_at"] = max(when or time.time(), record["updated_at"] + 1e-6)
+    record["then"] = None
 
 
 class StandInSDK(ModuleType):
-    """The ``microsandbox`` module as far as msb-proxy uses it, over host processes."""
+    """The ``microsandbox`` module as far as msb-proxy uses it, over host processes.
 
-    def __init__(self) -> None:
+    ``directory`` holds the runtime's state; stand-ins made on the same directory, in any
+    process, share it.
+    """
+
+    def __init__(self, directory: Path) -> None:
         super().__init__("microsandbox_standin")
-        self.sandboxes: dict[str, SandboxRecord] = {}
+        self.store = _Store(directory)
         self.processes: list[ExecHandle] = []
-        self.get_error: MicrosandboxError | None = None
         self.Sandbox = SandboxApi(self)
         self.SandboxStatus = SandboxStatus
+        self.PullEventType = PullEventType
+        self.Image = Image
+        self.MountConfig = MountConfig
+        self.MountKind = MountKind
+        self.Network = Network
+        self.NetworkPolicy = NetworkPolicy
+        self.NetworkProfile = NetworkProfile
         self.ExecEventType = ExecEventType
         self.Stdin = Stdin
-        self.MicrosandboxError = MicrosandboxError
-        self.RuntimeNotInstalledError = RuntimeNotInstalledError
-        self.RuntimeIncompleteError = RuntimeIncompleteError
-        self.SandboxNotFoundError = SandboxNotFoundError
-        self.SandboxNotRunningError = SandboxNotRunningError
-        self.SandboxStillRunningError = SandboxStillRunningError
-        self.ExecFailedError = ExecFailedError
-        self.PathNotFoundError = PathNotFoundError
-        self.FilesystemError = FilesystemError
+        for error in __all__:
+            if error.endswith("Error"):
+                setattr(self, error, globals()[error])
 
+    # ---- for tests
     def add_sandbox(self, name: str, root: Path,
-                    status: SandboxStatus = SandboxStatus.RUNNING) -> SandboxRecord:
+                    status: SandboxStatus = SandboxStatus.RUNNING) -> None:
         """Register sandbox ``name`` whose guest file system is the host directory ``root``."""
-        record = SandboxRecord(name, root, status)
-        self.sandboxes[name] = record
-        return record
+        with self.store.transaction() as state:
+            _insert(state, name, str(root), status, {})
+
+    def add_image(self, reference: str, root: Path, layers: Sequence[int] = (1 << 20,),
+                  sizes_known: bool = True) -> None:
+        """Make the OCI image ``reference`` pullable: its layers' sizes, its root file system.
+
+        Without ``sizes_known`` the registry reports no sizes (no total, no per-layer total).
+        """
+        with self.store.transaction() as state:
+            state["images"][reference] = {"root": str(root), "layers": list(layers),
+                                          "sizes_known": sizes_known, "cached": False}
+
+    def set_status(self, name: str, status: SandboxStatus, then: SandboxStatus | None = None,
+                   after: float = 0.0) -> None:
+        """Put sandbox ``name`` in ``status``; with ``then``, in that one ``after`` seconds."""
+        with self.store.transaction() as state:
+            record = state["sandboxes"][name]
+            _set_status(record, status)
+            if then is not None:
+                record["then"] = [then.value, time.time() + after]
+
+    def status_of(self, name: str) -> SandboxStatus | None:
+        with self.store.transaction() as state:
+            record = state["sandboxes"].get(name)
+            return None if record is None else SandboxStatus(record["status"])
+
+    def set_delay(self, call: str, seconds: float) -> None:
+        """Make ``create`` (after its pull) or ``start`` take ``seconds``, in every process."""
+        with self.store.transaction() as state:
+            state["knobs"]["delays"][call] = seconds
+
+    def set_error(self, call: str, error: MicrosandboxError | None) -> None:
+        """Make ``call`` (get, list, create, start, resume, stop, connect) raise ``error``."""
+        assert call in _CALLS, call
+        with self.store.transaction() as state:
+            if error is None:
+                state["knobs"]["errors"].pop(call, None)
+            else:
+                state["knobs"]["errors"][call] = [type(error).__name__, str(error)]
+
+    def set_page_size(self, size: int) -> None:
+        with self.store.transaction() as state:
+            state["knobs"]["page_size"] = size
+
+    def calls(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Every lifecycle call made so far (create, start, resume, pause, stop, remove)."""
+        with self.store.transaction() as state:
+            return [call for call in state["calls"] if kind is None or call["call"] == kind]
 
     def close(self) -> None:
         """Kill and reap every process still running; for test teardown."""
         for handle in self.processes:
             handle.dispose()
+
+    # ---- for the API classes
+    def check(self, state: dict[str, Any], call: str) -> None:
+        """Raise the error a test set for ``call``, if any."""
+        failure = state["knobs"]["errors"].get(call)
+        if failure is not None:
+            raise getattr(_errors, failure[0])(failure[1])
+
+    def delay(self, call: str) -> float:
+        with self.store.transaction() as state:
+            return float(state["knobs"]["delays"].get(call, 0.0))
+
+    def record(self, state: dict[str, Any], name: str, identity: int | None = None
+               ) -> dict[str, Any]:
+        """Sandbox ``name``'s row; with ``identity``, only while it is that very sandbox."""
+        record: dict[str, Any] | None = state["sandboxes"].get(name)
+        if record is None:
+            raise SandboxNotFoundError(f"sandbox not found: {name}")
+        if identity is not None and record["id"] != identity:
+            raise SandboxReplacedError(f"sandbox '{name}' was replaced by another of that name")
+        return record
+
+    def note(self, state: dict[str, Any], call: str, name: str, **details: Any) -> None:
+        state["calls"].append({"call": call, "name": name, "pid": os.getpid(), **details})
+
+
+def _insert(state: dict[str, Any], name: str, root: str, status: SandboxStatus,
+            config: dict[str, Any]) -> dict[str, Any]:
+    if name in state["sandboxes"]:
+        raise SandboxAlreadyExistsError(f"sandbox already exists: {name}")
+    now = time.time()
+    record = {"id": state["next_id"], "status": status.value, "root": root, "created_at": now,
+              "updated_at": now, "then": None, "config": config}
+    state["next_id"] += 1
+    state["sandboxes"][name] = record
+    return record
+
+
+def _not_running(name: str, status: str) -> SandboxNotRunningError:
+    return SandboxNotRunningError(
+        f"sandbox '{name}' is not running (status: {status.capitalize()})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The lifecycle API
+
+
+class SandboxPage:
+    def __init__(self, sandboxes: list[SandboxHandle], next_cursor: str | None) -> None:
+        self.sandboxes = sandboxes
+        self.next_cursor = next_cursor
 
 
 class SandboxApi:
@@ -243,58 +459,267 @@ class SandboxApi:
         self._sdk = sdk
 
     async def get(self, name: str) -> SandboxHandle:
-        if self._sdk.get_error is not None:
-            raise self._sdk.get_error
-        return SandboxHandle(self._sdk, self._record(name))
+        with self._sdk.store.transaction() as state:
+            self._sdk.check(state, "get")
+            return SandboxHandle(self._sdk, name, self._sdk.record(state, name))
+
+    async def list(self) -> SandboxPage:
+        return await self.list_with()
+
+    async def list_with(self, *, cursor: str | None = None, limit: int | None = None,
+                        labels: Mapping[str, str] | None = None) -> SandboxPage:
+        with self._sdk.store.transaction() as state:
+            self._sdk.check(state, "list")
+            names = sorted(state["sandboxes"])
+            first = int(cursor or 0)
+            last = first + (limit or state["knobs"]["page_size"])
+            handles = [SandboxHandle(self._sdk, name, state["sandboxes"][name])
+                       for name in names[first:last]]
+            return SandboxPage(handles, str(last) if last < len(names) else None)
 
     async def remove(self, name: str) -> None:
-        record = self._record(name)
-        if record.status in _LIVE:
-            raise SandboxStillRunningError(f"sandbox '{name}' is still running")
-        del self._sdk.sandboxes[name]
+        with self._sdk.store.transaction() as state:
+            record = self._sdk.record(state, name)
+            if record["status"] in _LIVE:
+                raise SandboxStillRunningError(f"sandbox '{name}' is still running")
+            del state["sandboxes"][name]
+            self._sdk.note(state, "remove", name)
 
-    def _record(self, name: str) -> SandboxRecord:
+    async def start(self, name: str, *, detached: bool = False) -> Sandbox:
+        return await self.boot(name, None, detached)
+
+    async def boot(self, name: str, identity: int | None, detached: bool) -> Sandbox:
+        """Start the stopped sandbox ``name``: STARTING for the ``start`` delay, then RUNNING."""
+        with self._sdk.store.transaction() as state:
+            record = self._sdk.record(state, name, identity)
+            status = SandboxStatus(record["status"])
+            if status == SandboxStatus.RUNNING:
+                raise SandboxStillRunningError(f"sandbox '{name}' is already running")
+            if status not in _STARTABLE:
+                raise MicrosandboxError(f"sandbox '{name}' cannot be started "
+                                        f"(status: {status.value.capitalize()})")
+            self._sdk.note(state, "start", name, detached=detached)
+            _set_status(record, SandboxStatus.STARTING)
+            identity = record["id"]
+        await asyncio.sleep(self._sdk.delay("start"))
+        with self._sdk.store.transaction() as state:
+            record = self._sdk.record(state, name, identity)
+            try:
+                self._sdk.check(state, "start")
+            except MicrosandboxError:
+                _set_status(record, SandboxStatus.CRASHED)
+                failure = state["knobs"]["errors"]["start"]
+            else:
+                _set_status(record, SandboxStatus.RUNNING)
+                return Sandbox(self._sdk, name, Path(record["root"]), not detached)
+        raise getattr(_errors, failure[0])(failure[1])
+
+    def create_with_progress(
+        self,
+        name: str,
+        *,
+        image: ImageSource | None = None,
+        memory: int | None = None,
+        cpus: int | None = None,
+        workdir: str | None = None,
+        env: Mapping[str, str] | None = None,
+        volumes: Mapping[str, MountConfig] | None = None,
+        network: Network | None = None,
+        detached: bool = False,
+    ) -> PullSession:
+        if not isinstance(image, ImageSource):
+            raise TypeError("image must be an ImageSource (Image.oci or Image.bind) here")
+        source = {"kind": image._type.value}
+        if image._type == ImageSourceKind.OCI:
+            source["reference"] = image._to_image_str()
+        else:
+            source["path"] = image._to_image_str()
+        config = {
+            "image": source, "cpus": cpus, "memory": memory, "workdir": workdir,
+            "env": None if env is None else dict(env),
+            # Serialised here, as the SDK serialises them for its runtime, which is where it
+            # rejects a malformed mount or network.
+            "volumes": None if volumes is None else {
+                guest: mount._to_dict() for guest, mount in volumes.items()},
+            "network": None if network is None else network._to_dict(),
+        }
+        with self._sdk.store.transaction() as state:
+            self._sdk.note(state, "create", name, detached=detached, **config)
+        return PullSession(self._sdk, name, config, detached)
+
+
+class PullSession:
+    """A creation under way: its pull's events, then its result."""
+
+    def __init__(self, sdk: StandInSDK, name: str, config: dict[str, Any],
+                 detached: bool) -> None:
+        self._sdk = sdk
+        self._events: asyncio.Queue[PullEvent | None] = asyncio.Queue()
+        self._ended = False
+        self._consumed = False
+        self._task = asyncio.get_running_loop().create_task(self._create(name, config, detached))
+
+    @property
+    def progress(self) -> AsyncIterator[PullEvent]:
+        return self._progress()
+
+    async def _progress(self) -> AsyncIterator[PullEvent]:
+        while not self._ended:
+            event = await self._events.get()
+            if event is None:
+                self._ended = True
+                return
+            yield event
+
+    async def result(self) -> Sandbox:
+        if self._consumed:
+            raise RuntimeError("result() already consumed")
+        self._consumed = True
+        return await self._task
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    async def __aenter__(self) -> PullSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> bool:
+        with contextlib.suppress(BaseException):
+            await self._task
+        return False
+
+    async def _create(self, name: str, config: dict[str, Any], detached: bool) -> Sandbox:
         try:
-            return self._sdk.sandboxes[name]
-        except KeyError:
-            raise SandboxNotFoundError(f"sandbox not found: {name}") from None
+            root = await self._pull(name, config["image"])
+            await asyncio.sleep(self._sdk.delay("create"))
+            with self._sdk.store.transaction() as state:
+                self._sdk.check(state, "create")
+                record = _insert(state, name, root, SandboxStatus.RUNNING, config)
+                try:
+                    self._sdk.check(state, "start")
+                except MicrosandboxError:
+                    _set_status(record, SandboxStatus.CRASHED)
+                    failure = state["knobs"]["errors"]["start"]
+                else:
+                    return Sandbox(self._sdk, name, Path(root), not detached)
+            raise getattr(_errors, failure[0])(failure[1])
+        finally:
+            self._events.put_nowait(None)
+
+    async def _pull(self, name: str, source: dict[str, str]) -> str:
+        """Emit the pull's events; the root file system the sandbox will have."""
+        with self._sdk.store.transaction() as state:
+            if name in state["sandboxes"]:
+                raise SandboxAlreadyExistsError(f"sandbox already exists: {name}")
+        if source["kind"] == ImageSourceKind.BIND.value:
+            if not os.path.isdir(source["path"]):
+                raise InvalidConfigError(f"rootfs bind path does not exist: {source['path']}")
+            return source["path"]
+        reference = source["reference"]
+        emit = self._events.put_nowait
+        emit(PullEvent(PullEventType.STARTUP))
+        emit(PullEvent(PullEventType.RESOLVING, reference=reference))
+        await asyncio.sleep(0)
+        with self._sdk.store.transaction() as state:
+            image = state["images"].get(reference)
+            if image is None:
+                raise ImagePullFailedError(
+                    f"failed to pull image {reference}: manifest unknown: the registry has no "
+                    f"image {reference}")
+            cached = image["cached"]
+            image["cached"] = True
+        layers: list[int] = image["layers"]
+        known = image["sizes_known"]
+        emit(PullEvent(PullEventType.RESOLVED, reference=reference,
+                       manifest_digest=_digest(reference), layer_count=len(layers),
+                       total_download_bytes=sum(layers) if known else None))
+        if not cached:
+            for index, size in enumerate(layers):
+                digest = _digest(f"{reference}/{index}")
+                for step in range(1, DOWNLOAD_STEPS + 1):
+                    emit(PullEvent(PullEventType.LAYER_DOWNLOAD_PROGRESS, layer_index=index,
+                                   digest=digest, downloaded_bytes=size * step // DOWNLOAD_STEPS,
+                                   total_bytes=size if known else None))
+                    await asyncio.sleep(0)
+                emit(PullEvent(PullEventType.LAYER_DOWNLOAD_COMPLETE, layer_index=index,
+                               digest=digest, downloaded_bytes=size))
+            for index in range(len(layers)):
+                diff_id = _digest(f"{reference}/{index}/diff")
+                emit(PullEvent(PullEventType.LAYER_MATERIALIZE_STARTED, layer_index=index,
+                               diff_id=diff_id))
+                emit(PullEvent(PullEventType.LAYER_MATERIALIZE_COMPLETE, layer_index=index,
+                               diff_id=diff_id))
+            emit(PullEvent(PullEventType.STITCH_COMPLETE))
+        emit(PullEvent(PullEventType.COMPLETE, reference=reference, layer_count=len(layers)))
+        return str(image["root"])
 
 
 class SandboxHandle:
     """Metadata of one sandbox as of ``Sandbox.get``, and its lifecycle calls."""
 
-    def __init__(self, sdk: StandInSDK, record: SandboxRecord) -> None:
+    def __init__(self, sdk: StandInSDK, name: str, record: dict[str, Any]) -> None:
         self._sdk = sdk
-        self._record = record
-        self.name = record.name
-        self.status = record.status
+        self._identity: int = record["id"]
+        self.name = name
+        self.id = str(record["id"])
+        self.status = SandboxStatus(record["status"])
+        self.created_at: float | None = record["created_at"]
+        self.updated_at: float | None = record["updated_at"]
+        self.config_json = json.dumps(record["config"])
+
+    async def refresh(self) -> SandboxHandle:
+        return await self._sdk.Sandbox.get(self.name)
 
     async def connect(self, timeout: float | None = None) -> Sandbox:
-        self._check_running()
-        return Sandbox(self._sdk, self._record)
+        with self._sdk.store.transaction() as state:
+            self._sdk.check(state, "connect")
+            record = self._sdk.record(state, self.name, self._identity)
+            if record["status"] != SandboxStatus.RUNNING.value:
+                raise _not_running(self.name, record["status"])
+            return Sandbox(self._sdk, self.name, Path(record["root"]), False)
+
+    async def start(self, *, detached: bool = False) -> Sandbox:
+        return await self._sdk.Sandbox.boot(self.name, self._identity, detached)
+
+    async def pause(self) -> None:
+        with self._sdk.store.transaction() as state:
+            record = self._sdk.record(state, self.name, self._identity)
+            if record["status"] != SandboxStatus.RUNNING.value:
+                raise _not_running(self.name, record["status"])
+            self._sdk.note(state, "pause", self.name)
+            _set_status(record, SandboxStatus.PAUSED)
+
+    async def resume(self) -> None:
+        with self._sdk.store.transaction() as state:
+            self._sdk.check(state, "resume")
+            record = self._sdk.record(state, self.name, self._identity)
+            if record["status"] != SandboxStatus.PAUSED.value:
+                raise MicrosandboxError(f"sandbox '{self.name}' is not paused "
+                                        f"(status: {record['status'].capitalize()})")
+            self._sdk.note(state, "resume", self.name)
+            _set_status(record, SandboxStatus.RUNNING)
 
     async def stop(self, timeout: float | None = None) -> None:
-        if self._record.status not in _LIVE:
-            self._check_running()
-        self._record.status = SandboxStatus.STOPPED
+        with self._sdk.store.transaction() as state:
+            self._sdk.check(state, "stop")
+            record = self._sdk.record(state, self.name, self._identity)
+            if record["status"] not in _LIVE:
+                raise _not_running(self.name, record["status"])
+            self._sdk.note(state, "stop", self.name)
+            _set_status(record, SandboxStatus.STOPPED)
 
     async def remove(self) -> None:
         await self._sdk.Sandbox.remove(self.name)
-
-    def _check_running(self) -> None:
-        status = self._record.status
-        if status != SandboxStatus.RUNNING:
-            raise SandboxNotRunningError(
-                f"sandbox '{self.name}' is not running (status: {status.value.capitalize()})")
 
 
 class Sandbox:
     """A connected sandbox: its file system and command execution."""
 
-    def __init__(self, sdk: StandInSDK, record: SandboxRecord) -> None:
+    def __init__(self, sdk: StandInSDK, name: str, root: Path, owns_lifecycle: bool) -> None:
         self._sdk = sdk
-        self._record = record
-        self.fs = SandboxFsOps(record.root)
+        self._name = name
+        self.fs = SandboxFsOps(root)
+        self.owns_lifecycle = owns_lifecycle
 
     async def exec_stream(
         self,
@@ -308,8 +733,8 @@ class Sandbox:
         stdin: Stdin | bytes | None = None,
         tty: bool = False,
     ) -> ExecHandle:
-        if self._record.status != SandboxStatus.RUNNING:
-            raise SandboxNotRunningError(f"sandbox '{self._record.name}' is not running")
+        if self._sdk.status_of(self._name) != SandboxStatus.RUNNING:
+            raise SandboxNotRunningError(f"sandbox '{self._name}' is not running")
         if isinstance(stdin, bytes):
             stdin = Stdin.bytes(stdin)
         handle = ExecHandle(cmd, list(args or []), cwd=cwd, env=dict(env or {}),

@@ -1,16 +1,25 @@
-"""The microsandbox backend, driven through an in-process stand-in of the SDK.
+"""The microsandbox backend, driven through a stand-in of the SDK.
 
 microVMs cannot boot here, so ``MicrosandboxBackend`` gets ``microsandbox_standin`` as its SDK:
-the same calls, event order and error messages, with each guest process played by a real host
-process (see that module for where it differs). Every test runs its own event loop and fails if
-the loop reports an error, such as a task exception nobody retrieved.
+the same calls, statuses, pull events and error messages, its state shared through a directory
+so that separate processes race for real, and each guest process played by a real host process
+(see that module for where it differs). Every test runs its own event loop and fails if the loop
+reports an error, such as a task exception nobody retrieved.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
+import io
+import json
+import os
+import re
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,24 +28,31 @@ import pytest
 from microsandbox_standin import (
     READ_CHUNK,
     MicrosandboxError,
+    Network,
+    NetworkProfile,
+    PullSession,
     RuntimeNotInstalledError,
     SandboxHandle,
+    SandboxNotRunningError,
     SandboxStatus,
     StandInSDK,
 )
 
-from msb_proxy.backends.base import ExitStatus, GuestUser, ProcessSpec, PtySpec
+from msb_proxy.backends.base import ExitStatus, GuestUser, ProcessSpec, PtySpec, SandboxInfo
 from msb_proxy.backends.microsandbox import (
     MicrosandboxBackend,
     MicrosandboxProcess,
     MicrosandboxSandbox,
 )
+from msb_proxy.config import SandboxTemplate
 from msb_proxy.errors import (
     BackendUnavailableError,
+    ConfigError,
     SandboxError,
-    SandboxNotRunningError,
+    SandboxNotFoundError,
     UnknownUserError,
 )
+from msb_proxy.progress import Progress
 from msb_proxy.state import StateDir
 
 T = TypeVar("T")
@@ -45,6 +61,10 @@ TIMEOUT_S = 10.0
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ROOT = GuestUser(name="root", uid=0, gid=0, home="/root", shell="/bin/sh")
 LOCAL_HINT = "use the local backend instead: --backend local or MSB_PROXY_BACKEND=local"
+MIB = 1 << 20
+IMAGE = "alpine:3.20"
+TEMPLATE = SandboxTemplate(image=IMAGE)
+READY = re.compile(r"msb-proxy: sandbox '(\w+)' ready in \d+\.\d s")
 PASSWD = """\
 root:x:0:0:root:/root:/bin/bash
 daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin
@@ -104,9 +124,28 @@ class Recorder:
             await self._output.wait()
 
 
+class Shown:
+    """A ``Progress`` on a string, and the lines it wrote."""
+
+    def __init__(self, interactive: bool = False, quiet: bool = False) -> None:
+        self.stream = io.StringIO()
+        self.progress = Progress(self.stream, quiet=quiet, interactive=interactive)
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def lines(self) -> list[str]:
+        """The plain lines, the last one (``ready in N s``) with its time replaced by N."""
+        lines = self.text.splitlines()
+        if lines and READY.fullmatch(lines[-1]):
+            lines[-1] = re.sub(r"in \S+ s$", "in N s", lines[-1])
+        return lines
+
+
 @pytest.fixture
-def standin() -> Iterator[StandInSDK]:
-    sdk = StandInSDK()
+def standin(tmp_path: Path) -> Iterator[StandInSDK]:
+    sdk = StandInSDK(tmp_path / "runtime")
     yield sdk
     sdk.close()
 
@@ -121,9 +160,21 @@ def guest_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def backend(standin: StandInSDK, guest_root: Path, tmp_path: Path) -> MicrosandboxBackend:
+def home(tmp_path: Path) -> StateDir:
+    return StateDir(tmp_path / "home")
+
+
+@pytest.fixture
+def backend(standin: StandInSDK, guest_root: Path, home: StateDir) -> MicrosandboxBackend:
     standin.add_sandbox("api", guest_root)
-    return MicrosandboxBackend(StateDir(tmp_path / "home"), sdk=standin)
+    standin.add_image(IMAGE, guest_root, layers=(3 * MIB, MIB))
+    return MicrosandboxBackend(home, sdk=standin, wait_s=5.0)
+
+
+def open_sandbox(backend: MicrosandboxBackend, name: str = "api",
+                 template: SandboxTemplate = TEMPLATE,
+                 progress: Progress | None = None) -> MicrosandboxSandbox:
+    return run(backend.open(name, template, progress or Progress(quiet=True)))
 
 
 def command(script: str, *args: str, pty: PtySpec | None = None, cwd: str = "/") -> ProcessSpec:
@@ -134,7 +185,7 @@ def command(script: str, *args: str, pty: PtySpec | None = None, cwd: str = "/")
 
 async def spawn(backend: MicrosandboxBackend, spec: ProcessSpec
                 ) -> tuple[MicrosandboxProcess, Recorder]:
-    sandbox = await backend.open("api")
+    sandbox = await backend.open("api", TEMPLATE, Progress(quiet=True))
     recorder = Recorder()
     return await sandbox.spawn(spec, recorder), recorder
 
@@ -147,56 +198,291 @@ def alive(pid: int) -> bool:
         return False
 
 
-# ---- open, stop, remove
+def lifecycle_calls(standin: StandInSDK) -> list[tuple[str, str]]:
+    return [(call["call"], call["name"]) for call in standin.calls()]
 
 
-def test_open_connects_to_a_running_sandbox(backend: MicrosandboxBackend) -> None:
-    sandbox = run(backend.open("api"))
-    assert isinstance(sandbox, MicrosandboxSandbox)
-    assert sandbox.name == "api"
+# ---- open: each status
 
 
-@pytest.mark.parametrize(("status", "next_step"), [
-    (SandboxStatus.STOPPED, "start it with 'msb start api'"),
-    (SandboxStatus.CRASHED, "start it with 'msb start api'"),
-    (SandboxStatus.CREATED, "start it with 'msb start api'"),
-    (SandboxStatus.PAUSED, "resume it with 'msb resume api'"),
-    (SandboxStatus.STARTING, "wait for it to finish starting and try again"),
-    (SandboxStatus.DRAINING, "wait for it to stop, then start it with 'msb start api'"),
-])
-def test_open_refuses_a_sandbox_that_is_not_running_and_does_not_start_it(
-        backend: MicrosandboxBackend, standin: StandInSDK, status: SandboxStatus,
-        next_step: str) -> None:
-    standin.sandboxes["api"].status = status
-    with pytest.raises(SandboxNotRunningError) as caught:
-        run(backend.open("api"))
-    assert str(caught.value) == (f"sandbox 'api' is not running (status: {status.value}); "
-                                 f"{next_step}, or use --backend local")
-    assert standin.sandboxes["api"].status == status
-
-
-def test_open_reports_a_sandbox_that_stopped_while_connecting(
+def test_open_connects_to_a_running_sandbox_and_starts_nothing(
         backend: MicrosandboxBackend, standin: StandInSDK) -> None:
-    get = standin.Sandbox.get
-
-    async def get_then_stop(name: str) -> SandboxHandle:
-        handle = await get(name)
-        standin.sandboxes[name].status = SandboxStatus.STOPPED
-        return handle
-
-    standin.Sandbox.get = get_then_stop  # type: ignore[method-assign]
-    with pytest.raises(SandboxNotRunningError) as caught:
-        run(backend.open("api"))
-    assert str(caught.value) == ("sandbox 'api' is not running (status: Stopped); "
-                                 "start it with 'msb start api', or use --backend local")
+    shown = Shown()
+    sandbox = open_sandbox(backend, progress=shown.progress)
+    assert isinstance(sandbox, MicrosandboxSandbox)
+    assert (sandbox.name, sandbox.started) == ("api", False)
+    handle = run(standin.Sandbox.get("api"))
+    assert sandbox.run_id == f"{handle.id}@{handle.updated_at!r}"
+    assert lifecycle_calls(standin) == []
+    assert shown.text == ""
 
 
-def test_open_says_how_to_create_a_missing_sandbox(backend: MicrosandboxBackend) -> None:
+@pytest.mark.parametrize("status", [SandboxStatus.STOPPED, SandboxStatus.CRASHED,
+                                    SandboxStatus.CREATED])
+def test_open_starts_a_stopped_crashed_or_created_sandbox_detached(
+        backend: MicrosandboxBackend, standin: StandInSDK, status: SandboxStatus) -> None:
+    standin.set_status("api", status)
+    shown = Shown()
+    sandbox = open_sandbox(backend, progress=shown.progress)
+    assert sandbox.started is True
+    assert standin.status_of("api") == SandboxStatus.RUNNING
+    assert standin.calls() == [{"call": "start", "name": "api", "pid": os.getpid(),
+                                "detached": True}]
+    assert shown.lines() == ["msb-proxy: starting sandbox 'api' ...",
+                             "msb-proxy: sandbox 'api' ready in N s"]
+
+
+def test_open_resumes_a_paused_sandbox(backend: MicrosandboxBackend,
+                                       standin: StandInSDK) -> None:
+    async def pause() -> None:
+        await (await standin.Sandbox.get("api")).pause()
+
+    run(pause())
+    assert standin.status_of("api") == SandboxStatus.PAUSED
+    shown = Shown()
+    sandbox = open_sandbox(backend, progress=shown.progress)
+    assert sandbox.started is True
+    assert standin.status_of("api") == SandboxStatus.RUNNING
+    assert lifecycle_calls(standin) == [("pause", "api"), ("resume", "api")]
+    assert shown.lines() == ["msb-proxy: resuming sandbox 'api' ...",
+                             "msb-proxy: sandbox 'api' ready in N s"]
+
+
+def test_open_waits_for_a_sandbox_another_tool_is_starting(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    standin.set_status("api", SandboxStatus.STARTING, then=SandboxStatus.RUNNING, after=0.3)
+    shown = Shown()
+    began = time.monotonic()
+    sandbox = open_sandbox(backend, progress=shown.progress)
+    assert time.monotonic() - began >= 0.3
+    assert sandbox.started is False  # the other tool started it
+    assert lifecycle_calls(standin) == []
+    assert shown.lines() == ["msb-proxy: waiting for sandbox 'api' to finish starting ...",
+                             "msb-proxy: sandbox 'api' ready in N s"]
+
+
+def test_open_waits_for_a_draining_sandbox_to_stop_and_then_starts_it(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    standin.set_status("api", SandboxStatus.DRAINING, then=SandboxStatus.STOPPED, after=0.3)
+    shown = Shown()
+    sandbox = open_sandbox(backend, progress=shown.progress)
+    assert sandbox.started is True
+    assert lifecycle_calls(standin) == [("start", "api")]
+    assert shown.lines() == ["msb-proxy: waiting for sandbox 'api' to finish stopping ...",
+                             "msb-proxy: starting sandbox 'api' ...",
+                             "msb-proxy: sandbox 'api' ready in N s"]
+
+
+@pytest.mark.parametrize(("status", "message"), [
+    (SandboxStatus.STARTING, "sandbox 'api' is still starting after 0.3 s; see 'msb logs api', "
+                             "or stop it with 'msb stop --force api' and connect again"),
+    (SandboxStatus.DRAINING, "sandbox 'api' is still stopping after 0.3 s; "
+                             "stop it with 'msb stop --force api' and connect again"),
+])
+def test_open_gives_up_on_a_sandbox_that_never_finishes_starting_or_stopping(
+        standin: StandInSDK, guest_root: Path, home: StateDir, status: SandboxStatus,
+        message: str) -> None:
+    standin.add_sandbox("api", guest_root, status)
+    backend = MicrosandboxBackend(home, sdk=standin, wait_s=0.3)
     with pytest.raises(SandboxError) as caught:
-        run(backend.open("nope"))
-    assert type(caught.value) is SandboxError
-    assert str(caught.value) == ("sandbox 'nope' does not exist; create it with "
-                                 "'msb create --name nope IMAGE', or use --backend local")
+        open_sandbox(backend)
+    assert str(caught.value) == message
+    assert standin.status_of("api") == status
+    assert lifecycle_calls(standin) == []
+
+
+def test_open_creates_a_missing_sandbox_from_its_template(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    async def scenario() -> tuple[MicrosandboxSandbox, GuestUser]:
+        sandbox = await backend.open("web", TEMPLATE, Progress(quiet=True))
+        return sandbox, await sandbox.lookup_user("alice")
+
+    sandbox, alice = run(scenario())
+    assert (sandbox.name, sandbox.started) == ("web", True)
+    assert alice.uid == 1000
+    assert standin.status_of("web") == SandboxStatus.RUNNING
+    [create] = standin.calls("create")
+    assert (create["name"], create["image"], create["detached"]) == (
+        "web", {"kind": "oci", "reference": IMAGE}, True)
+    handle = run(standin.Sandbox.get("web"))
+    assert sandbox.run_id == f"{handle.id}@{handle.updated_at!r}"
+
+
+def test_open_refuses_to_create_a_sandbox_its_template_does_not_allow(
+        backend: MicrosandboxBackend, standin: StandInSDK, home: StateDir) -> None:
+    with pytest.raises(SandboxNotFoundError) as caught:
+        open_sandbox(backend, "web", SandboxTemplate(image=IMAGE, create=False))
+    assert str(caught.value) == (
+        "there is no sandbox 'web' and its template does not allow creating it; "
+        f"set create = true for it in {home.home}/config.toml")
+    assert lifecycle_calls(standin) == []
+
+
+def test_open_says_how_to_name_an_image_when_the_template_has_none(
+        backend: MicrosandboxBackend, standin: StandInSDK, home: StateDir) -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_sandbox(backend, "web", SandboxTemplate())
+    assert str(caught.value) == (
+        "there is no sandbox 'web' and its template names no image to create it from; set "
+        'image (an OCI image such as "debian:bookworm", or a root file system directory) for '
+        f"it in {home.home}/config.toml")
+    assert lifecycle_calls(standin) == []
+
+
+# ---- open: what the template asks for
+
+
+@pytest.mark.parametrize(("network", "policy"), [
+    (None, None),
+    ("none", Network.none()._to_dict()),
+    ("public", Network.from_profiles(NetworkProfile.PUBLIC)._to_dict()),
+    ("private", Network.from_profiles(NetworkProfile.PRIVATE)._to_dict()),
+    ("host", Network.from_profiles(NetworkProfile.HOST)._to_dict()),
+])
+def test_template_options_reach_create_with_progress(
+        backend: MicrosandboxBackend, standin: StandInSDK, tmp_path: Path,
+        network: str | None, policy: dict[str, Any] | None) -> None:
+    (tmp_path / "work").mkdir()
+    (tmp_path / "data").mkdir()
+    template = SandboxTemplate(
+        image=IMAGE, cpus=2, memory_mib=1536, env={"APP_ENV": "dev", "EMPTY": ""},
+        workdir="/srv/app", network=network,
+        volumes=(f"{tmp_path}/work:/work", f"{tmp_path}/data:/data:ro"))
+    open_sandbox(backend, "web", template)
+    [create] = standin.calls("create")
+    assert create == {
+        "call": "create", "name": "web", "pid": os.getpid(), "detached": True,
+        "image": {"kind": "oci", "reference": IMAGE}, "cpus": 2, "memory": 1536,
+        "env": {"APP_ENV": "dev", "EMPTY": ""}, "workdir": "/srv/app",
+        "volumes": {
+            "/work": {"bind": f"{tmp_path}/work", "readonly": False, "noexec": False,
+                      "nosuid": False, "nodev": False},
+            "/data": {"bind": f"{tmp_path}/data", "readonly": True, "noexec": False,
+                      "nosuid": False, "nodev": False},
+        },
+        "network": policy,
+    }
+
+
+def test_unset_template_options_are_left_to_the_sdk(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    open_sandbox(backend, "web")
+    [create] = standin.calls("create")
+    assert {key: create[key] for key in ("cpus", "memory", "env", "workdir", "volumes",
+                                          "network")} == dict.fromkeys(
+        ("cpus", "memory", "env", "workdir", "volumes", "network"))
+
+
+def test_a_directory_image_is_bound_as_the_root_file_system_without_a_pull(
+        backend: MicrosandboxBackend, standin: StandInSDK, guest_root: Path) -> None:
+    shown = Shown()
+    sandbox = open_sandbox(backend, "web", SandboxTemplate(image=str(guest_root)),
+                           shown.progress)
+    assert sandbox.started is True
+    [create] = standin.calls("create")
+    assert create["image"] == {"kind": "bind", "path": str(guest_root)}
+    assert shown.lines() == [f"msb-proxy: creating sandbox 'web' from {guest_root} ...",
+                             "msb-proxy: sandbox 'web' ready in N s"]
+
+
+def test_a_volume_whose_host_directory_is_missing_is_named(
+        backend: MicrosandboxBackend, standin: StandInSDK, tmp_path: Path) -> None:
+    template = SandboxTemplate(image=IMAGE, volumes=(f"{tmp_path}/gone:/data",))
+    with pytest.raises(ConfigError) as caught:
+        open_sandbox(backend, "web", template)
+    assert str(caught.value) == (
+        f"sandbox 'web': volume '{tmp_path}/gone:/data': {tmp_path}/gone does not exist")
+    assert lifecycle_calls(standin) == []
+
+
+def test_a_template_the_sdk_refuses_is_a_config_error(
+        backend: MicrosandboxBackend, standin: StandInSDK, home: StateDir,
+        tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_sandbox(backend, "web", SandboxTemplate(image=f"{tmp_path}/no-rootfs"))
+    assert str(caught.value) == (
+        "sandbox 'web': the microsandbox SDK refuses its template (rootfs bind path does not "
+        f"exist: {tmp_path}/no-rootfs); fix it in {home.home}/config.toml")
+    assert standin.status_of("web") is None
+
+
+# ---- open: image pulls shown
+
+
+def test_pull_progress_is_plain_lines_by_the_quarter_off_a_terminal(
+        backend: MicrosandboxBackend) -> None:
+    shown = Shown()
+    open_sandbox(backend, "web", progress=shown.progress)
+    assert shown.lines() == [
+        f"msb-proxy: creating sandbox 'web' from {IMAGE} ...",
+        # bytes: a 3 MiB layer then a 1 MiB one, a quarter of a layer per event
+        f"msb-proxy: pulling image {IMAGE}: 18%",
+        f"msb-proxy: pulling image {IMAGE}: 37%",
+        f"msb-proxy: pulling image {IMAGE}: 56%",
+        f"msb-proxy: pulling image {IMAGE}: 75%",
+        f"msb-proxy: pulling image {IMAGE}: 100%",
+        "msb-proxy: starting sandbox 'web' ...",
+        "msb-proxy: sandbox 'web' ready in N s",
+    ]
+
+
+def test_pull_progress_is_a_bar_redrawn_in_place_on_a_terminal(
+        backend: MicrosandboxBackend) -> None:
+    shown = Shown(interactive=True)
+    open_sandbox(backend, "web", progress=shown.progress)
+    redraws = shown.text.split("\r\x1b[K")
+    assert redraws[0] == ""
+    assert redraws[1] == f"msb-proxy: creating sandbox 'web' from {IMAGE} ..."
+    bars = redraws[2:-2]
+    assert bars[0] == f"msb-proxy: pulling image {IMAGE} [####....................]  18%"
+    assert bars[-1] == f"msb-proxy: pulling image {IMAGE} [########################] 100%"
+    assert len(bars) == 11  # 8 progress events, 2 layers complete, the pull complete
+    assert redraws[-2] == "msb-proxy: starting sandbox 'web' ..."
+    assert READY.fullmatch(redraws[-1].removesuffix("\n"))
+    assert shown.text.count("\n") == 1  # one line, redrawn, ended once
+
+
+def test_pull_progress_counts_layers_when_the_registry_gives_no_sizes(
+        backend: MicrosandboxBackend, standin: StandInSDK, guest_root: Path) -> None:
+    standin.add_image("busybox:1", guest_root, layers=(MIB, MIB), sizes_known=False)
+    shown = Shown()
+    open_sandbox(backend, "web", SandboxTemplate(image="busybox:1"), shown.progress)
+    assert [line for line in shown.lines() if "pulling" in line] == [
+        "msb-proxy: pulling image busybox:1: 0%",
+        "msb-proxy: pulling image busybox:1: 50%",
+        "msb-proxy: pulling image busybox:1: 100%",
+    ]
+
+
+def test_an_image_already_pulled_shows_no_pull(backend: MicrosandboxBackend) -> None:
+    open_sandbox(backend, "web")
+    shown = Shown()
+    open_sandbox(backend, "web2", progress=shown.progress)
+    assert shown.lines() == [f"msb-proxy: creating sandbox 'web2' from {IMAGE} ...",
+                             "msb-proxy: sandbox 'web2' ready in N s"]
+
+
+def test_quiet_progress_shows_nothing_at_all(backend: MicrosandboxBackend,
+                                             standin: StandInSDK) -> None:
+    shown = Shown(interactive=True, quiet=True)
+    open_sandbox(backend, "web", progress=shown.progress)
+    standin.set_status("api", SandboxStatus.STOPPED)
+    open_sandbox(backend, "api", progress=shown.progress)
+    assert shown.text == ""
+
+
+def test_an_image_that_cannot_be_pulled_is_named(
+        backend: MicrosandboxBackend, standin: StandInSDK, home: StateDir) -> None:
+    with pytest.raises(SandboxError) as caught:
+        open_sandbox(backend, "web", SandboxTemplate(image="nope:1"))
+    assert str(caught.value) == (
+        "cannot pull image 'nope:1' for sandbox 'web' (failed to pull image nope:1: manifest "
+        "unknown: the registry has no image nope:1); check the image name and the network, "
+        f"or set another image in {home.home}/config.toml")
+    assert standin.status_of("web") is None
+
+
+# ---- open: errors and races with other tools
 
 
 @pytest.mark.parametrize("error", [
@@ -207,33 +493,243 @@ def test_open_says_how_to_create_a_missing_sandbox(backend: MicrosandboxBackend)
 ])
 def test_open_says_vms_cannot_run_here_and_names_the_local_backend(
         backend: MicrosandboxBackend, standin: StandInSDK, error: MicrosandboxError) -> None:
-    standin.get_error = error
+    standin.set_error("get", error)
     with pytest.raises(BackendUnavailableError) as caught:
-        run(backend.open("api"))
+        open_sandbox(backend)
     assert str(caught.value) == f"microVMs cannot run on this host ({error}); {LOCAL_HINT}"
+
+
+def test_a_vm_that_cannot_boot_names_the_local_backend_on_create_and_on_start(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    error = MicrosandboxError('failed to start "web": sandbox process exited (exit status: 1) '
+                              "before agent relay became available")
+    standin.set_error("start", error)
+    for _ in range(2):  # created, and left crashed; then started again
+        with pytest.raises(BackendUnavailableError) as caught:
+            open_sandbox(backend, "web")
+        assert str(caught.value) == f"microVMs cannot run on this host ({error}); {LOCAL_HINT}"
+        assert standin.status_of("web") == SandboxStatus.CRASHED
+    assert lifecycle_calls(standin) == [("create", "web"), ("start", "web")]
 
 
 def test_open_reports_any_other_sdk_error_on_one_line(
         backend: MicrosandboxBackend, standin: StandInSDK) -> None:
-    standin.get_error = MicrosandboxError("database is locked\n  retry later")
+    standin.set_error("get", MicrosandboxError("database is locked\n  retry later"))
     with pytest.raises(SandboxError) as caught:
-        run(backend.open("api"))
+        open_sandbox(backend)
     assert str(caught.value) == "sandbox 'api': database is locked retry later"
 
 
-def test_stop_stops_a_running_sandbox_once(
+def test_open_starts_a_sandbox_that_stopped_while_it_was_connecting(
+        backend: MicrosandboxBackend, standin: StandInSDK,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    get = standin.Sandbox.get
+    stopped: list[str] = []
+
+    async def get_then_stop(name: str) -> SandboxHandle:
+        handle = await get(name)
+        if not stopped:
+            stopped.append(name)
+            standin.set_status(name, SandboxStatus.STOPPED)  # by some other tool
+        return handle
+
+    monkeypatch.setattr(standin.Sandbox, "get", get_then_stop)
+    sandbox = open_sandbox(backend)
+    assert sandbox.started is True
+    assert lifecycle_calls(standin) == [("start", "api")]
+
+
+def test_open_uses_a_sandbox_another_tool_created_while_it_was_creating_it(
+        backend: MicrosandboxBackend, standin: StandInSDK, guest_root: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    create = standin.Sandbox.create_with_progress
+
+    def created_elsewhere_first(name: str, **options: Any) -> PullSession:
+        standin.add_sandbox(name, guest_root)
+        return create(name, **options)
+
+    monkeypatch.setattr(standin.Sandbox, "create_with_progress", created_elsewhere_first)
+    sandbox = open_sandbox(backend, "web")
+    assert sandbox.started is False
+    assert standin.status_of("web") == SandboxStatus.RUNNING
+
+
+def test_open_gives_up_on_a_sandbox_that_keeps_changing_under_it(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    standin.set_error("connect", SandboxNotRunningError(
+        "sandbox 'api' is not running (status: Stopped)"))
+    with pytest.raises(SandboxError) as caught:
+        open_sandbox(backend)
+    assert str(caught.value) == (
+        "sandbox 'api' kept changing state while msb-proxy brought it up (is another tool "
+        "starting and stopping it?); try again")
+
+
+def test_open_says_when_it_waits_for_another_msb_proxy(
+        backend: MicrosandboxBackend, home: StateDir) -> None:
+    holder = os.open(home.lock_file("api"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    shown = Shown()
+
+    async def scenario() -> MicrosandboxSandbox:
+        asyncio.get_running_loop().call_later(0.8, os.close, holder)
+        return await backend.open("api", TEMPLATE, shown.progress)
+
+    assert run(scenario()).started is False
+    assert shown.lines() == [
+        "msb-proxy: waiting for another msb-proxy to bring up sandbox 'api' ...",
+        "msb-proxy: sandbox 'api' ready in N s"]
+
+
+def test_open_gives_up_on_a_lock_held_too_long(
+        standin: StandInSDK, guest_root: Path, home: StateDir) -> None:
+    standin.add_sandbox("api", guest_root)
+    backend = MicrosandboxBackend(home, sdk=standin, lock_wait_s=0.2)
+    holder = os.open(home.lock_file("api"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(SandboxError) as caught:
+            open_sandbox(backend)
+    finally:
+        os.close(holder)
+    assert str(caught.value) == (
+        "sandbox 'api' is still being created, started or stopped by another msb-proxy after "
+        "0.2 s; try again later, or see 'msb logs api'")
+
+
+# ---- open: many processes at once
+
+_CONNECT = """
+import asyncio, json, os, sys, time
+from pathlib import Path
+from microsandbox_standin import StandInSDK
+from msb_proxy.backends.microsandbox import MicrosandboxBackend
+from msb_proxy.config import SandboxTemplate
+from msb_proxy.progress import Progress
+from msb_proxy.state import StateDir
+
+runtime, home, barrier = map(Path, sys.argv[1:4])
+backend = MicrosandboxBackend(StateDir(home), sdk=StandInSDK(runtime))
+(barrier / str(os.getpid())).touch()
+while not (barrier / "go").exists():
+    time.sleep(0.001)
+
+async def connect():
+    sandbox = await backend.open("race", SandboxTemplate(image=sys.argv[4]), Progress(quiet=True))
+    user = await sandbox.lookup_user("alice")
+    return {"started": sandbox.started, "run_id": sandbox.run_id, "uid": user.uid}
+
+print(json.dumps(asyncio.run(connect())))
+"""
+
+
+@pytest.mark.parametrize("status", [None, SandboxStatus.STOPPED])
+def test_sixteen_processes_at_once_create_or_start_a_sandbox_exactly_once(
+        standin: StandInSDK, guest_root: Path, tmp_path: Path,
+        status: SandboxStatus | None) -> None:
+    standin.add_image(IMAGE, guest_root)
+    if status is not None:
+        standin.add_sandbox("race", guest_root, status)
+    # Long enough that all the others arrive while the first is still at it.
+    standin.set_delay("create", 0.5)
+    standin.set_delay("start", 0.5)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), str(Path(__file__).parents[1])])}
+    processes = [
+        subprocess.Popen([sys.executable, "-c", _CONNECT, str(tmp_path / "runtime"),
+                          str(tmp_path / "home"), str(barrier), IMAGE],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        for _ in range(16)]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(barrier.iterdir())) < 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (barrier / "go").touch()
+        outcomes = [process.communicate(timeout=60) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert [(process.returncode, stderr) for process, (_, stderr) in
+            zip(processes, outcomes, strict=True)] == [(0, "")] * 16
+    results = [json.loads(stdout) for stdout, _ in outcomes]
+    assert sorted(result["started"] for result in results) == [False] * 15 + [True]
+    assert len({result["run_id"] for result in results}) == 1
+    assert {result["uid"] for result in results} == {1000}
+    expected = "create" if status is None else "start"
+    assert lifecycle_calls(standin) == [(expected, "race")]
+    assert standin.status_of("race") == SandboxStatus.RUNNING
+
+
+# ---- run ids, state, list, stop, remove
+
+
+def test_run_id_is_kept_while_running_and_changes_with_every_start(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    first = open_sandbox(backend)
+    assert first.run_id
+    assert open_sandbox(backend).run_id == first.run_id
+    assert run(backend.current_run("api")) == first.run_id
+    assert run(backend.stop("api")) is True
+    assert run(backend.current_run("api")) is None
+    second = open_sandbox(backend)
+    assert (second.started, second.run_id != first.run_id) == (True, True)
+    assert run(backend.current_run("api")) == second.run_id
+    assert run(backend.remove("api")) is True
+    assert run(backend.current_run("api")) is None
+    third = open_sandbox(backend)  # made again under the same name
+    assert third.started is True
+    assert third.run_id not in (first.run_id, second.run_id)
+
+
+@pytest.mark.parametrize("status", list(SandboxStatus))
+def test_state_of_spells_every_status(backend: MicrosandboxBackend, standin: StandInSDK,
+                                      status: SandboxStatus) -> None:
+    standin.set_status("api", status)
+    assert run(backend.state_of("api")) == status.value
+    assert run(backend.state_of("nope")) is None
+
+
+def test_list_gives_every_sandbox_across_pages(
+        backend: MicrosandboxBackend, standin: StandInSDK, guest_root: Path) -> None:
+    standin.add_sandbox("db", guest_root, SandboxStatus.STOPPED)
+    standin.add_sandbox("cache", guest_root, SandboxStatus.PAUSED)
+    standin.add_sandbox("web", guest_root, SandboxStatus.CRASHED)
+    standin.set_page_size(2)
+    assert run(backend.list()) == [
+        SandboxInfo(name="api", state="running", backend="microsandbox"),
+        SandboxInfo(name="cache", state="paused", backend="microsandbox"),
+        SandboxInfo(name="db", state="stopped", backend="microsandbox"),
+        SandboxInfo(name="web", state="crashed", backend="microsandbox"),
+    ]
+
+
+def test_stop_stops_a_running_sandbox_once_and_names_a_missing_one(
         backend: MicrosandboxBackend, standin: StandInSDK) -> None:
     assert run(backend.stop("api")) is True
-    assert standin.sandboxes["api"].status == SandboxStatus.STOPPED
+    assert standin.status_of("api") == SandboxStatus.STOPPED
     assert run(backend.stop("api")) is False
-    assert run(backend.stop("nope")) is False
+    with pytest.raises(SandboxNotFoundError) as caught:
+        run(backend.stop("nope"))
+    assert str(caught.value) == "there is no sandbox 'nope'"
+    assert lifecycle_calls(standin) == [("stop", "api")]
+
+
+def test_stop_stops_a_paused_sandbox(backend: MicrosandboxBackend,
+                                     standin: StandInSDK) -> None:
+    standin.set_status("api", SandboxStatus.PAUSED)
+    assert run(backend.stop("api")) is True
+    assert standin.status_of("api") == SandboxStatus.STOPPED
 
 
 def test_remove_stops_and_deletes_a_sandbox(
         backend: MicrosandboxBackend, standin: StandInSDK) -> None:
     assert run(backend.remove("api")) is True
-    assert "api" not in standin.sandboxes
+    assert standin.status_of("api") is None
     assert run(backend.remove("api")) is False
+    assert lifecycle_calls(standin) == [("stop", "api"), ("remove", "api")]
 
 
 # ---- users
@@ -242,7 +738,7 @@ def test_remove_stops_and_deletes_a_sandbox(
 def test_lookup_user_reads_the_guests_passwd_and_group(
         backend: MicrosandboxBackend, guest_root: Path) -> None:
     async def scenario() -> tuple[GuestUser, GuestUser]:
-        sandbox = await backend.open("api")
+        sandbox = await backend.open("api", TEMPLATE, Progress(quiet=True))
         first = await sandbox.lookup_user("alice")
         (guest_root / "etc" / "passwd").unlink()
         return first, await sandbox.lookup_user("alice")
@@ -256,7 +752,7 @@ def test_lookup_user_reads_the_guests_passwd_and_group(
 def test_lookup_user_rejects_a_user_the_guest_does_not_have(
         backend: MicrosandboxBackend) -> None:
     async def scenario() -> None:
-        sandbox = await backend.open("api")
+        sandbox = await backend.open("api", TEMPLATE, Progress(quiet=True))
         await sandbox.lookup_user("mallory")
 
     with pytest.raises(UnknownUserError) as caught:

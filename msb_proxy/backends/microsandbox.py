@@ -2,14 +2,49 @@
 
 This module owns the translation between the seam in ``base`` and the SDK (``microsandbox`` 0.7),
 which is imported on first use rather than with this module (it costs ~0.3 s of every ``ssh``).
-A sandbox is found by name and must already be running: ``open`` never creates, starts or
-resumes one, and its error says how to. Nothing falls back to another backend: where the host
-cannot run microVMs the error says so and names the local backend.
+Nothing falls back to another backend: where the host cannot run microVMs the error says so and
+names the local backend.
+
+Lifecycle on connect (``open``), decided under the sandbox's exclusive lock
+(``MSB_PROXY_HOME/locks/<slug>.lock``, the local backend's too), held only while deciding,
+creating, starting or resuming, so that any number of msb-proxy processes connecting at once
+create or start a sandbox once:
+
+* ``Sandbox.get(name)``, then by ``SandboxHandle.status``: RUNNING -> ``handle.connect()``;
+  STOPPED, CRASHED or CREATED -> ``handle.start(detached=True)``; PAUSED -> ``handle.resume()``
+  and ``connect()``; STARTING or DRAINING (some other tool is at it) -> ``handle.refresh()``
+  every 0.1 s, at most ``wait_s``, then as above.
+* Missing (``SandboxNotFoundError``), and the template allows it ->
+  ``Sandbox.create_with_progress(name, image=Image.oci(ref) or Image.bind(dir), cpus=,
+  memory=, env=, workdir=, volumes={guest: MountConfig(kind=BIND, bind=host, readonly=)},
+  network=, detached=True)``; its ``PullEvent`` s become "pulling image REF: N%" (bytes over the
+  total when the registry gives sizes, else layers over the layer count) and
+  ``await session.result()`` is the sandbox. ``network`` ``none`` is ``Network.none()``;
+  ``public``, ``private`` and ``host`` are ``Network.from_profiles(NetworkProfile.X)``; unset,
+  the SDK's default.
+* ``detached=True`` because the sandbox must outlive the msb-proxy process that brought it up
+  (the SDK stops an attached sandbox when its creator exits): other connections use it, and
+  ``stop_after_idle`` decides when it stops.
+* A connection that finds the lock taken waits for it, at most ``lock_wait_s`` (15 minutes: the
+  holder may be pulling a large image), and says so after half a second.
+* A sandbox that changes under us between two calls (stopped, removed, replaced or created by
+  another tool) is decided on again, at most three times.
+* ``run_id`` is ``"<handle.id>@<handle.updated_at>"`` of the running sandbox. The SDK names no
+  run or boot (its database's run table is not in the Python API); ``id`` is the database row,
+  new when a sandbox is removed and made again under the same name, and ``updated_at`` is
+  rewritten on every status change (start, stop, crash, pause, resume) and by ``modify``, and,
+  as the SDK's source reads, by nothing else while the sandbox runs. So it is the same for the
+  whole of a run and new after every start; a pause and resume or a ``modify`` in between also
+  makes it new, which only ever keeps ``stop_after_idle`` from stopping a sandbox (the safe
+  side).
 
 SDK calls made, and what for:
 
-* ``Sandbox.get(name)`` -> ``SandboxHandle``: ``.status``, ``.connect()`` (open), ``.stop()``
-  (stop, remove); ``Sandbox.remove(name)`` (remove).
+* ``Sandbox.get(name)`` -> ``SandboxHandle``: ``.status``, ``.id``, ``.updated_at``,
+  ``.refresh()``, ``.connect()``, ``.start(detached=True)``, ``.resume()`` (open),
+  ``.stop()`` (stop, remove); ``Sandbox.create_with_progress`` -> ``PullSession``:
+  ``.progress``, ``.result()`` (open); ``Sandbox.list()`` and ``Sandbox.list_with(cursor=)``
+  (list); ``Sandbox.remove(name)`` (remove).
 * ``sandbox.fs.read`` of ``/etc/passwd`` and ``/etc/group`` (users), ``sandbox.fs.exists`` (cwd).
 * ``sandbox.exec_stream(cmd, args, cwd=, user=, env=, stdin=Stdin.pipe(), tty=)`` ->
   ``ExecHandle``, one per SSH process: ``recv()`` pulled by one task, ``take_stdin()`` ->
@@ -40,6 +75,12 @@ How an SSH process maps onto ``exec_stream``:
 
 Known gaps versus the local backend:
 
+* A template's options take effect when the sandbox is created: changing them later does not
+  change a sandbox that exists (the SDK's ``SandboxHandle.modify`` could; it is not used),
+  where the local backend applies ``volumes`` at every start. There is no default image: a
+  template without ``image`` cannot create a sandbox.
+* Unpacking the image after its download and booting the VM show as one step, without a
+  fraction.
 * A death by signal nobody sent through SSH is exit status 255, not ``exit-signal``; the
   core-dumped flag is never set.
 * Output flow control stops at the SDK: while paused we stop calling ``recv()`` and hold at most
@@ -67,19 +108,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
+import os
 import shlex
 import signal
+import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     BackendUnavailableError,
+    ConfigError,
     SandboxError,
-    SandboxNotRunningError,
+    SandboxNotFoundError,
     UnknownUserError,
     UserError,
 )
@@ -93,10 +139,14 @@ from .base import (
     ProcessSpec,
     PtySpec,
     Sandbox,
+    SandboxInfo,
 )
 
 if TYPE_CHECKING:
     import microsandbox
+
+    from ..config import SandboxTemplate
+    from ..progress import Progress
 
 __all__ = ["MicrosandboxBackend", "MicrosandboxProcess", "MicrosandboxSandbox"]
 
@@ -108,8 +158,16 @@ STDIN_WRITE_MAX = 64 * 1024  # bytes per ExecSink.write, which is one agent mess
 FAILED_EXIT_CODE = 127
 UNKNOWN_SIGNAL_EXIT_CODE = 255  # what OpenSSH's client exits with after an exit-signal
 LOCAL_BACKEND_HINT = "use the local backend instead: --backend local or MSB_PROXY_BACKEND=local"
+WAIT_S = 60.0  # for a sandbox some other tool is starting or stopping
+LOCK_WAIT_S = 900.0  # for another msb-proxy creating the sandbox: a big image takes a while
+WAIT_NOTICE_S = 0.5  # a lock held this long is worth telling the user about
+LOCK_POLL_S = 0.01
+STATUS_POLL_S = 0.1
+DECIDE_ATTEMPTS = 3
 # Statuses in which a sandbox has a VM to stop.
 _LIVE_STATUSES = frozenset({"running", "starting", "paused", "draining"})
+# Statuses that end by themselves, and what the sandbox is doing meanwhile.
+_SETTLING_STATUSES = {"starting": "starting", "draining": "stopping"}
 # Messages by which the runtime says it cannot boot a VM on this host.
 _CANNOT_BOOT = ("/dev/kvm", "KVM_EXIT_INTERNAL_ERROR", "before agent relay became available",
                 "virtualization is not available")
@@ -186,30 +244,43 @@ def _load_sdk() -> ModuleType:
     return microsandbox
 
 
-def _not_running_message(name: str, status: str) -> str:
+def _seconds(value: float) -> str:
+    return f"{value:g} s"
+
+
+def _stuck_message(name: str, status: str, waited: float) -> str:
     command = shlex.quote(name)
-    start = f"start it with 'msb start {command}'"
-    next_step = {
-        "paused": f"resume it with 'msb resume {command}'",
-        "starting": "wait for it to finish starting and try again",
-        "draining": f"wait for it to stop, then {start}",
-    }.get(status, start)
-    return (f"sandbox {name!r} is not running (status: {status}); {next_step}, "
-            "or use --backend local")
+    force = f"stop it with 'msb stop --force {command}' and connect again"
+    if status == "starting":
+        return (f"sandbox {name!r} is still starting after {_seconds(waited)}; see "
+                f"'msb logs {command}', or {force}")
+    return f"sandbox {name!r} is still stopping after {_seconds(waited)}; {force}"
+
+
+def _run_id(handle: microsandbox.SandboxHandle) -> str | None:
+    """The id of the run of a running sandbox (see the module docstring), else None."""
+    if str(handle.status.value) != "running":
+        return None
+    return f"{handle.id}@{handle.updated_at!r}"
 
 
 class MicrosandboxBackend(Backend):
-    """Sandboxes run by the microsandbox SDK; a sandbox must be running to be opened.
+    """Sandboxes run by the microsandbox SDK, started, resumed or created on connect.
 
     ``sdk`` is the ``microsandbox`` module, or a stand-in with the same surface; by default the
-    real one, imported on first use.
+    real one, imported on first use. ``wait_s`` bounds the wait for a sandbox some other tool
+    is starting or stopping; ``lock_wait_s`` the wait for another msb-proxy that is creating,
+    starting or stopping it.
     """
 
     name = "microsandbox"
 
-    def __init__(self, state: StateDir, sdk: ModuleType | None = None) -> None:
+    def __init__(self, state: StateDir, sdk: ModuleType | None = None, *,
+                 wait_s: float = WAIT_S, lock_wait_s: float = LOCK_WAIT_S) -> None:
         self.state = state
         self._sdk = sdk
+        self._wait_s = wait_s
+        self._lock_wait_s = lock_wait_s
 
     @property
     def sdk(self) -> ModuleType:
@@ -217,71 +288,307 @@ class MicrosandboxBackend(Backend):
             self._sdk = _load_sdk()
         return self._sdk
 
-    async def open(self, name: str) -> MicrosandboxSandbox:
-        """Connect to the running sandbox ``name``; one that is not running is not started."""
+    @property
+    def _api(self) -> type[microsandbox.Sandbox]:
+        """``microsandbox.Sandbox``, typed as the SDK's stubs say, so its calls are checked."""
+        api: type[microsandbox.Sandbox] = self.sdk.Sandbox
+        return api
+
+    async def open(self, name: str, template: SandboxTemplate,
+                   progress: Progress) -> MicrosandboxSandbox:
+        """Return the running sandbox ``name``, starting, resuming or creating it as needed.
+
+        See the module docstring for each status and the SDK calls it takes.
+        """
+        sdk = self.sdk
+
+        def waiting() -> None:
+            progress.step(f"waiting for another msb-proxy to bring up sandbox {name!r} ...")
+
+        async with _locked(self.state.lock_file(name), name, self._lock_wait_s, waiting):
+            try:
+                sandbox, started = await self._bring_up(name, template, progress)
+                run_id = _run_id(await self._api.get(name))
+            except sdk.MicrosandboxError as exc:
+                raise self._error(exc, name, template.image) from None
+        # Shown only after a step was: a sandbox that was simply running says nothing.
+        progress.done(f"sandbox {name!r} ready")
+        return MicrosandboxSandbox(name, sandbox, sdk, run_id=run_id or "", started=started)
+
+    async def _bring_up(self, name: str, template: SandboxTemplate,
+                        progress: Progress) -> tuple[microsandbox.Sandbox, bool]:
+        """The sandbox connected to, and whether this call started (or created) it."""
+        sdk = self.sdk
+        for _ in range(DECIDE_ATTEMPTS):
+            try:
+                handle = await self._api.get(name)
+            except sdk.SandboxNotFoundError:
+                if not template.create:
+                    raise SandboxNotFoundError(
+                        f"there is no sandbox {name!r} and its template does not allow "
+                        f"creating it; set create = true for it in {self.state.config_file}"
+                    ) from None
+                try:
+                    return await self._create(name, template, progress), True
+                except sdk.SandboxAlreadyExistsError:
+                    continue  # another tool made it meanwhile: use that one
+            try:
+                handle = await self._settled(name, handle, progress)
+                status = str(handle.status.value)
+                if status == "running":
+                    return await handle.connect(), False
+                if status == "paused":
+                    progress.step(f"resuming sandbox {name!r} ...")
+                    await handle.resume()
+                    return await handle.connect(), True
+                progress.step(f"starting sandbox {name!r} ...")
+                return await handle.start(detached=True), True
+            except (sdk.SandboxNotFoundError, sdk.SandboxNotRunningError,
+                    sdk.SandboxReplacedError):
+                continue  # stopped, removed or replaced by another tool since we looked
+        raise SandboxError(f"sandbox {name!r} kept changing state while msb-proxy brought it "
+                           "up (is another tool starting and stopping it?); try again")
+
+    async def _settled(self, name: str, handle: microsandbox.SandboxHandle,
+                       progress: Progress) -> microsandbox.SandboxHandle:
+        """``handle`` once its sandbox has finished starting or stopping, within ``wait_s``."""
+        status = str(handle.status.value)
+        if status not in _SETTLING_STATUSES:
+            return handle
+        progress.step(f"waiting for sandbox {name!r} to finish {_SETTLING_STATUSES[status]} ...")
+        deadline = time.monotonic() + self._wait_s
+        while (status := str(handle.status.value)) in _SETTLING_STATUSES:
+            if time.monotonic() >= deadline:
+                raise SandboxError(_stuck_message(name, status, self._wait_s))
+            await asyncio.sleep(STATUS_POLL_S)
+            handle = await handle.refresh()
+        return handle
+
+    async def _create(self, name: str, template: SandboxTemplate,
+                      progress: Progress) -> microsandbox.Sandbox:
+        """Create and boot sandbox ``name`` from ``template``, showing the image pull."""
+        sdk = self.sdk
+        reference = template.image
+        if reference is None:
+            raise ConfigError(
+                f"there is no sandbox {name!r} and its template names no image to create it "
+                f"from; set image (an OCI image such as \"debian:bookworm\", or a root file "
+                f"system directory) for it in {self.state.config_file}")
+        images: type[microsandbox.Image] = sdk.Image
+        image = images.bind(reference) if reference.startswith("/") else images.oci(reference)
+        volumes = self._volumes(name, template.volumes)
+        progress.step(f"creating sandbox {name!r} from {reference} ...")
+        session = self._api.create_with_progress(
+            name, image=image, cpus=template.cpus, memory=template.memory_mib,
+            env=dict(template.env) or None, workdir=template.workdir, volumes=volumes or None,
+            network=self._network(template.network), detached=True)
+        meter = _PullMeter(f"pulling image {reference}", progress, sdk)
+        async with session:
+            async for event in session.progress:
+                meter.update(event)
+            if meter.shown:
+                progress.step(f"starting sandbox {name!r} ...")
+            sandbox: microsandbox.Sandbox = await session.result()
+        return sandbox
+
+    def _volumes(self, name: str, volumes: Sequence[str]) -> dict[str, microsandbox.MountConfig]:
+        """The template's ``/host:/guest[:ro]`` volumes as the SDK's bind mounts, by guest path."""
+        sdk = self.sdk
+        mount_config: type[microsandbox.MountConfig] = sdk.MountConfig
+        bind: microsandbox.MountKind = sdk.MountKind.BIND
+        mounts = {}
+        for volume in volumes:
+            host, guest, *mode = volume.split(":")
+            if not os.path.exists(host):
+                raise ConfigError(f"sandbox {name!r}: volume {volume!r}: {host} does not exist")
+            mounts[guest] = mount_config(kind=bind, bind=host, readonly=mode == ["ro"])
+        return mounts
+
+    def _network(self, network: str | None) -> microsandbox.Network | None:
+        """The template's ``network`` as the SDK's policy; None leaves the SDK's default."""
+        if network is None:
+            return None
+        networks: type[microsandbox.Network] = self.sdk.Network
+        if network == "none":
+            return networks.none()
+        profiles: type[microsandbox.NetworkProfile] = self.sdk.NetworkProfile
+        return networks.from_profiles(profiles(network))
+
+    async def state_of(self, name: str) -> str | None:
+        handle = await self._find(name)
+        return None if handle is None else str(handle.status.value)
+
+    async def current_run(self, name: str) -> str | None:
+        handle = await self._find(name)
+        return None if handle is None else _run_id(handle)
+
+    async def _find(self, name: str) -> microsandbox.SandboxHandle | None:
         sdk = self.sdk
         try:
-            handle: microsandbox.SandboxHandle = await sdk.Sandbox.get(name)
-            status = handle.status
-            if status != sdk.SandboxStatus.RUNNING:
-                raise SandboxNotRunningError(_not_running_message(name, str(status.value)))
-            sandbox: microsandbox.Sandbox = await handle.connect()
-        except sdk.SandboxNotRunningError as exc:  # it stopped between get and connect
-            raise SandboxNotRunningError(
-                f"{_one_line(exc)}; start it with 'msb start {shlex.quote(name)}', "
-                "or use --backend local"
-            ) from None
+            return await self._api.get(name)
+        except sdk.SandboxNotFoundError:
+            return None
         except sdk.MicrosandboxError as exc:
             raise self._error(exc, name) from None
-        return MicrosandboxSandbox(name, sandbox, sdk)
 
     async def stop(self, name: str) -> bool:
         sdk = self.sdk
-        try:
-            handle: microsandbox.SandboxHandle = await sdk.Sandbox.get(name)
-            if handle.status.value not in _LIVE_STATUSES:
+        async with _locked(self.state.lock_file(name), name, self._lock_wait_s):
+            try:
+                handle = await self._api.get(name)
+                if handle.status.value not in _LIVE_STATUSES:
+                    return False
+                await handle.stop()
+            except sdk.SandboxNotFoundError:
+                raise SandboxNotFoundError(f"there is no sandbox {name!r}") from None
+            except sdk.SandboxNotRunningError:
                 return False
-            await handle.stop()
-        except (sdk.SandboxNotFoundError, sdk.SandboxNotRunningError):
-            return False
-        except sdk.MicrosandboxError as exc:
-            raise self._error(exc, name) from None
+            except sdk.MicrosandboxError as exc:
+                raise self._error(exc, name) from None
         return True
 
     async def remove(self, name: str) -> bool:
         sdk = self.sdk
-        try:
-            handle: microsandbox.SandboxHandle = await sdk.Sandbox.get(name)
-            if handle.status.value in _LIVE_STATUSES:
-                with contextlib.suppress(sdk.SandboxNotRunningError):
-                    await handle.stop()
-            await sdk.Sandbox.remove(name)
-        except sdk.SandboxNotFoundError:
-            return False
-        except sdk.MicrosandboxError as exc:
-            raise self._error(exc, name) from None
+        async with _locked(self.state.lock_file(name), name, self._lock_wait_s):
+            try:
+                handle = await self._api.get(name)
+                if handle.status.value in _LIVE_STATUSES:
+                    with contextlib.suppress(sdk.SandboxNotRunningError):
+                        await handle.stop()
+                await self._api.remove(name)
+            except sdk.SandboxNotFoundError:
+                return False
+            except sdk.MicrosandboxError as exc:
+                raise self._error(exc, name) from None
         return True
 
-    def _error(self, exc: BaseException, name: str) -> UserError:
+    def _error(self, exc: BaseException, name: str | None,
+               image: str | None = None) -> UserError:
         """The one-line error a user sees for the SDK's ``exc`` about sandbox ``name``."""
         sdk = self.sdk
         text = _one_line(exc)
+        subject = "microsandbox" if name is None else f"sandbox {name!r}"
         if (isinstance(exc, (sdk.RuntimeNotInstalledError, sdk.RuntimeIncompleteError))
                 or any(marker in text for marker in _CANNOT_BOOT)):
             return BackendUnavailableError(
                 f"microVMs cannot run on this host ({text}); {LOCAL_BACKEND_HINT}")
-        if isinstance(exc, sdk.SandboxNotFoundError):
+        if image is not None and isinstance(exc, (sdk.ImagePullFailedError,
+                                                  sdk.ImageNotFoundError)):
             return SandboxError(
-                f"sandbox {name!r} does not exist; create it with "
-                f"'msb create --name {shlex.quote(name)} IMAGE', or use --backend local")
-        return SandboxError(f"sandbox {name!r}: {text}")
+                f"cannot pull image {image!r} for sandbox {name!r} ({text}); check the image "
+                f"name and the network, or set another image in {self.state.config_file}")
+        if isinstance(exc, sdk.InvalidConfigError):
+            return ConfigError(f"{subject}: the microsandbox SDK refuses its template ({text}); "
+                               f"fix it in {self.state.config_file}")
+        return SandboxError(f"{subject}: {text}")
+
+    async def list(self) -> list[SandboxInfo]:
+        sdk = self.sdk
+        try:
+            page = await self._api.list()
+            handles = list(page.sandboxes)
+            while page.next_cursor:
+                page = await self._api.list_with(cursor=page.next_cursor)
+                handles.extend(page.sandboxes)
+        except sdk.MicrosandboxError as exc:
+            raise self._error(exc, None) from None
+        return [SandboxInfo(name=handle.name, state=str(handle.status.value), backend=self.name)
+                for handle in handles]
+
+
+class _PullMeter:
+    """Shows an image pull's ``PullEvent`` s as ``Progress.fraction`` of ``label``.
+
+    The fraction is the bytes downloaded over the total when the registry gave sizes, else the
+    layers downloaded over the layer count. An image already in the cache, which downloads
+    nothing, shows nothing.
+    """
+
+    def __init__(self, label: str, progress: Progress, sdk: ModuleType) -> None:
+        self._label = label
+        self._progress = progress
+        self._kinds: type[microsandbox.PullEventType] = sdk.PullEventType
+        self._layer_count = 0
+        self._total: int | None = None
+        self._downloaded: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+        self._complete: set[int] = set()
+        self.shown = False
+
+    def update(self, event: microsandbox.PullEvent) -> None:
+        kinds = self._kinds
+        kind = event.event_type
+        if kind == kinds.RESOLVED:
+            self._layer_count = event.layer_count or 0
+            self._total = event.total_download_bytes or None
+        elif (kind in (kinds.LAYER_DOWNLOAD_PROGRESS, kinds.LAYER_DOWNLOAD_COMPLETE)
+              and event.layer_index is not None):
+            index = event.layer_index
+            if event.downloaded_bytes is not None:
+                self._downloaded[index] = event.downloaded_bytes
+            if event.total_bytes:
+                self._sizes[index] = event.total_bytes
+            if kind == kinds.LAYER_DOWNLOAD_COMPLETE:
+                self._complete.add(index)
+            self._show(self._fraction())
+        elif kind == kinds.COMPLETE and self.shown:
+            self._show(1.0)
+
+    def _fraction(self) -> float:
+        total = self._total
+        if total is None and self._layer_count and len(self._sizes) == self._layer_count:
+            total = sum(self._sizes.values())
+        if total:
+            return sum(self._downloaded.values()) / total
+        if self._layer_count:
+            return len(self._complete) / self._layer_count
+        return 0.0
+
+    def _show(self, done: float) -> None:
+        self.shown = True
+        self._progress.fraction(self._label, done)
+
+
+@contextlib.asynccontextmanager
+async def _locked(path: Path, name: str, wait_s: float,
+                  on_wait: Callable[[], None] | None = None) -> AsyncIterator[None]:
+    """Hold the exclusive ``flock`` of sandbox ``name`` without blocking the event loop.
+
+    Another process holds it only while it decides on, creates, starts or stops the sandbox.
+    ``on_wait`` is called once if that takes more than ``WAIT_NOTICE_S``; more than ``wait_s``
+    and something is stuck, and we say so.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    began = time.monotonic()
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - began
+                if waited > wait_s:
+                    raise SandboxError(
+                        f"sandbox {name!r} is still being created, started or stopped by "
+                        f"another msb-proxy after {_seconds(wait_s)}; try again later, or see "
+                        f"'msb logs {shlex.quote(name)}'") from None
+                if on_wait is not None and waited >= WAIT_NOTICE_S:
+                    on_wait()
+                    on_wait = None
+                await asyncio.sleep(LOCK_POLL_S)
+        yield
+    finally:
+        os.close(fd)
 
 
 class MicrosandboxSandbox(Sandbox):
     """One connection's view of a running sandbox: the SDK's ``Sandbox`` from ``connect()``."""
 
-    def __init__(self, name: str, sandbox: microsandbox.Sandbox, sdk: ModuleType) -> None:
+    def __init__(self, name: str, sandbox: microsandbox.Sandbox, sdk: ModuleType,
+                 run_id: str = "", started: bool = False) -> None:
         self.name = name
+        self.run_id = run_id
+        self.started = started
         self._sandbox = sandbox
         self._sdk = sdk
         self._users: dict[str, GuestUser] = {}
