@@ -28,6 +28,7 @@ from . import __version__
 from .backends.base import Backend, GuestUser, Sandbox
 from .config import SandboxTemplate
 from .errors import UnknownUserError, UserError
+from .forward import Tunnels
 from .keys import AuthorizedKeys, load_or_create_host_key
 from .progress import Progress
 from .session import Activity, GuestSession, Login
@@ -200,6 +201,7 @@ class _Gatekeeper(asyncssh.SSHServer):
         self.failure: UserError | None = None
         self._login: Login | None = None
         self.activity = Activity()
+        self.tunnels: Tunnels | None = None
 
     def _fail(self, error: UserError) -> None:
         if self.failure is None:
@@ -209,6 +211,8 @@ class _Gatekeeper(asyncssh.SSHServer):
 
     async def release(self) -> Sandbox | None:
         """Let go of the sandbox at the end of the connection; return it if it was opened."""
+        if self.tunnels is not None:
+            self.tunnels.close()
         task = self.sandbox_task
         if task is None:
             return None
@@ -268,9 +272,15 @@ class _Gatekeeper(asyncssh.SSHServer):
                 self._conn.disconnect(asyncssh.DISC_SERVICE_NOT_AVAILABLE, f"msb-proxy: {exc}")
             return True
         template = options.template
+        assert self._conn is not None
+        self.tunnels = Tunnels(sandbox, user, self._conn, opened=self.activity.opened,
+                               closed=self.activity.closed)
+        # asyncssh would make the agent socket on this host; ours lives in the guest.
+        self._conn.create_agent_listener = self.tunnels.start_agent  # type: ignore[method-assign]
         self._login = Login(sandbox=sandbox, user=user,
                             accept_env=options.accept_env + template.accept_env,
-                            sftp=options.sftp, env=dict(template.env), activity=self.activity)
+                            sftp=options.sftp, env=dict(template.env), activity=self.activity,
+                            tunnels=self.tunnels)
         return True
 
     async def _lookup_user(self, sandbox: Sandbox, name: str) -> GuestUser:
@@ -303,3 +313,21 @@ class _Gatekeeper(asyncssh.SSHServer):
         if self._login is None:
             return False
         return GuestSession(self._login)
+
+    # ---- forwarding: ssh -L / -D, -R, and their unix socket forms
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> Any:
+        """``direct-tcpip``: a connection from inside the guest (asyncssh awaits it)."""
+        return self.tunnels.connect(dest_host, dest_port) if self.tunnels else False
+
+    def unix_connection_requested(self, dest_path: str) -> Any:
+        """``direct-streamlocal@openssh.com``: a guest unix socket."""
+        return self.tunnels.connect(None, 0, path=dest_path) if self.tunnels else False
+
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        """``tcpip-forward``: a listener in the guest (port 0: the guest picks one)."""
+        return self.tunnels.listen(listen_host, listen_port) if self.tunnels else False
+
+    def unix_server_requested(self, listen_path: str) -> Any:
+        """``streamlocal-forward@openssh.com``: a unix socket listener in the guest."""
+        return self.tunnels.listen(None, 0, path=listen_path) if self.tunnels else False

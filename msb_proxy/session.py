@@ -27,7 +27,7 @@ import signal
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import asyncssh
 
@@ -42,6 +42,9 @@ from .backends.base import (
 )
 from .errors import UserError
 from .files import open_files
+
+if TYPE_CHECKING:
+    from .forward import Tunnels
 from .scp import NativeScp, ScpRequest, parse_scp_command
 
 __all__ = ["GuestSession", "Login"]
@@ -98,6 +101,7 @@ class Login:
     sftp: bool = True
     env: Mapping[str, str] = field(default_factory=dict)
     activity: Activity = field(default_factory=Activity)
+    tunnels: Tunnels | None = None
 
     def environment(self, client_env: Mapping[str, str], term: str | None) -> dict[str, str]:
         """The environment sshd would give a session of this user (see module docstring)."""
@@ -119,6 +123,8 @@ class Login:
                 env[name] = value
         env["SSH_CLIENT"] = SSH_CLIENT
         env["SSH_CONNECTION"] = SSH_CONNECTION
+        if self.tunnels is not None and self.tunnels.agent_path is not None:
+            env["SSH_AUTH_SOCK"] = self.tunnels.agent_path
         return env
 
     async def start_sftp(self, spec: ProcessSpec, listener: ProcessListener) -> GuestProcess:

@@ -472,7 +472,11 @@ class Init:
             if request["op"] == "helper":
                 serve = HELPERS[request["helper"]]
                 os.close(report_w)
-                serve(0, 1)
+                try:
+                    serve(0, 1)
+                except BaseException:
+                    traceback.print_exc()
+                    os._exit(1)
                 os._exit(0)
             program, argv = request["program"], request["argv"]
             if "/" in program:

@@ -23,14 +23,16 @@ Standard library only; runs on Python 3.6 and newer.
 """
 
 import contextlib
+import encodings.idna  # noqa: F401  (getaddrinfo needs it; the jail cannot import it later)
 import errno
 import os
 import selectors
+import signal
 import socket
 import stat
 import struct
 import sys
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 HEADER = struct.Struct(">IIB")
 WINDOW = 256 * 1024
@@ -55,6 +57,7 @@ class Stream:
         self.credit = WINDOW      # what we may still send to the proxy
         self.outgoing = bytearray()  # from the proxy, not yet written to the socket
         self.connecting = False
+        self.candidates: List[Tuple[int, int, int, Any]] = []  # addresses still to try
         self.eof_pending = False  # the proxy half-closed: shut down once outgoing is written
         self.read_closed = False
 
@@ -68,6 +71,7 @@ class Relay:
         self.listeners: Dict[int, Tuple[socket.socket, Optional[str]]] = {}
         self.next_accepted = ACCEPTED_IDS
         self.inbox = b""
+        self.made_dirs: Set[str] = set()
 
     # ---- to the proxy
     def send(self, ident: int, op: int, payload: bytes = b"") -> None:
@@ -153,37 +157,52 @@ class Relay:
 
     # ---- opening
     def connect(self, ident: int, op: int, payload: bytes) -> None:
-        address = None  # type: object
+        """Connect, trying each address a name resolves to in turn, as sshd does."""
         try:
+            text = payload.decode("utf-8", "surrogateescape")
+            candidates: List[Tuple[int, int, int, Any]] = []
             if op == CONNECT_TCP:
-                host, port = payload.decode("utf-8", "surrogateescape").split("\0")
-                family, kind, proto, _, address = socket.getaddrinfo(
-                    host, int(port), type=socket.SOCK_STREAM)[0]
-                sock = socket.socket(family, kind, proto)
+                host, port = text.split("\0")
+                for family, kind, proto, _, address in socket.getaddrinfo(
+                        host, int(port), type=socket.SOCK_STREAM):
+                    candidates.append((family, kind, proto, address))
             else:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                address = os.fsencode(payload.decode("utf-8", "surrogateescape"))
+                candidates.append((socket.AF_UNIX, socket.SOCK_STREAM, 0, os.fsencode(text)))
         except socket.gaierror as exc:
             self.send(ident, FAILED, "{}\0{}".format(errno.EHOSTUNREACH, exc.strerror)
                       .encode())
             return
-        except (OSError, ValueError) as exc:
-            self.fail(ident, exc if isinstance(exc, OSError) else OSError(errno.EINVAL, str(exc)))
+        except ValueError as exc:
+            self.fail(ident, OSError(errno.EINVAL, str(exc)))
             return
-        sock.setblocking(False)
-        stream = Stream(ident, sock)
-        try:
-            sock.connect(address)
-        except (BlockingIOError, InterruptedError):
-            stream.connecting = True
-        except OSError as exc:
-            sock.close()
-            self.fail(ident, exc)
+        self.try_next(ident, candidates, None)
+
+    def try_next(self, ident: int, candidates: List[Tuple[int, int, int, Any]],
+                 error: Optional[OSError]) -> None:
+        while candidates:
+            family, kind, proto, address = candidates.pop(0)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                error = exc
+                continue
+            sock.setblocking(False)
+            stream = Stream(ident, sock)
+            stream.candidates = candidates
+            try:
+                sock.connect(address)
+            except (BlockingIOError, InterruptedError):
+                stream.connecting = True
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            self.streams[ident] = stream
+            if not stream.connecting:
+                self.send(ident, OPENED)
+            self.watch(stream)
             return
-        self.streams[ident] = stream
-        if not stream.connecting:
-            self.send(ident, OPENED)
-        self.watch(stream)
+        self.fail(ident, error or OSError(errno.EHOSTUNREACH, os.strerror(errno.EHOSTUNREACH)))
 
     def listen(self, ident: int, op: int, payload: bytes) -> None:
         path = None
@@ -200,6 +219,11 @@ class Relay:
             else:
                 text, mode = payload.decode("utf-8", "surrogateescape").split("\0")
                 path = text
+                parent = os.path.dirname(path)
+                if parent and not os.path.isdir(parent):
+                    # The agent's socket gets a private directory of its own, as sshd's does.
+                    os.mkdir(parent, 0o700)
+                    self.made_dirs.add(parent)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 old = os.umask(0o777 & ~int(mode, 8))
                 try:
@@ -228,11 +252,14 @@ class Relay:
         self.selector.unregister(sock)
         sock.close()
         if path is not None:
-            try:
+            with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.lstat(path).st_mode):
                     os.unlink(path)
-            except OSError:
-                pass
+            parent = os.path.dirname(path)
+            if parent in self.made_dirs:
+                self.made_dirs.discard(parent)
+                with contextlib.suppress(OSError):
+                    os.rmdir(parent)
 
     def on_listener(self, ident: int) -> None:
         sock, _ = self.listeners[ident]
@@ -259,8 +286,7 @@ class Relay:
                 del self.streams[stream.ident]
                 self.selector.unregister(stream.sock)
                 stream.sock.close()
-                self.send(stream.ident, FAILED, "{}\0{}".format(code, os.strerror(code))
-                          .encode())
+                self.try_next(stream.ident, stream.candidates, OSError(code, os.strerror(code)))
                 return
             stream.connecting = False
             self.send(stream.ident, OPENED)
@@ -311,13 +337,23 @@ class Relay:
 
 
 def serve(read_fd: int, write_fd: int) -> None:
-    """Relay until the proxy closes our input; then every tunnel and listener goes with us."""
+    """Relay until the proxy closes our input; then every tunnel and listener goes with us.
+
+    A hang-up (the proxy's connection to us is gone) ends it the same way, removing the unix
+    sockets it made.
+    """
+    for signum in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, _leave)
     relay = Relay(read_fd, write_fd)
     try:
         relay.run()
     finally:
         for ident in list(relay.listeners):
             relay.unlisten(ident)
+
+
+def _leave(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":
