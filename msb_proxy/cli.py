@@ -131,8 +131,14 @@ def run(arguments: Sequence[str]) -> int:
     from .config import load_config
 
     try:
-        config = load_config(os.environ, backend=args.backend, debug=debug,
-                             quiet=bool(getattr(args, "quiet", False)))
+        try:
+            config = load_config(os.environ, backend=args.backend, debug=debug,
+                                 quiet=bool(getattr(args, "quiet", False)))
+        except ConfigError as exc:
+            if args.command != "doctor":
+                raise
+            args.config_error = exc  # doctor reports it as a check and looks at the rest
+            config = load_config(os.environ, backend=args.backend, debug=debug, use_file=False)
         if args.command == "stdio":
             code = _stdio(config, args.host, args.host_prefix)
         elif args.command in ("stop", "rm"):

@@ -144,10 +144,12 @@ def load_config(
     backend: str | None = None,
     debug: bool = False,
     quiet: bool = False,
+    use_file: bool = True,
 ) -> Config:
     """Merge flags (the keyword arguments), ``environ`` and the config file into a :class:`Config`.
 
     Raises :class:`ConfigError` naming the source, key and expected form of the first bad value.
+    ``use_file`` False leaves the config file out (``doctor`` looks around a broken one).
     """
     home_text = environ.get("MSB_PROXY_HOME")
     if home_text is not None and not home_text.strip():
@@ -155,7 +157,7 @@ def load_config(
     home = Path(home_text).expanduser() if home_text else default_home(environ)
     home = home.absolute()
     path = home / "config.toml"
-    document = _read(path)
+    document = _read(path) if use_file else {}
 
     defaults_table = document.pop("defaults", {})
     if not isinstance(defaults_table, dict):

@@ -1,0 +1,47 @@
+"""``msb-proxy ls [--json]``: the sandboxes, their state, backend and the alias to ssh to.
+
+Lists the local backend's sandboxes (under ``MSB_PROXY_HOME``) and microsandbox's (through its
+SDK, when it is installed), or only the backend ``--backend`` names. ``--json`` prints a list of
+objects with ``name``, ``state``, ``backend`` and ``alias``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from ..backends import open_backend
+from ..backends.base import SandboxInfo
+from ..config import BACKENDS, Config
+from ..errors import UserError
+
+__all__ = ["run"]
+
+ALIAS_PREFIX = "msb-"  # what 'msb-proxy config' uses unless told otherwise
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    names = [args.backend] if args.backend else list(BACKENDS)
+    found: list[SandboxInfo] = []
+    for name in names:
+        try:
+            found += asyncio.run(open_backend(config, name).list())
+        except UserError as exc:
+            if args.backend:  # asked for this one: its failure is the answer
+                raise
+            print(f"msb-proxy: warning: {name} sandboxes not listed: {exc}", file=sys.stderr)
+    rows = [{"name": info.name, "state": info.state, "backend": info.backend,
+             "alias": f"{ALIAS_PREFIX}{info.name}"} for info in found]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no sandboxes")
+        return 0
+    headers = {"name": "NAME", "state": "STATE", "backend": "BACKEND", "alias": "SSH"}
+    widths = {key: max(len(headers[key]), *(len(row[key]) for row in rows)) for key in headers}
+    for row in [headers, *rows]:
+        print("  ".join(row[key].ljust(widths[key]) for key in headers).rstrip())
+    return 0
