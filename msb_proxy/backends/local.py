@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +57,7 @@ from .base import (
     Sandbox,
     SandboxInfo,
 )
+from .locking import sandbox_lock
 
 if TYPE_CHECKING:
     from ..helpers import Link
@@ -92,6 +92,10 @@ class LocalBackend(Backend):
         self.state = state
         self.rootfs = rootfs
 
+    def _lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        hint = f"see {self.state.sandbox_dir(name) / 'init.log'}"
+        return sandbox_lock(self.state.lock_file(name), name, LOCK_WAIT_S, hint)
+
     def _check_host(self) -> None:
         if os.geteuid() != 0:
             raise BackendUnavailableError(
@@ -123,7 +127,7 @@ class LocalBackend(Backend):
         self._check_host()
         directory = self.state.sandbox_dir(name)
         socket_path = directory / "init.sock"
-        async with _locked(self.state.lock_file(name), name):
+        async with self._lock(name):
             protocol = await _ping(socket_path)
             started = protocol is None
             if protocol is None:
@@ -226,7 +230,7 @@ class LocalBackend(Backend):
             raise BackendUnavailableError("the local backend needs root to stop sandboxes")
         if _read_settings(directory) is None and not (directory / "init.pid").exists():
             raise SandboxNotFoundError(f"there is no sandbox {name!r}")
-        async with _locked(self.state.lock_file(name), name):
+        async with self._lock(name):
             pid = _read_pid(directory / "init.pid")
             try:
                 await _request(socket_path, {"op": "stop"})
@@ -250,7 +254,7 @@ class LocalBackend(Backend):
             return False
         with contextlib.suppress(SandboxNotFoundError):
             await self.stop(name)
-        async with _locked(self.state.lock_file(name), name):
+        async with self._lock(name):
             for mount_point in (directory / "root", directory / "lower"):
                 if mount_point.is_mount():
                     raise SandboxError(f"{mount_point} is still mounted; not deleting {name!r}")
@@ -625,32 +629,6 @@ def _read_until_eof(fd: int) -> bytes:
     while chunk := os.read(fd, 4096):
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-@contextlib.asynccontextmanager
-async def _locked(path: Path, name: str) -> AsyncIterator[None]:
-    """Hold the exclusive ``flock`` of sandbox ``name`` without blocking the event loop.
-
-    Another process holds it only while it decides on, creates, starts or stops the sandbox;
-    if that takes longer than ``LOCK_WAIT_S`` something is stuck, and we say so.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    deadline = time.monotonic() + LOCK_WAIT_S
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise SandboxError(
-                        f"sandbox {name!r} is still being started or stopped by another "
-                        f"msb-proxy after {LOCK_WAIT_S:.0f} s; try again, or see its "
-                        f"init.log") from None
-                await asyncio.sleep(0.01)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _read_pid(path: Path) -> int | None:

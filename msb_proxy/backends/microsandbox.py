@@ -108,7 +108,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import logging
 import os
@@ -116,8 +115,7 @@ import shlex
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from pathlib import Path
+from collections.abc import Callable, Coroutine, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +139,7 @@ from .base import (
     Sandbox,
     SandboxInfo,
 )
+from .locking import sandbox_lock
 
 if TYPE_CHECKING:
     import microsandbox
@@ -160,8 +159,6 @@ UNKNOWN_SIGNAL_EXIT_CODE = 255  # what OpenSSH's client exits with after an exit
 LOCAL_BACKEND_HINT = "use the local backend instead: --backend local or MSB_PROXY_BACKEND=local"
 WAIT_S = 60.0  # for a sandbox some other tool is starting or stopping
 LOCK_WAIT_S = 900.0  # for another msb-proxy creating the sandbox: a big image takes a while
-WAIT_NOTICE_S = 0.5  # a lock held this long is worth telling the user about
-LOCK_POLL_S = 0.01
 STATUS_POLL_S = 0.1
 DECIDE_ATTEMPTS = 3
 # Statuses in which a sandbox has a VM to stop.
@@ -305,7 +302,7 @@ class MicrosandboxBackend(Backend):
         def waiting() -> None:
             progress.step(f"waiting for another msb-proxy to bring up sandbox {name!r} ...")
 
-        async with _locked(self.state.lock_file(name), name, self._lock_wait_s, waiting):
+        async with self._lock(name, waiting):
             try:
                 sandbox, started = await self._bring_up(name, template, progress)
                 run_id = _run_id(await self._api.get(name))
@@ -414,6 +411,11 @@ class MicrosandboxBackend(Backend):
         profiles: type[microsandbox.NetworkProfile] = self.sdk.NetworkProfile
         return networks.from_profiles(profiles(network))
 
+    def _lock(self, name: str, on_wait: Callable[[], None] | None = None
+              ) -> contextlib.AbstractAsyncContextManager[None]:
+        return sandbox_lock(self.state.lock_file(name), name, self._lock_wait_s,
+                            f"see 'msb logs {shlex.quote(name)}'", on_wait)
+
     async def state_of(self, name: str) -> str | None:
         handle = await self._find(name)
         return None if handle is None else str(handle.status.value)
@@ -433,7 +435,7 @@ class MicrosandboxBackend(Backend):
 
     async def stop(self, name: str) -> bool:
         sdk = self.sdk
-        async with _locked(self.state.lock_file(name), name, self._lock_wait_s):
+        async with self._lock(name):
             try:
                 handle = await self._api.get(name)
                 if handle.status.value not in _LIVE_STATUSES:
@@ -449,7 +451,7 @@ class MicrosandboxBackend(Backend):
 
     async def remove(self, name: str) -> bool:
         sdk = self.sdk
-        async with _locked(self.state.lock_file(name), name, self._lock_wait_s):
+        async with self._lock(name):
             try:
                 handle = await self._api.get(name)
                 if handle.status.value in _LIVE_STATUSES:
@@ -547,38 +549,6 @@ class _PullMeter:
     def _show(self, done: float) -> None:
         self.shown = True
         self._progress.fraction(self._label, done)
-
-
-@contextlib.asynccontextmanager
-async def _locked(path: Path, name: str, wait_s: float,
-                  on_wait: Callable[[], None] | None = None) -> AsyncIterator[None]:
-    """Hold the exclusive ``flock`` of sandbox ``name`` without blocking the event loop.
-
-    Another process holds it only while it decides on, creates, starts or stops the sandbox.
-    ``on_wait`` is called once if that takes more than ``WAIT_NOTICE_S``; more than ``wait_s``
-    and something is stuck, and we say so.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    began = time.monotonic()
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - began
-                if waited > wait_s:
-                    raise SandboxError(
-                        f"sandbox {name!r} is still being created, started or stopped by "
-                        f"another msb-proxy after {_seconds(wait_s)}; try again later, or see "
-                        f"'msb logs {shlex.quote(name)}'") from None
-                if on_wait is not None and waited >= WAIT_NOTICE_S:
-                    on_wait()
-                    on_wait = None
-                await asyncio.sleep(LOCK_POLL_S)
-        yield
-    finally:
-        os.close(fd)
 
 
 class MicrosandboxSandbox(Sandbox):
