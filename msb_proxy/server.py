@@ -124,9 +124,15 @@ class SshServer:
         disconnects or fails to authenticate is a normal end.
         """
         loop = asyncio.get_running_loop()
-        gate = _Gatekeeper(self, on_error)
         options = self.options
         progress = options.progress or Progress(quiet=True)
+
+        def report(error: UserError) -> None:
+            progress.close()  # an error must not land on the end of an open progress line
+            if on_error is not None:
+                on_error(error)
+
+        gate = _Gatekeeper(self, report)
         gate.sandbox_task = loop.create_task(
             self.backend.open(self.sandbox, options.template, progress))
         try:

@@ -11,14 +11,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Env, stop_warm_servers, warm_servers, write_ssh_config
+from conftest import (
+    PROXY,
+    TEST_BACKEND,
+    Env,
+    stop_warm_servers,
+    warm_servers,
+    write_ssh_config,
+)
 
 
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
-    """A directory with a short path: unix socket paths are limited to 107 bytes."""
+    """A directory with a short path (unix socket paths are limited to 107 bytes); the
+    installations made in it have their sandboxes removed and warm servers stopped after."""
     path = Path(tempfile.mkdtemp(prefix="msbw-", dir="/tmp"))
     yield path
+    for home in path.glob("*/home"):
+        for sandbox in (home / "sandboxes").glob("*/name"):
+            subprocess.run([str(PROXY), "rm", sandbox.read_text().strip()], check=False,
+                           env=dict(os.environ, MSB_PROXY_HOME=str(home),
+                                    MSB_PROXY_BACKEND=TEST_BACKEND), capture_output=True)
+    stop_warm_servers(path)
     shutil.rmtree(path, ignore_errors=True)
 
 

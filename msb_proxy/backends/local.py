@@ -139,11 +139,19 @@ class LocalBackend(Backend):
                             f"creating it; set create = true for it in {self.state.config_file}"
                         )
                     rootfs = self._base_rootfs(name, template)
+                    _check_volumes(name, template.volumes)
                     progress.step(f"creating sandbox {name!r} from {rootfs} ...")
                     settings = self._create(name, directory, rootfs)
+                    try:
+                        await self._start(name, directory, settings, template.volumes)
+                    except BaseException:
+                        # A sandbox that never started is not left half made.
+                        shutil.rmtree(directory, ignore_errors=True)
+                        raise
                 else:
                     progress.step(f"starting sandbox {name!r} ...")
-                await self._start(name, directory, settings, template.volumes)
+                    _check_volumes(name, template.volumes)
+                    await self._start(name, directory, settings, template.volumes)
             elif protocol != PROTOCOL:
                 raise SandboxError(
                     f"sandbox {name!r} runs a jail from another msb-proxy version; restart it "
@@ -165,10 +173,6 @@ class LocalBackend(Backend):
 
     async def _start(self, name: str, directory: Path, settings: dict[str, str],
                      volumes: Sequence[str]) -> None:
-        for volume in volumes:
-            host = volume.split(":")[0]
-            if not os.path.isdir(host) and not os.path.isfile(host):
-                raise ConfigError(f"sandbox {name!r}: volume {volume!r}: {host} does not exist")
         ready_r, ready_w = os.pipe()
         with open(directory / "init.log", "ab") as log:
             jail = {"name": name, "rootfs": settings["rootfs"], "dir": str(directory),
@@ -260,6 +264,13 @@ class LocalBackend(Backend):
                     raise SandboxError(f"{mount_point} is still mounted; not deleting {name!r}")
             shutil.rmtree(directory)
         return True
+
+
+def _check_volumes(name: str, volumes: Sequence[str]) -> None:
+    for volume in volumes:
+        host = volume.split(":")[0]
+        if not os.path.isdir(host) and not os.path.isfile(host):
+            raise ConfigError(f"sandbox {name!r}: volume {volume!r}: {host} does not exist")
 
 
 def _read_settings(directory: Path) -> dict[str, str] | None:
