@@ -176,6 +176,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._pending_size = 0
         self._pending_eof = False
         self._stdin_paused = False
+        self._output_paused = False
         self._pending_signals: list[int] = []
         self._pending_resize: tuple[int, int, int, int] | None = None
         self._exited = False
@@ -241,6 +242,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             process.hangup()
             return
         self._process = process
+        if self._output_paused:  # the client fell behind before spawn() returned
+            process.pause_output()
         if self._pending:
             for chunk in self._pending:
                 process.write_stdin(chunk)
@@ -299,10 +302,12 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         return self._process is not None and self._process.send_break(msec)
 
     def pause_writing(self) -> None:
+        self._output_paused = True
         if self._process is not None:
             self._process.pause_output()
 
     def resume_writing(self) -> None:
+        self._output_paused = False
         if self._process is not None:
             self._process.resume_output()
 
