@@ -70,14 +70,14 @@ class FileServiceClient:
         self._next_id = 1
         self._waiting: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
         self._buffer = bytearray()
-        self._lost: Exception | None = None
+        self.lost: Exception | None = None
 
     async def call(
         self, op: str, payload: bytes = b"", **args: Any
     ) -> tuple[dict[str, Any], bytes]:
         """Run ``op`` in the guest; return its reply header and payload, or raise OSError."""
-        if self._lost is not None:
-            raise OSError(errno.ECONNRESET, f"the guest file service is gone: {self._lost}")
+        if self.lost is not None:
+            raise OSError(errno.ECONNRESET, f"the guest file service is gone: {self.lost}")
         request_id = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
         header = json.dumps({"op": op, **args}).encode()
@@ -109,11 +109,11 @@ class FileServiceClient:
                 future.set_result((reply, payload))
 
     def link_lost(self, exc: Exception | None) -> None:
-        self._lost = exc or EOFError("closed")
+        self.lost = exc or EOFError("closed")
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(
-                    OSError(errno.ECONNRESET, f"the guest file service ended: {self._lost}"))
+                    OSError(errno.ECONNRESET, f"the guest file service ended: {self.lost}"))
         self._waiting.clear()
 
     def close(self) -> None:
@@ -230,3 +230,8 @@ class GuestFiles:
     def close_service(self) -> None:
         """End the file service; in-flight calls fail."""
         self._client.close()
+
+    @property
+    def lost(self) -> bool:
+        """Whether the file service has ended (every call fails from then on)."""
+        return self._client.lost is not None

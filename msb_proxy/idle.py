@@ -73,7 +73,8 @@ class ConnectionTracker:
 def _start_watcher(name: str, backend: str, environ: Mapping[str, str]) -> None:
     with contextlib.suppress(OSError):
         subprocess.Popen(
-            [sys.executable, "-m", "msb_proxy.idle", name, backend], env=dict(environ),
+            [sys.executable, "-P", "-m", "msb_proxy.idle", name, backend], env=dict(environ),
+            cwd="/",
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )

@@ -187,6 +187,9 @@ class NativeScp(GuestProcess):
             status = ExitStatus(signal=15)
         except UserError as exc:
             self._stderr(f"scp: {exc}")
+        except Exception as exc:  # the file service failed under us: fail the transfer, loudly
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._stderr(f"scp: {reason}")
         finally:
             self._files.close_service()
         self._listener.process_exited(status)
@@ -367,7 +370,8 @@ class NativeScp(GuestProcess):
         except OSError as exc:
             await self._warn(f"{shown}: {exc.strerror}")
             return
-        name = posixpath.basename(path.rstrip(b"/")) or b"/"
+        # As OpenSSH's scp: a newline would end the control line, so it travels as \^J.
+        name = (posixpath.basename(path.rstrip(b"/")) or b"/").replace(b"\n", b"\\^J")
         if self._request.preserve:
             await self._send(f"T{attrs.mtime} 0 {attrs.atime} 0\n".encode())
             await self._ack()

@@ -153,6 +153,7 @@ class _Request:
     handle: bytes = b""
     span: tuple[int, int] = (0, 0)  # offset range of a READ or WRITE
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    response: bytes | None = field(default=None, repr=False)
 
 
 class NativeSftp(GuestProcess):
@@ -199,6 +200,7 @@ class NativeSftp(GuestProcess):
 
     def resume_output(self) -> None:
         self._output_paused.set()
+        self._emit()
 
     def resize(self, cols: int, rows: int, pixel_width: int = 0, pixel_height: int = 0) -> None:
         pass
@@ -236,10 +238,12 @@ class NativeSftp(GuestProcess):
             if self._barrier is not None and self._barrier.task is not None:
                 depends.append(self._barrier.task)
             depends += [r.task for r in self._running if r.task is not None
-                        and r.kind == WRITE and r.handle == request.handle
+                        and r.response is None and r.kind == WRITE
+                        and r.handle == request.handle
                         and r.span[0] < request.span[1] and request.span[0] < r.span[1]]
         else:
-            depends = [r.task for r in self._running if r.task is not None]
+            depends = [r.task for r in self._running
+                       if r.task is not None and r.response is None]
         request.task = asyncio.get_running_loop().create_task(self._run(request, depends))
         self._running.append(request)
         if kind not in (READ, WRITE):
@@ -249,28 +253,40 @@ class NativeSftp(GuestProcess):
             self._listener.stdin_paused()
 
     async def _run(self, request: _Request, depends: list[asyncio.Task[None]]) -> None:
+        if depends:
+            await asyncio.wait(depends)
         try:
-            if depends:
-                await asyncio.wait(depends)
-            try:
-                response = await self._handle(request)
-            except SftpError as exc:
-                response = self._status(request.request_id, exc.status, exc.message)
-            except OSError as exc:
-                code = _ERRNO_STATUS.get(exc.errno or 0, FAILURE)
-                response = self._status(request.request_id, code, exc.strerror or str(exc))
-            except (struct.error, IndexError, ValueError, KeyError):
-                response = self._status(request.request_id, BAD_MESSAGE, "Bad message")
-            await self._output_paused.wait()
-            self._send(response)
-        finally:
-            self._running.remove(request)
-            if self._barrier is request:
-                self._barrier = None
-            if self._stdin_paused and len(self._running) < MAX_IN_FLIGHT // 2:
-                self._stdin_paused = False
-                self._listener.stdin_resumed()
-            self._maybe_finish()
+            response = await self._handle(request)
+        except SftpError as exc:
+            response = self._status(request.request_id, exc.status, exc.message)
+        except OSError as exc:
+            if self._files.lost:  # the sandbox is gone: end the session, as sftp-server would
+                self._finish(ExitStatus(code=1))
+                return
+            code = _ERRNO_STATUS.get(exc.errno or 0, FAILURE)
+            response = self._status(request.request_id, code, exc.strerror or str(exc))
+        except (struct.error, IndexError, ValueError, KeyError):
+            response = self._status(request.request_id, BAD_MESSAGE, "Bad message")
+        if self._barrier is request:
+            self._barrier = None
+        request.response = response
+        self._emit()
+
+    def _emit(self) -> None:
+        """Send finished replies in the order their requests came.
+
+        OpenSSH's scp counts a pipelined transfer as written only up to the first reply out of
+        order, and cuts the file there: requests run side by side, replies leave in line.
+        """
+        while self._running and self._running[0].response is not None \
+                and self._output_paused.is_set():
+            request = self._running.pop(0)
+            assert request.response is not None
+            self._send(request.response)
+        if self._stdin_paused and len(self._running) < MAX_IN_FLIGHT // 2:
+            self._stdin_paused = False
+            self._listener.stdin_resumed()
+        self._maybe_finish()
 
     def _maybe_finish(self) -> None:
         if self._eof and not self._running:

@@ -124,7 +124,7 @@ def _start_server(path: Path) -> None:
 
     with contextlib.suppress(OSError):
         subprocess.Popen(
-            [sys.executable, "-m", "msb_proxy.warm", str(path)],
+            [sys.executable, "-P", "-m", "msb_proxy.warm", str(path)], cwd="/",
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )

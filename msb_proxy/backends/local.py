@@ -181,10 +181,14 @@ class LocalBackend(Backend):
             # Only msb_proxy and the standard library are imported there, so PYTHONPATH is all
             # it needs of this installation.
             process = subprocess.Popen(
-                ["msb-init", "-m", "msb_proxy.backends.jail"], executable=sys.executable,
+                # -P and cwd "/": no module from wherever ssh was run can stand in for ours.
+                ["msb-init", "-P", "-m", "msb_proxy.backends.jail"], executable=sys.executable,
+                cwd="/",
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                      "MSB_PROXY_JAIL": json.dumps(jail),
-                     "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+                     "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+                     # argv[0] is no path Python could find its standard library from
+                     "PYTHONHOME": sys.base_prefix},
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                 pass_fds=(ready_w,), start_new_session=True,
             )

@@ -239,10 +239,16 @@ class Service:
         return {"target": _name(os.readlink(_path(req["path"])))}, b""
 
     def op_realpath(self, req: Request, payload: bytes) -> Reply:
+        """The canonical path; with ``strict`` False only its last component may be missing
+        (as OpenSSH's sftp-server allows), any other failure still counts."""
         path = _path(req["path"] or ".")
         real = os.path.realpath(path)
-        if req.get("strict", True):
+        try:
             os.stat(real)
+        except FileNotFoundError:
+            if req.get("strict", True):
+                raise
+            os.stat(os.path.dirname(real) or b"/")
         return {"path": _name(real)}, b""
 
     def op_statvfs(self, req: Request, payload: bytes) -> Reply:
