@@ -8,8 +8,9 @@ come back as ``forwarded-tcpip`` / ``forwarded-streamlocal@openssh.com`` channel
 forwarding is a unix listener at ``/tmp/ssh-XXXXXXXXXX/agent.N`` (directory 0700, as sshd
 makes it) whose connections come back as ``auth-agent@openssh.com`` channels.
 
-A connection to a refused or unreachable target fails the channel open with
-``connect failed: <reason>`` as sshd does, without holding up the connection's other channels.
+A connection to a refused or unreachable target fails the channel open with the
+``connect failed`` reason code and the system's text, as sshd does, without holding up the
+connection's other channels.
 Each stream has credit-based flow control end to end: the relay reads from a guest socket only
 as far as the SSH channel has drained, and we send into the guest only as far as the relay has
 written out.
@@ -56,6 +57,7 @@ class RelayStream:
         self._queued: list[bytes] = []
         self._queued_size = 0
         self._eof_queued = False
+        self._close_queued = False
         self._early: list[tuple[int, bytes]] = []  # what came before a session was attached
         self._owed = 0  # credit to grant once our channel drains
         self._channel_paused = False
@@ -69,7 +71,7 @@ class RelayStream:
 
     # ---- toward the guest
     def send(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self._close_queued:
             return
         self._queued.append(data)
         self._queued_size += len(data)
@@ -82,10 +84,15 @@ class RelayStream:
         self._flush()
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.relay.forget(self.ident)
-            self.relay.send(self.ident, protocol.CLOSE)
+        """The channel is closed: what it sent still reaches the guest, then the stream ends."""
+        if self.closed:
+            return
+        if self._queued:
+            self._close_queued = True
+            return
+        self.closed = True
+        self.relay.forget(self.ident)
+        self.relay.send(self.ident, protocol.CLOSE)
 
     def _flush(self) -> None:
         while self._queued and self._credit > 0:
@@ -101,6 +108,9 @@ class RelayStream:
         if not self._queued and self._eof_queued:
             self._eof_queued = False
             self.relay.send(self.ident, protocol.EOF)
+        if not self._queued and self._close_queued:
+            self._close_queued = False
+            self.close()
         if self._queued_size <= HIGH_WATER // 4 and self.session is not None:
             self.session.resume_input()
 
@@ -425,12 +435,11 @@ async def connect_with_tool(sandbox: Sandbox, user: GuestUser, host: str,
         # relay would have before the channel opened.
         done, _ = await asyncio.wait({tunnel.exited}, timeout=FALLBACK_GRACE_S)
         if done and tunnel.exited.result().code not in (0, None):
-            raise asyncssh.ChannelOpenError(CONNECT_FAILED, f"connect failed: "
-                                            f"{tunnel.failure()}")
+            raise asyncssh.ChannelOpenError(CONNECT_FAILED, tunnel.failure())
         return tunnel
     raise asyncssh.ChannelOpenError(
-        CONNECT_FAILED, f"connect failed: sandbox {sandbox.name!r} has neither python3 nor "
-                        "socat, nc or bash to make connections with")
+        CONNECT_FAILED, f"sandbox {sandbox.name!r} has neither python3 nor socat, nc or bash "
+                        "to make connections with")
 
 
 async def open_agent_listener(relay: Relay, accept: AcceptHandler) -> str:
@@ -442,9 +451,10 @@ async def open_agent_listener(relay: Relay, accept: AcceptHandler) -> str:
 
 
 def channel_open_error(exc: OSError | UserError) -> asyncssh.ChannelOpenError:
-    """The open failure sshd would send for a connection that could not be made."""
+    """The open failure sshd sends for a connection that could not be made: the reason code
+    (which the client prints as "connect failed") and the system's text."""
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return asyncssh.ChannelOpenError(CONNECT_FAILED, f"connect failed: {reason}")
+    return asyncssh.ChannelOpenError(CONNECT_FAILED, reason)
 
 
 class GuestListener(asyncssh.SSHListener):
@@ -514,8 +524,8 @@ class Tunnels:
         except UserError:
             if path is not None or host is None:
                 raise asyncssh.ChannelOpenError(
-                    CONNECT_FAILED, f"connect failed: sandbox {self._sandbox.name!r} cannot run "
-                                    "the relay unix sockets need (no python3)") from None
+                    CONNECT_FAILED, f"sandbox {self._sandbox.name!r} cannot run the relay unix "
+                                    "sockets need (it has no python3)") from None
             return self._session(await connect_with_tool(self._sandbox, self._user, host, port))
         try:
             stream = await relay.connect(host, port, path)

@@ -66,7 +66,7 @@ __all__ = ["LocalBackend", "LocalSandbox"]
 
 # The jail init speaks the protocol of the proxy that started it; bump this whenever a message
 # changes meaning, so a newer proxy never talks past an older init still running.
-PROTOCOL = 4
+PROTOCOL = 5
 START_TIMEOUT_S = 30.0
 LOCK_WAIT_S = 120.0
 STOP_TIMEOUT_S = 10.0

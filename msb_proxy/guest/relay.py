@@ -59,6 +59,7 @@ class Stream:
         self.connecting = False
         self.candidates: List[Tuple[int, int, int, Any]] = []  # addresses still to try
         self.eof_pending = False  # the proxy half-closed: shut down once outgoing is written
+        self.closing = False  # the proxy closed: close once outgoing is written
         self.read_closed = False
 
 
@@ -85,11 +86,18 @@ class Relay:
         self.send(ident, FAILED, "{}\0{}".format(code, text).encode())
 
     # ---- event loop
-    def run(self) -> None:
-        os.set_blocking(self.read_fd, False)
+    def run(self, wakeup: int) -> None:
+        """Serve until the proxy closes our input or a hang-up signal wakes ``wakeup``.
+
+        Our input stays blocking (it is read only when ready): it may be the very socket our
+        output goes to, and writes to the proxy must block rather than fail when it is slow.
+        """
         self.selector.register(self.read_fd, selectors.EVENT_READ, None)
+        self.selector.register(wakeup, selectors.EVENT_READ, "signal")
         while True:
             for key, events in self.selector.select():
+                if key.data == "signal":
+                    return
                 if key.data is None:
                     if not self.from_proxy():
                         return
@@ -151,8 +159,12 @@ class Relay:
             elif op == CREDIT:
                 stream.credit += struct.unpack(">I", payload)[0]
             elif op == CLOSE:
-                self.drop(stream, tell=False)
-                return
+                if not stream.outgoing and not stream.eof_pending:
+                    self.drop(stream, tell=False)
+                    return
+                # What the client sent before closing still goes to the socket, then we close.
+                stream.closing = True
+                stream.read_closed = True
             self.watch(stream)
 
     # ---- opening
@@ -312,6 +324,8 @@ class Relay:
             stream.eof_pending = False
             with contextlib.suppress(OSError):
                 stream.sock.shutdown(socket.SHUT_WR)
+        if not stream.outgoing and not stream.eof_pending and stream.closing:
+            self.drop(stream, tell=False)
 
     def pull(self, stream: Stream) -> None:
         try:
@@ -339,21 +353,24 @@ class Relay:
 def serve(read_fd: int, write_fd: int) -> None:
     """Relay until the proxy closes our input; then every tunnel and listener goes with us.
 
-    A hang-up (the proxy's connection to us is gone) ends it the same way, removing the unix
-    sockets it made.
+    A hang-up (the proxy's connection to us is gone) ends it the same way. The signal only
+    wakes the loop, so the unix sockets we made are removed in one piece, never half-way.
     """
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
     for signum in (signal.SIGHUP, signal.SIGTERM):
-        signal.signal(signum, _leave)
+        signal.signal(signum, _ignore)
     relay = Relay(read_fd, write_fd)
     try:
-        relay.run()
+        relay.run(wake_r)
     finally:
         for ident in list(relay.listeners):
             relay.unlisten(ident)
 
 
-def _leave(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+def _ignore(signum: int, frame: object) -> None:
+    """Nothing: the wake-up descriptor tells the loop."""
 
 
 if __name__ == "__main__":
