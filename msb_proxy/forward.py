@@ -368,8 +368,10 @@ class ProcessTunnel:
             self.process.resume_output()
 
     def failure(self) -> str:
+        """The reason the tool gave, without its own prefix ("nc: connect to ...: Connection
+        refused" gives "Connection refused"), as sshd would report it."""
         lines = self._stderr.decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else "the connection failed"
+        return lines[-1].rsplit(": ", 1)[-1] if lines else "the connection failed"
 
     # ---- ProcessListener
     def output_received(self, data: bytes, stderr: bool) -> None:

@@ -1,0 +1,203 @@
+"""-L and -D in a guest that cannot run the relay: socat, nc or bash carry each connection.
+
+The local backend forks its relay from the jail init, so it never needs this; a sandbox whose
+start_helper fails (as a microVM without python3 would) is made here by wrapping the local
+backend, and served through the real ssh client by the importable SshServer API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Env
+
+from msb_proxy.backends.base import GuestUser
+from msb_proxy.backends.local import LocalBackend, LocalSandbox
+from msb_proxy.config import SandboxTemplate
+from msb_proxy.errors import SandboxError
+from msb_proxy.helpers import Link
+from msb_proxy.progress import Progress
+from msb_proxy.server import SshServer, SshServerOptions
+from msb_proxy.state import StateDir
+from msb_proxy.stdio import SshSocketStream
+
+
+class _NoRelaySandbox(LocalSandbox):
+    async def start_helper(self, user: GuestUser, helper: str) -> Link:
+        raise SandboxError(f"sandbox {self.name!r} has no python3 for the {helper} helper")
+
+
+class _NoRelayBackend(LocalBackend):
+    async def open(self, name: str, template: SandboxTemplate,
+                   progress: Progress) -> LocalSandbox:
+        opened = await super().open(name, template, progress)
+        return _NoRelaySandbox(name, opened.socket_path, opened.run_id, opened.started)
+
+
+@pytest.fixture(scope="module")
+def served(msb: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """A unix socket where an in-process SshServer serves a relay-less sandbox; the ssh
+    config to reach it (host ``fallback``)."""
+    if msb.backend != "local":
+        pytest.skip("wraps the local backend")
+    root = tmp_path_factory.mktemp("fallback")
+    listen = Path("/tmp") / f"msb-fallback-{id(root)}.sock"
+    name = f"fallback-{id(root) % 100000}"
+    msb.host(name)  # removed with the session's other sandboxes
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    finish = asyncio.Event()
+
+    async def main() -> None:
+        backend = _NoRelayBackend(StateDir(msb.home), msb.rootfs)
+        options = SshServerOptions(host_key_path=root / "host_key",
+                                   authorized_keys=[msb.key.with_suffix(".pub").read_text()],
+                                   template=SandboxTemplate(backend="local"))
+        server = await SshServer.prepare(backend, name, options)
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket").dup()
+            writer.transport.abort()
+            await server.serve(SshSocketStream(socket.socket(fileno=sock.detach())))
+
+        listener = await asyncio.start_unix_server(connection, path=str(listen))
+        ready.set()
+        await finish.wait()
+        listener.close()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    config = root / "ssh_config"
+    config.write_text(
+        "Host fallback\n"
+        f"  ProxyCommand socat - UNIX-CONNECT:{listen}\n"
+        f"  IdentityFile {msb.key}\n"
+        "  IdentitiesOnly yes\n  User root\n  BatchMode yes\n"
+        "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel INFO\n")
+    subprocess.run(["ssh", "-F", str(config), "fallback",
+                    "cd /tmp && echo fallback-ok > probe.txt && "
+                    "(nohup python3 -m http.server 8777 --bind 127.0.0.1 >/dev/null 2>&1 &)"],
+                   check=True, timeout=60)
+    yield config, name
+    loop.call_soon_threadsafe(finish.set)
+    thread.join(timeout=30)
+    listen.unlink(missing_ok=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _through(config: Path, forward: list[str], url: str, socks: int | None = None) -> str:
+    tunnel = subprocess.Popen(["ssh", "-F", str(config), "-N", "-o", "ExitOnForwardFailure=yes",
+                               *forward, "fallback"], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(100):
+            fetched = subprocess.run(
+                ["curl", "-s", "--max-time", "10",
+                 *(["--socks5-hostname", f"127.0.0.1:{socks}"] if socks else []), url],
+                capture_output=True, text=True, check=False)
+            if fetched.returncode != 7:  # 7: nothing listening locally yet
+                return fetched.stdout
+            time.sleep(0.1)
+        raise AssertionError("the local forward never came up")
+    finally:
+        tunnel.terminate()
+        tunnel.wait(timeout=10)
+
+
+def _hide(config: Path, *programs: str) -> None:
+    for program in programs:
+        subprocess.run(["ssh", "-F", str(config), "fallback",
+                        f"mv /usr/bin/{program} /usr/bin/{program}.hidden"], check=True,
+                       timeout=60)
+
+
+def _restore(config: Path, *programs: str) -> None:
+    for program in programs:
+        subprocess.run(["ssh", "-F", str(config), "fallback",
+                        f"mv /usr/bin/{program}.hidden /usr/bin/{program}"], check=False,
+                       timeout=60)
+
+
+@pytest.mark.parametrize("hidden", [(), ("socat",), ("socat", "nc")],
+                         ids=["socat", "nc", "bash"])
+def test_local_forward_works_through_each_fallback_tool(
+    served: tuple[Path, str], hidden: tuple[str, ...]
+) -> None:
+    config, _ = served
+    _hide(config, *hidden)
+    try:
+        port = _free_port()
+        body = _through(config, ["-L", f"{port}:127.0.0.1:8777"],
+                        f"http://127.0.0.1:{port}/probe.txt")
+    finally:
+        _restore(config, *hidden)
+    assert body == "fallback-ok\n"
+
+
+def test_dynamic_forward_resolves_names_in_the_guest(served: tuple[Path, str]) -> None:
+    config, _ = served
+    port = _free_port()
+    assert _through(config, ["-D", str(port)], "http://localhost:8777/probe.txt",
+                    socks=port) == "fallback-ok\n"
+
+
+def test_refused_target_fails_the_channel_open_with_the_reason(
+    served: tuple[Path, str]
+) -> None:
+    config, _ = served
+    port = _free_port()
+    tunnel = subprocess.Popen(["ssh", "-F", str(config), "-N", "-L", f"{port}:127.0.0.1:1",
+                               "fallback"], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(100):
+            done = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/"], check=False,
+                                  capture_output=True)
+            if done.returncode != 7:
+                break
+            time.sleep(0.1)
+    finally:
+        tunnel.terminate()
+        _, err = tunnel.communicate(timeout=10)
+    assert "open failed: connect failed: Connection refused" in err
+
+
+def test_guest_without_any_tool_gets_a_line_naming_what_it_lacks(
+    served: tuple[Path, str]
+) -> None:
+    config, name = served
+    _hide(config, "socat", "nc")
+    subprocess.run(["ssh", "-F", str(config), "fallback",
+                    "mv /usr/bin/bash /usr/bin/bash.hidden"], check=True, timeout=60)
+    try:
+        port = _free_port()
+        tunnel = subprocess.Popen(["ssh", "-F", str(config), "-N", "-L",
+                                   f"{port}:127.0.0.1:8777", "fallback"],
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(100):
+                done = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/"],
+                                      check=False, capture_output=True)
+                if done.returncode != 7:
+                    break
+                time.sleep(0.1)
+        finally:
+            tunnel.terminate()
+            _, err = tunnel.communicate(timeout=10)
+    finally:
+        subprocess.run(["ssh", "-F", str(config), "fallback",
+                        "mv /usr/bin/bash.hidden /usr/bin/bash"], check=False, timeout=60)
+        _restore(config, "socat", "nc")
+    assert (f"open failed: connect failed: sandbox '{name}' has neither python3 nor socat, "
+            "nc or bash to make connections with") in err
