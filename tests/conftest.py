@@ -165,6 +165,27 @@ class Env:
                         env=self.proxy_env())
 
 
+def install(root: Path, backend: str, rootfs: Path, *, authorized: bool = True,
+            comment: str = "test") -> Env:
+    """A private msb-proxy installation under ``root``: its own MSB_PROXY_HOME, $HOME, client
+    key (authorized in MSB_PROXY_HOME unless ``authorized`` is False), runtime directory and
+    ssh config."""
+    user_home = root / "user"
+    (user_home / ".ssh").mkdir(parents=True)
+    key = root / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f",
+                    str(key)], check=True)
+    home = root / "home"
+    home.mkdir(mode=0o700)
+    if authorized:
+        (home / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
+    env = Env(root=root, home=home, user_home=user_home, key=key, config=root / "ssh_config",
+              backend=backend, rootfs=rootfs)
+    env.runtime_dir.mkdir(mode=0o700)
+    write_ssh_config(env)
+    return env
+
+
 def write_ssh_config(env: Env, extra: str = "", *, warm: bool = True, quiet: bool = True,
                      path: Path | None = None) -> None:
     proxy = " ".join(shlex.quote(part) for part in env.proxy_command(warm=warm, quiet=quiet))
@@ -196,19 +217,7 @@ def msb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     elif TEST_BACKEND != "local":
         raise pytest.UsageError(
             f"MSB_PROXY_TEST_BACKEND={TEST_BACKEND!r}: use local or microsandbox")
-    root = tmp_path_factory.mktemp("msb")
-    user_home = root / "user"
-    (user_home / ".ssh").mkdir(parents=True)
-    key = root / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f", str(key)],
-                   check=True)
-    home = root / "home"
-    home.mkdir(mode=0o700)
-    (home / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
-    env = Env(root=root, home=home, user_home=user_home, key=key, config=root / "ssh_config",
-              backend=TEST_BACKEND, rootfs=rootfs)
-    env.runtime_dir.mkdir(mode=0o700)
-    write_ssh_config(env)
+    env = install(tmp_path_factory.mktemp("msb"), TEST_BACKEND, rootfs)
     write_ssh_config(env, warm=False, path=env.cold_config)
     yield env
     for name in env.sandboxes:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from conftest import PROXY, Env, Run, stop_warm_servers, write_ssh_config
+from conftest import PROXY, Env, Run, install, stop_warm_servers, write_ssh_config
 
 
 def make_installation(msb: Env, config_toml: str = "") -> Env:
@@ -27,20 +27,9 @@ def make_installation(msb: Env, config_toml: str = "") -> Env:
     ``--quiet``; :func:`loud` gives the same installation with progress shown.
     """
     root = Path(tempfile.mkdtemp(prefix="msbl-", dir="/tmp"))
-    user_home = root / "user"
-    (user_home / ".ssh").mkdir(parents=True)
-    key = root / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "lifecycle", "-f",
-                    str(key)], check=True)
-    home = root / "home"
-    home.mkdir(mode=0o700)
-    (home / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
-    env = Env(root=root, home=home, user_home=user_home, key=key, config=root / "ssh_config",
-              backend=msb.backend, rootfs=msb.rootfs)
-    env.runtime_dir.mkdir(mode=0o700)
-    write_ssh_config(env)
+    env = install(root, msb.backend, msb.rootfs, comment="lifecycle")
     if config_toml:
-        (home / "config.toml").write_text(config_toml)
+        (env.home / "config.toml").write_text(config_toml)
     return env
 
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Env, Run, write_ssh_config
+from conftest import Env, Run, install
 
 # ---- helpers
 
@@ -32,22 +32,11 @@ def _public(key: Path) -> str:
     return key.with_suffix(".pub").read_text()
 
 
-def _make_env(root: Path, msb: Env) -> Env:
-    """A private installation under ``root`` with a client key that no source authorizes yet."""
-    user_home = root / "user"
-    (user_home / ".ssh").mkdir(parents=True)
-    home = root / "home"
-    home.mkdir(mode=0o700)
-    env = Env(root=root, home=home, user_home=user_home, key=_keygen(root / "id_ed25519"),
-              config=root / "ssh_config", backend=msb.backend, rootfs=msb.rootfs)
-    write_ssh_config(env)
-    return env
-
-
 @pytest.fixture
 def private(msb: Env, tmp_path: Path) -> Iterator[Env]:
-    """An installation of this test's own; the sandboxes it registers are removed afterwards."""
-    env = _make_env(tmp_path, msb)
+    """An installation of this test's own, whose client key no source authorizes yet; the
+    sandboxes it registers are removed afterwards."""
+    env = install(tmp_path, msb.backend, msb.rootfs, authorized=False, comment="auth")
     yield env
     for name in env.sandboxes:
         env.msb_proxy("rm", name)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PROXY, Env, Run, write_ssh_config
+from conftest import PROXY, Env, Run, install
 
 from msb_proxy import __version__
 
@@ -26,26 +26,10 @@ EXIT_USAGE = 2
 # ---- helpers
 
 
-def _make_env(root: Path, msb: Env) -> Env:
-    """A private installation under ``root``: its own MSB_PROXY_HOME, HOME, key and ssh config."""
-    user_home = root / "user"
-    (user_home / ".ssh").mkdir(parents=True)
-    key = root / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cli", "-f", str(key)],
-                   check=True)
-    home = root / "home"
-    home.mkdir(mode=0o700)
-    (home / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
-    env = Env(root=root, home=home, user_home=user_home, key=key, config=root / "ssh_config",
-              backend=msb.backend, rootfs=msb.rootfs)
-    write_ssh_config(env)
-    return env
-
-
 @pytest.fixture
 def private(msb: Env, tmp_path: Path) -> Iterator[Env]:
     """An installation of this test's own; the sandboxes it registers are removed afterwards."""
-    env = _make_env(tmp_path, msb)
+    env = install(tmp_path, msb.backend, msb.rootfs, comment="cli")
     yield env
     for name in env.sandboxes:
         env.msb_proxy("rm", name)
