@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backends.base import GuestUser, Sandbox
-from .helpers import Link
+from .helpers import Link, split_frames
 
 __all__ = ["Attrs", "FileServiceClient", "GuestFiles", "open_files"]
 
@@ -93,20 +93,14 @@ class FileServiceClient:
         return reply, data
 
     def link_data(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        while len(buffer) >= 4:
-            (length,) = struct.unpack_from(">I", buffer)
-            if len(buffer) < 4 + length:
-                return
-            _, request_id, header_length = _HEADER.unpack_from(buffer)
+        self._buffer += data
+        for frame in split_frames(self._buffer):
+            _, request_id, header_length = _HEADER.unpack_from(frame)
             start = _HEADER.size
-            reply = json.loads(bytes(buffer[start:start + header_length]))
-            payload = bytes(buffer[start + header_length:4 + length])
-            del buffer[:4 + length]
+            reply = json.loads(frame[start:start + header_length])
             future = self._waiting.pop(request_id, None)
             if future is not None and not future.done():
-                future.set_result((reply, payload))
+                future.set_result((reply, frame[start + header_length:]))
 
     def link_lost(self, exc: Exception | None) -> None:
         self.lost = exc or EOFError("closed")

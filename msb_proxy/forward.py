@@ -35,7 +35,7 @@ import asyncssh
 from .backends.base import ExitStatus, GuestProcess, GuestUser, ProcessSpec, Sandbox
 from .errors import UserError
 from .guest import relay as protocol
-from .helpers import Link
+from .helpers import Link, split_frames
 
 __all__ = ["Relay", "RelayStream", "TunnelSession", "open_agent_listener"]
 
@@ -221,16 +221,10 @@ class Relay:
 
     # ---- LinkReceiver
     def link_data(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        while len(buffer) >= 4:
-            (length,) = struct.unpack_from(">I", buffer)
-            if len(buffer) < 4 + length:
-                return
-            _, ident, op = protocol.HEADER.unpack_from(buffer)
-            payload = bytes(buffer[protocol.HEADER.size:4 + length])
-            del buffer[:4 + length]
-            self._dispatch(ident, op, payload)
+        self._buffer += data
+        for frame in split_frames(self._buffer):
+            _, ident, op = protocol.HEADER.unpack_from(frame)
+            self._dispatch(ident, op, frame[protocol.HEADER.size:])
 
     def _dispatch(self, ident: int, op: int, payload: bytes) -> None:
         if op in (protocol.OPENED, protocol.LISTENING, protocol.FAILED):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +29,23 @@ def helper_source(name: str) -> str:
     if name not in HELPERS:
         raise ValueError(f"no guest helper {name!r}")
     return (Path(__file__).resolve().parent / "guest" / f"{name}.py").read_text()
+
+
+def split_frames(buffer: bytearray) -> Iterator[bytes]:
+    """Take every complete length-prefixed frame off the front of ``buffer``.
+
+    Both helper protocols frame messages as a 4-byte big-endian length and
+    that many bytes; each yielded frame keeps its length prefix so callers can
+    unpack their fixed headers at the offsets their protocol defines.  A
+    partial frame stays in ``buffer`` for the next read.
+    """
+    while len(buffer) >= 4:
+        (length,) = struct.unpack_from(">I", buffer)
+        if len(buffer) < 4 + length:
+            return
+        frame = bytes(buffer[:4 + length])
+        del buffer[:4 + length]
+        yield frame
 
 
 class LinkReceiver(Protocol):
