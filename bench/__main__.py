@@ -2,7 +2,8 @@
 
 Prints the Markdown report on stdout and writes it to ``bench/results/latest.md``; progress
 and errors go to stderr, one line each, prefixed ``bench:``. Exits 1 when the benchmark could
-not run or left something behind (missing targets are reported, not an error).
+not run, a workload failed on a side (the report says which and why), or it left something
+behind (missing targets are reported, not an error).
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ import signal
 import statistics
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from .harness import SIDES, BenchError, Harness, check_host
 from .report import Machine, cpu_busy, machine_cpu_seconds, render, size_words
-from .rows import ROWS, WORKLOADS, Row, Sample, Workload
+from .rows import FETCHES, ROWS, WORKLOADS, Row, Sample, Workload
 
 FULL_SIZE = 1 << 30
 QUICK_SIZE = 256 << 20
+FULL_FILES = 10_000  # in the small-files tree
+QUICK_FILES = 2_000
 FULL_RUNS = (5, 3)  # (latency-type workloads, heavy workloads)
 QUICK_RUNS = (3, 2)
 LIGHT_TIMEOUT_S = 30.0
-HEAVY_TIMEOUT_S = 120.0
+HEAVY_TIMEOUT_S = 300.0
 BUSY_WARNING = 0.15
 DEFAULT_ROOTFS = Path("/var/cache/msb-proxy/rootfs/bookworm-v1")
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.md"
@@ -39,10 +43,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="only these rows: " + ", ".join(row.key for row in ROWS))
     parser.add_argument("--runs", type=int, metavar="N",
                         help="runs per side for every row (default: 5 for latency rows, "
-                             "3 for payload rows; --quick: 3 and 2)")
+                             "3 for payload rows, 1 for the file and tunnel transfers; "
+                             "--quick: 3, 2 and 1)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke run: a {size_words(QUICK_SIZE)} payload instead of "
-                             f"{size_words(FULL_SIZE)}, and fewer runs")
+                             f"{size_words(FULL_SIZE)}, a tree of {QUICK_FILES:,} small files "
+                             f"instead of {FULL_FILES:,}, and fewer runs")
     return parser
 
 
@@ -58,27 +64,68 @@ def _select(spec: str | None) -> list[Row]:
     return [row for row in ROWS if row.key in wanted]
 
 
+def _read_in_guest(workloads: Sequence[Workload]) -> set[str]:
+    """The data sets some workload reads from the guest's copy."""
+    return {work.data for work in workloads if work.data and "{guest_data}" in " ".join(
+        (work.command, work.setup, work.background, work.check))}
+
+
 def _progress(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def _measure(harness: Harness, workloads: Sequence[Workload], runs: tuple[int, int],
-             size: int) -> dict[tuple[str, str], list[Sample]]:
-    samples: dict[tuple[str, str], list[Sample]] = {
-        (work.key, side): [] for work in workloads for side in SIDES}
+@dataclass(frozen=True)
+class Plan:
+    """How big and how many: the payload size, the tree's file count, and the runs per side
+    (latency-type workloads, heavy ones); ``capped``: a workload's ``max_runs`` applies (no
+    ``--runs`` given)."""
+
+    size: int
+    files: int
+    runs: tuple[int, int]
+    capped: bool
+
+    def runs_of(self, work: Workload) -> int:
+        count = self.runs[1] if work.heavy else self.runs[0]
+        if self.capped and work.max_runs is not None:
+            return min(count, work.max_runs)
+        return count
+
+
+Samples = dict[tuple[str, str], list[Sample]]  # by (workload key, side)
+Failures = dict[tuple[str, str], str]  # (workload key, side) -> what went wrong
+
+
+def _measure(harness: Harness, workloads: Sequence[Workload], rows: Sequence[Row],
+             plan: Plan) -> tuple[Samples, Failures]:
+    """Every run of every workload; a side whose run fails gets no figure for that workload
+    (its other runs are skipped), so a broken transfer never yields a number."""
+    samples: Samples = {(work.key, side): [] for work in workloads for side in SIDES}
+    failures: Failures = {}
+    rated = {key for row in rows if row.metric.unit == "MB/s" for key in row.workloads}
+    size = plan.size
     for work in workloads:
-        count = runs[1] if work.heavy else runs[0]
+        count = plan.runs_of(work)
         timeout = HEAVY_TIMEOUT_S if work.heavy else LIGHT_TIMEOUT_S
         for number in range(count):
             # Alternate which side goes first, so drift in the machine's load hits both alike.
             order = SIDES if number % 2 == 0 else tuple(reversed(SIDES))
             for side in order:
-                sample = harness.timed(side, work.command, size, timeout, work.warm)
+                if (work.key, side) in failures:
+                    continue
+                try:
+                    sample = harness.timed(side, work, size, timeout, check=number == 0)
+                except BenchError as exc:
+                    failures[(work.key, side)] = str(exc)
+                    samples[(work.key, side)].clear()
+                    _progress(f"{work.key} {number + 1}/{count} {side}: failed: {exc}")
+                    continue
                 samples[(work.key, side)].append(sample)
-                rate = f", {size / sample.seconds / 1e6:.0f} MB/s" if work.heavy else ""
+                rate = f", {size / sample.seconds / 1e6:.0f} MB/s" if work.key in rated else ""
+                checked = ", checked" if number == 0 and work.check else ""
                 _progress(f"{work.key} {number + 1}/{count} {side}: "
-                          f"{sample.seconds * 1000:.0f} ms{rate}")
-    return samples
+                          f"{sample.seconds * 1000:.0f} ms{rate}{checked}")
+    return samples, failures
 
 
 def _other_work(harness: Harness, since: tuple[float, float, float]) -> float:
@@ -95,11 +142,20 @@ def _cpu_snapshot(harness: Harness) -> tuple[float, float, float]:
     return busy, total, harness.cpu_seconds()
 
 
-def _notes(runs: tuple[int, int], size: int, busy: float, harness: Harness,
-           samples: dict[tuple[str, str], list[Sample]]) -> list[str]:
+def _notes(plan: Plan, busy: float, harness: Harness, workloads: Sequence[Workload],
+           samples: Samples) -> list[str]:
+    runs, size, files = plan.runs, plan.size, plan.files
+    fewer: dict[int, list[str]] = {}
+    for work in workloads:
+        if plan.runs_of(work) < (runs[1] if work.heavy else runs[0]):
+            fewer.setdefault(plan.runs_of(work), []).append(work.key)
     notes = [
         f"median (min..max) over {runs[0]} runs per side for latency rows and {runs[1]} for "
-        f"{size_words(size)} rows; the sides alternate run by run",
+        "payload rows"
+        + "".join(f"; {count} for {', '.join(keys)}" for count, keys in fewer.items())
+        + (" (to keep `make bench` within ten minutes; `--runs N` gives every row N)"
+           if fewer else "")
+        + "; the sides alternate run by run",
         "times are wall clock from ssh client start to exit, connection set-up included; "
         "MB = 10^6 bytes",
         "both sides: /usr/bin/ssh with one -F config and a ProxyCommand under /usr/bin/time; "
@@ -117,6 +173,31 @@ def _notes(runs: tuple[int, int], size: int, busy: float, harness: Harness,
     if mine and theirs and (mine.cipher, mine.kex) != (theirs.cipher, theirs.kex):
         notes.append("**the client negotiated different algorithms with the two sides (see "
                      "below): the rows compare what a user gets, not one cipher**")
+    keys = {work.key for work in workloads}
+    if any(work.data in ("file", "tree") and not work.background for work in workloads):
+        notes.append(
+            f"file transfer rows: a {size_words(size)} file of random bytes and a tree of "
+            f"{files:,} files of 256 bytes to 4 KiB in 100 directories, made once on the host "
+            "and copied into the guest through msb-proxy, so both sides read the same bytes; "
+            "each run writes a new file or tree (the destination is removed before it, "
+            "untimed); after the first run of each row on each side the destination is "
+            "checked: sha256 of the file, or of every path and content of the tree")
+    if keys & {"forward-up", "forward-down", "forward-open"}:
+        notes.append(
+            "`ssh -L` rows: each run starts a listener in the guest (bench/peer.py under the "
+            "guest's python3: it discards, sends or serves over HTTP) and an `ssh -N -L` "
+            "before the clock, and ends both after it; the tunnel's ProxyCommand (and "
+            "msb-proxy's guest relay) counts for the run's RSS and CPU, the guest listener on "
+            "neither side. The timed command is the host end (peer.py), which exits "
+            "once the other end holds every byte: the sink answers the count after end of "
+            "file. Byte counts are checked on every run, the sha256 after the first run on "
+            "each side (through a tunnel of its own)")
+    if "forward-open" in keys:
+        notes.append(
+            f"tunnel open: each run times {FETCHES} sequential `curl`s through one `ssh -L` "
+            "(each a new TCP connection, so a new direct-tcpip channel, to python's "
+            "http.server in the guest); the figure is the run's time per curl, curl's own "
+            "start-up included; msb-proxy's warm server serves that tunnel")
     lingers = {side: [sample.linger * 1000 for (_, each), taken in samples.items()
                       if each == side for sample in taken] for side in SIDES}
     if all(lingers.values()):
@@ -137,13 +218,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(128 + signum)  # so the sandbox is still removed
 
     signal.signal(signal.SIGTERM, terminate)
-    size = QUICK_SIZE if args.quick else FULL_SIZE
     runs = QUICK_RUNS if args.quick else FULL_RUNS
     if args.runs is not None:
         if args.runs < 1:
             _progress("--runs must be at least 1")
             return 2
         runs = (args.runs, args.runs)
+    plan = Plan(size=QUICK_SIZE if args.quick else FULL_SIZE,
+                files=QUICK_FILES if args.quick else FULL_FILES, runs=runs,
+                capped=args.runs is None)
     rootfs = Path(os.environ.get("MSB_PROXY_ROOTFS") or DEFAULT_ROOTFS)
     proxy = Path(sys.executable).parent / "msb-proxy"
     try:
@@ -161,8 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _progress(f"starting sandbox {harness.name} and sshd in it")
             harness.start()
+            kinds = {work.data for work in workloads if work.data}
+            if kinds:
+                _progress(f"making data sets {', '.join(sorted(kinds))}, in the guest too")
+                harness.prepare(sorted(kinds), sorted(_read_in_guest(workloads)), plan.size,
+                                plan.files)
             before = _cpu_snapshot(harness)
-            samples = _measure(harness, workloads, runs, size)
+            samples, failures = _measure(harness, workloads, rows, plan)
             busy = _other_work(harness, before)
         finally:
             _progress(f"removing sandbox {harness.name}")
@@ -175,13 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _progress("interrupted")
         return 130
-    report = render(machine, harness.handshakes, rows, samples=samples, size=size,
-                    notes=_notes(runs, size, busy, harness, samples))
+    report = render(machine, harness.handshakes, rows, samples=samples, failures=failures,
+                    size=plan.size, files=plan.files,
+                    notes=_notes(plan, busy, harness, workloads, samples))
     print(report, end="", flush=True)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(report)
     _progress(f"written to {RESULTS}")
-    return 1 if problems else 0
+    return 1 if problems or failures else 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """The two sides under test, in one private msb-proxy installation, and how one run is timed.
 
 Owns everything the benchmark creates and must clean up: a temporary root holding the client's
-``HOME`` (also the proxy's), ``MSB_PROXY_HOME``, the client key and the ``ssh -F`` config; the
-bench sandbox, started through msb-proxy and removed at the end; OpenSSH's sshd configured
-inside that sandbox through msb-proxy itself; the check that both sides land in the very same
-jail; and the guarantee that no process of a run outlives it.
+``HOME`` (also the proxy's), ``MSB_PROXY_HOME``, the client key, the ``ssh -F`` config and the
+data sets; the bench sandbox, started through msb-proxy and removed at the end; OpenSSH's sshd
+configured inside that sandbox through msb-proxy itself; the copy of the data sets in the guest;
+the check that both sides land in the very same jail; each run's set-up, background tunnel and
+teardown; and the guarantee that no process of a run outlives it.
 
 msb-proxy runs from a copy of the ``msb_proxy`` package taken when the benchmark starts (first on
 ``PYTHONPATH``, with the venv's interpreter and dependencies), so edits made to the tree while it
@@ -27,21 +28,32 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from .rows import Sample
+from . import datasets
+from .rows import FETCHES, Sample, Workload
 
 __all__ = ["SIDES", "BenchError", "Handshake", "Harness", "check_host"]
 
 SIDES = ("msb-proxy", "sshd")
 PACKAGE = Path(__file__).resolve().parent.parent / "msb_proxy"
+PEER = Path(__file__).resolve().parent / "peer.py"
+GUEST_ROOT = "/root/msb-bench"  # the login user is root
+GUEST_DATA = f"{GUEST_ROOT}/data"
+GUEST_DEST = f"{GUEST_ROOT}/dest"
+GUEST_PEER = f"python3 -I -S {GUEST_DATA}/{PEER.name}"
+GUEST_PORT = 47123  # the sandbox has a network namespace of its own: nothing else listens
 
 TIME = Path("/usr/bin/time")
+NOHUP = Path("/usr/bin/nohup")
 NSENTER = Path("/usr/bin/nsenter")
 SSHD = "/usr/sbin/sshd"  # inside the jail
 SSHD_CONFIG = "/etc/ssh/msb_bench_sshd_config"
@@ -50,7 +62,10 @@ SSHD_AUTHORIZED_KEYS = "/etc/ssh/msb_bench_authorized_keys"
 NAMESPACES = ("mnt", "pid", "net", "uts", "ipc")
 CHECK_BYTES = 64 << 20
 SETUP_TIMEOUT_S = 120.0
+COPY_TIMEOUT_S = 600.0  # the data sets into the guest: a 1 GiB file at 2 MB/s
 REAP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+SETTLE_TIMEOUT_S = 5.0
 LEFTOVER_GRACE_S = 5.0
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -134,6 +149,12 @@ class Harness:
         self.key = self.root / "id_ed25519"
         self.config = self.root / "ssh_config"
         self.source = self.root / "src"
+        self.data = self.root / "data"  # the data sets, and peer.py for both ends of a tunnel
+        self.dest = self.root / "dest"  # what downloads write
+        self.port = _free_port()  # where a run's `ssh -L` listens
+        self.digests: dict[str, str] = {}  # data set -> its digest
+        self._background: set[int] = set()  # running `ssh -L`s: reaping must not wait for them
+        self._guest_data = False
         self.init_pid: int | None = None
         self.jail_namespaces: dict[str, str] = {}
         self.handshakes: dict[str, Handshake] = {}
@@ -175,7 +196,10 @@ class Harness:
 
     def _write_config(self) -> None:
         # time -a appends: a workload that opens several connections gets one figure for each.
-        measure = f"{TIME} -a -f '%%M %%U %%S' -o \"$MSB_BENCH_TIME\""
+        # nohup: ssh sends its ProxyCommand SIGHUP as it exits, and a client that starts ssh
+        # itself (rsync) sets SIGHUP back to its default, so our `trap '' HUP` does not reach
+        # that far; time must survive to report.
+        measure = f"{NOHUP} {TIME} -a -f '%%M %%U %%S' -o \"$MSB_BENCH_TIME\""
         proxy = " ".join(shlex.quote(part) for part in (
             str(self.proxy), "stdio", "--backend", "local", "--host-prefix", "msb-"))
         text = (f"Host {self.hosts['msb-proxy']}\n"
@@ -247,9 +271,13 @@ class Harness:
         """``template`` (see rows.py for its placeholders) filled in for ``side``; ``warm``
         False keeps msb-proxy from handing the connection to its warm server."""
         host = self.hosts[side] if warm or side != "msb-proxy" else self.cold_host
+        config = _plain(str(self.config))
+        peer = f"{sys.executable} -I -S {self.data / PEER.name}"
         return template.format(
-            ssh=f"ssh -F {shlex.quote(str(self.config))} {shlex.quote(host)}",
-            config=shlex.quote(str(self.config)), host=shlex.quote(host), size=size)
+            ssh=f"ssh -F {config} {_plain(host)}", config=config, host=host, size=size,
+            data=_plain(str(self.data)), dest=_plain(str(self.dest)), guest_data=GUEST_DATA,
+            guest_dest=GUEST_DEST, peer=_plain(peer), guest_peer=GUEST_PEER, port=self.port,
+            guest_port=GUEST_PORT, fetches=FETCHES, tree_digest=datasets.TREE_DIGEST)
 
     def capture(self, side: str, template: str, stdin: bytes | None = None,
                 verbose: bool = False) -> tuple[str, str]:
@@ -264,20 +292,131 @@ class Harness:
         outcome = self._run(command, stdin, SETUP_TIMEOUT_S, side)
         return outcome.out.decode(errors="replace"), outcome.err.decode(errors="replace")
 
-    def timed(self, side: str, template: str, size: int, timeout: float,
-              warm: bool = True) -> Sample:
-        """Run one workload command on ``side``: its wall time, client start to client exit, and
-        what the server side of it cost."""
+    def prepare(self, kinds: Collection[str], in_guest: Collection[str], size: int,
+                files: int) -> None:
+        """Make data sets ``kinds`` on the host, and copy those in ``in_guest`` into the guest
+        through msb-proxy with ``peer.py``; both copies are checked against the host's digest."""
+        self.data.mkdir()
+        shutil.copy(PEER, self.data / PEER.name)
+        for kind in kinds:
+            datasets.make(kind, self.data, size, files)
+            self.digests[kind] = _first_word(self._host(
+                "msb-proxy", datasets.digest_command(kind, "{data}", "{peer}"), size,
+                SETUP_TIMEOUT_S))
+        members = [PEER.name, *("www" if kind == "page" else kind for kind in in_guest)]
+        self._guest_data = True
+        self._host("msb-proxy", f"tar -C {{data}} -cf - {' '.join(members)} | {{ssh}} "
+                   f"'rm -rf {GUEST_ROOT} && mkdir -p {GUEST_DATA} && "
+                   f"tar -C {GUEST_DATA} -xf -'", size, COPY_TIMEOUT_S)
+        for kind in in_guest:
+            found = _first_word(self._host(
+                "msb-proxy", "{ssh} " + shlex.quote(datasets.digest_command(
+                    kind, GUEST_DATA, GUEST_PEER)), size, SETUP_TIMEOUT_S))
+            if found != self.digests[kind]:
+                raise BenchError(f"the guest's copy of data set {kind} has digest {found}, the "
+                                 f"host's {self.digests[kind]}: the copy through msb-proxy "
+                                 "is broken")
+
+    def timed(self, side: str, work: Workload, size: int, timeout: float,
+              check: bool = False) -> Sample:
+        """One run of ``work`` on ``side`` with its set-up, background and teardown: its wall
+        time, client start to client exit, and what the server side of it cost. ``check``: then
+        also prove it moved the right bytes (see ``Workload.check``)."""
         time_file = self.root / f"time-{self._runs}"
         self._runs += 1
         time_file.touch()
-        guest_before = self._init_cpu(children=True)
-        outcome = self._run(self.command(side, template, size, warm), None, timeout, side,
-                            time_file)
-        guest = self._init_cpu(children=True) - guest_before
+        failed = True
+        try:
+            if work.setup:
+                self._host(side, work.setup, size, SETUP_TIMEOUT_S)
+            guest_before = self._init_cpu(children=True)
+            guests_before = self._guest_processes()
+            with self._backgrounded(side, work, size, time_file):
+                outcome = self._run(self.command(side, work.command, size, work.warm), None,
+                                    timeout, side, time_file)
+            self._settle(guests_before)
+            guest = self._init_cpu(children=True) - guest_before
+            if check and work.check:
+                with self._backgrounded(side, work, size, None):
+                    found = _first_word(self._host(side, work.check, size, timeout))
+                if found != self.digests.get(work.data):
+                    raise BenchError(
+                        f"{side}: {work.key} moved the wrong bytes: `{work.check}` printed "
+                        f"{found or 'nothing'}, data set {work.data} has "
+                        f"{self.digests.get(work.data)}")
+            failed = False
+        finally:
+            if work.teardown:
+                try:
+                    self._host(side, work.teardown, size, SETUP_TIMEOUT_S)
+                except BenchError:
+                    if not failed:
+                        raise
         rss_kib, proxy_cpu = _time_report(time_file)
         return Sample(outcome.seconds, rss_kib,
                       None if proxy_cpu is None else proxy_cpu + guest, outcome.linger)
+
+    def _host(self, side: str, template: str, size: int, timeout: float) -> str:
+        """Run an untimed host command for ``side`` (remote only through ``{ssh}``, the warm one);
+        its standard output; fails on a non-zero exit."""
+        outcome = self._run(self.command(side, template, size), None, timeout, side)
+        return outcome.out.decode(errors="replace")
+
+    @contextlib.contextmanager
+    def _backgrounded(self, side: str, work: Workload, size: int,
+                      time_file: Path | None) -> Iterator[None]:
+        """Keep ``work.background`` running (if any) while in the block: it is ready once
+        something listens on ``self.port``; it is ended with SIGTERM, and its ProxyCommand waited
+        for (it reports into ``time_file``), when the block ends."""
+        if not work.background:
+            yield
+            return
+        command = self.command(side, work.background, size, work.warm)
+        with tempfile.TemporaryFile() as err:
+            # exec: SIGTERM reaches ssh itself, which ends its ProxyCommand by closing its stdin
+            # (SIGHUP stays ignored: time must survive to report).
+            process = subprocess.Popen(
+                ["bash", "-c", f"trap '' HUP; exec {command}"], env=self._env(time_file),
+                cwd=self.root, start_new_session=True, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=err)
+            self._background.add(process.pid)
+            try:
+                self._wait_listening(process, command, side, err)
+                yield
+            finally:
+                process.terminate()
+                try:
+                    process.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    _kill_group(process.pid)
+                    process.wait()
+                self._background.discard(process.pid)
+                self._reap_orphans(command)
+
+    def _wait_listening(self, process: subprocess.Popen[bytes], command: str, side: str,
+                        err: IO[bytes]) -> None:
+        deadline = time.monotonic() + SETUP_TIMEOUT_S
+        while not _listening(self.port):
+            if process.poll() is not None:
+                err.seek(0)
+                lines = err.read().decode(errors="replace").strip().splitlines()
+                raise BenchError(f"{side}: `{command}` exited with {process.returncode} before "
+                                 f"it listened: {lines[-1] if lines else 'no error output'}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{side}: `{command}` did not listen on port {self.port} "
+                                 f"within {SETUP_TIMEOUT_S:.0f} s")
+            time.sleep(0.005)
+
+    def _guest_processes(self) -> set[int]:
+        """The jail init's children now: the guest processes msb-proxy started, and orphans."""
+        return _children(self.init_pid) if self.init_pid is not None else set()
+
+    def _settle(self, before: set[int]) -> None:
+        """Give the guest processes a run started a moment to end, so that the init has reaped
+        them (and counted their CPU time) before we read it."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while self._guest_processes() - before and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     def _env(self, time_file: Path | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
@@ -331,7 +470,8 @@ class Harness:
         when the last of it ended (``perf_counter``).
 
         We are a child subreaper, so the ProxyCommand's ``time`` comes to us once ssh exits;
-        waiting for it keeps one run's teardown out of the next run's time.
+        waiting for it keeps one run's teardown out of the next run's time. A background
+        ``ssh -L`` still running is not waited for.
         """
         last = time.perf_counter()
         if self.init_pid is None:
@@ -345,6 +485,8 @@ class Harness:
             if pid:
                 last = time.perf_counter()
                 continue
+            if self._background and _children(os.getpid()) <= self._background:
+                return last
             if time.monotonic() > deadline:
                 raise BenchError(
                     f"a ProxyCommand of `{command}` was still running "
@@ -374,8 +516,14 @@ class Harness:
 
     # ---- cleaning up
     def close(self) -> list[str]:
-        """Remove the sandbox and the temporary root; return what could not be cleaned up."""
+        """Remove the data sets, the sandbox and the temporary root; return what could not be
+        cleaned up."""
         problems: list[str] = []
+        if self._guest_data:
+            try:
+                self.capture("msb-proxy", f"rm -rf {GUEST_ROOT}")
+            except BenchError as exc:
+                problems.append(f"could not remove the data sets from the guest: {exc}")
         self._stop_warm_server()
         if self._started:
             removed = subprocess.run(
@@ -432,6 +580,46 @@ class Harness:
                 found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(
                     errors="replace").strip()
         return found
+
+
+def _plain(text: str) -> str:
+    """``text``, which must need no shell quoting: it goes into templates as it is, also inside
+    single-quoted remote commands."""
+    if not re.fullmatch(r"[\w./+:@%=,-]+( [\w./+:@%=,-]+)*", text):
+        raise BenchError(f"{text!r} has characters the bench does not quote: run it from a "
+                         "path without them")
+    return text
+
+
+def _first_word(text: str) -> str:
+    words = text.split()
+    return words[0] if words else ""
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _listening(port: int) -> bool:
+    """Whether a socket listens on 127.0.0.1:``port`` in our network namespace."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        return any(fields[1] == local and fields[3] == "0A"
+                   for fields in (line.split() for line in table) if len(fields) > 3)
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (all its threads')."""
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found.update(int(child) for child in (task / "children").read_text().split())
+    return found
 
 
 def _become_subreaper() -> None:

@@ -23,6 +23,8 @@ from .rows import Metric, Row, Sample
 __all__ = ["Figure", "Machine", "cpu_busy", "figure", "machine_cpu_seconds", "render", "size_arg",
            "size_words"]
 
+FAILED = "**failed**"  # the cell of a side whose run failed
+
 
 @dataclass(frozen=True)
 class Machine:
@@ -152,7 +154,9 @@ def _target(metric: Metric) -> str:
     return f"{bound} {metric.target:.2f} ({better})"
 
 
-def _met(metric: Metric, ratio: float | None) -> str:
+def _met(metric: Metric, ratio: float | None, mine: str) -> str:
+    if metric.target is not None and mine == FAILED:
+        return "**no**"
     if metric.target is None or ratio is None:
         return "-"
     ok = ratio <= metric.target if metric.lower_is_better else ratio >= metric.target
@@ -160,9 +164,11 @@ def _met(metric: Metric, ratio: float | None) -> str:
 
 
 def render(machine: Machine, handshakes: Mapping[str, Handshake], rows: Sequence[Row], *,
-           samples: Mapping[tuple[str, str], Sequence[Sample]], size: int,
+           samples: Mapping[tuple[str, str], Sequence[Sample]],
+           failures: Mapping[tuple[str, str], str], size: int, files: int,
            notes: Sequence[str]) -> str:
-    """The whole report as Markdown; ``samples`` is keyed by (workload key, side)."""
+    """The whole report as Markdown; ``samples`` and ``failures`` (what went wrong) are keyed
+    by (workload key, side). A side that failed a row's workload shows "failed", no figure."""
     lines = [
         "# msb-proxy vs OpenSSH sshd, same jail",
         "",
@@ -175,19 +181,24 @@ def render(machine: Machine, handshakes: Mapping[str, Handshake], rows: Sequence
         "| row | msb-proxy | sshd | ratio msb-proxy/sshd | target | met? |",
         "|---|---|---|---|---|---|",
     ]
-    words = {"size": size_words(size), "size_arg": size_arg(size)}
+    words = {"size": size_words(size), "size_arg": size_arg(size), "files": f"{files:,}"}
     for row in rows:
         per_side: dict[str, Figure | None] = {}
+        cells: dict[str, str] = {}
         for side in SIDES:
             pooled = [sample for key in row.workloads for sample in samples[(key, side)]]
             per_side[side] = figure(row.metric, pooled, size)
+            failed = any((key, side) in failures for key in row.workloads)
+            cells[side] = FAILED if failed else _cell(row.metric, per_side[side])
         mine, theirs = per_side["msb-proxy"], per_side["sshd"]
         ratio = mine.median / theirs.median if mine and theirs and theirs.median else None
         lines.append(
-            f"| {row.label.format(**words)} | {_cell(row.metric, mine)} "
-            f"| {_cell(row.metric, theirs)} | {'n/a' if ratio is None else f'{ratio:.2f}'} "
-            f"| {_target(row.metric)} | {_met(row.metric, ratio)} |")
-    lines += ["", *(f"- {note}" for note in notes)]
+            f"| {row.label.format(**words)} | {cells['msb-proxy']} "
+            f"| {cells['sshd']} | {'n/a' if ratio is None else f'{ratio:.2f}'} "
+            f"| {_target(row.metric)} | {_met(row.metric, ratio, cells['msb-proxy'])} |")
+    lines += ["", *(f"- **{key} failed on {side}**: {why}"
+                    for (key, side), why in failures.items())]
+    lines += [f"- {note}" for note in notes]
     lines += [f"- negotiated with {side}: {handshakes[side].describe()}"
               for side in SIDES if side in handshakes]
     return "\n".join(lines) + "\n"
