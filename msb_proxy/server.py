@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncssh
 
-from . import __version__
+from . import __version__, umac
 from .backends.base import Backend, GuestUser, Sandbox
 from .config import SandboxTemplate
 from .errors import UnknownUserError, UserError
@@ -132,6 +132,7 @@ class SshServer:
             if on_error is not None:
                 on_error(error)
 
+        umac.install()
         gate = _Gatekeeper(self, report)
         gate.sandbox_task = loop.create_task(
             self.backend.open(self.sandbox, options.template, progress))
