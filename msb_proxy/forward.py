@@ -1,6 +1,9 @@
 """Tunnels: ``-L``, ``-D``, ``-R``, unix sockets both ways, and agent forwarding, in the guest.
 
-Every tunnel of a connection goes through one guest relay (``guest/relay.py``, started on the
+A ``direct-tcpip`` channel to an IP address goes straight to a socket of the sandbox's network
+namespace when the backend can hand one out (the local backend's jail init makes it), so the
+data path has no guest process in it, as with sshd. Everything else of a connection goes
+through one guest relay (``guest/relay.py``, started on the
 first tunnel, as the login user): ``direct-tcpip`` and ``direct-streamlocal@openssh.com``
 channels are connections the relay makes from inside the sandbox; ``tcpip-forward`` and
 ``streamlocal-forward@openssh.com`` requests are listeners it opens there, whose connections
@@ -24,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import os
 import secrets
+import socket
 import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -265,7 +270,7 @@ class Relay:
 class TunnelSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes]):
     """An SSH forwarding channel carried by a :class:`RelayStream` (or a fallback process)."""
 
-    def __init__(self, stream: RelayStream | ProcessTunnel,
+    def __init__(self, stream: RelayStream | ProcessTunnel | SocketTunnel,
                  on_close: Callable[[], None] | None = None) -> None:
         self._stream = stream
         self._chan: TunnelChannel | None = None
@@ -319,6 +324,103 @@ class TunnelSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes
         if self._chan is not None and self._input_paused:
             self._input_paused = False
             self._chan.resume_reading()
+
+
+class SocketTunnel(asyncio.Protocol):
+    """``-L``/``-D`` to an address in the sandbox over a socket of its network namespace that
+    the backend handed us (:meth:`Sandbox.tcp_socket`): no guest process in the data path, as
+    with sshd, and the kernel's own flow control on the socket."""
+
+    def __init__(self) -> None:
+        self.session: TunnelSession | None = None
+        self._transport: asyncio.Transport | None = None
+        self._eof = False
+        self._lost = False
+
+    # ---- the socket
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
+        transport.pause_reading()  # type: ignore[attr-defined]  # until the channel is open
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.write(data)
+
+    def eof_received(self) -> bool:
+        if self.session is not None:
+            self.session.write_eof()
+        return True  # half-closed: the client may still send
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self.session is not None:
+            self.session.close()
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.pause_input()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.resume_input()
+
+    # ---- the channel
+    def attach(self, session: TunnelSession) -> None:
+        self.session = session
+        if self._lost:
+            session.close()
+        elif self._transport is not None:
+            self._transport.resume_reading()
+
+    def send(self, data: bytes) -> None:
+        if self._transport is not None and not self._eof and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def send_eof(self) -> None:
+        if self._transport is not None and not self._eof and not self._transport.is_closing():
+            self._eof = True
+            self._transport.write_eof()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()  # what the channel sent is written out first
+
+    def channel_paused(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def channel_resumed(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+
+async def connect_direct(sandbox: Sandbox, host: str, port: int) -> SocketTunnel | None:
+    """Connect to ``host`` (an IP address) in the sandbox on a socket of its network
+    namespace; None when ``host`` is a name (the guest resolves those, through the relay) or
+    the backend has no such sockets. A failed connect raises the channel open error."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = await sandbox.tcp_socket(family)
+    if sock is None:
+        return None
+    loop = asyncio.get_running_loop()
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+        _, tunnel = await loop.create_connection(SocketTunnel, sock=sock)
+    except OSError as exc:
+        sock.close()
+        if exc.errno:  # asyncio's text names the address; sshd gives the system's words
+            exc = OSError(exc.errno, os.strerror(exc.errno))
+        raise channel_open_error(exc) from None
+    except BaseException:
+        sock.close()
+        raise
+    return tunnel
 
 
 class ProcessTunnel:
@@ -446,6 +548,14 @@ async def open_agent_listener(relay: Relay, accept: AcceptHandler) -> str:
     return path
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def channel_open_error(exc: OSError | UserError) -> asyncssh.ChannelOpenError:
     """The open failure sshd sends for a connection that could not be made: the reason code
     (which the client prints as "connect failed") and the system's text."""
@@ -488,6 +598,7 @@ class Tunnels:
         self._relay: Relay | None = None
         self._relay_error: UserError | None = None
         self._starting = asyncio.Lock()
+        self._direct = True  # try sockets of the sandbox's namespace before the relay
         self.agent_path: str | None = None
 
     async def relay(self) -> Relay:
@@ -508,13 +619,18 @@ class Tunnels:
         if self._relay is not None:
             self._relay.close()
 
-    def _session(self, stream: RelayStream | ProcessTunnel) -> TunnelSession:
+    def _session(self, stream: RelayStream | ProcessTunnel | SocketTunnel) -> TunnelSession:
         self._opened()
         return TunnelSession(stream, on_close=self._closed)
 
     # ---- direct-tcpip, direct-streamlocal@openssh.com
     async def connect(self, host: str | None, port: int,
                       path: str | None = None) -> TunnelSession:
+        if path is None and host is not None and self._direct:
+            direct = await connect_direct(self._sandbox, host, port)
+            if direct is not None:
+                return self._session(direct)
+            self._direct = not _is_address(host)  # the backend has none: stop asking
         try:
             relay = await self.relay()
         except UserError:

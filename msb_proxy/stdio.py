@@ -109,7 +109,8 @@ class _PipePairTransport(asyncio.Transport):
             self._reader, _ = await self._loop.connect_read_pipe(
                 lambda: _ReadSide(self), os.fdopen(read_fd, "rb", buffering=0, closefd=False)
             )
-            self._reader.max_size = _PIPE_SIZE  # type: ignore[attr-defined]  # read it whole
+            if hasattr(self._reader, "max_size"):
+                self._reader.max_size = _PIPE_SIZE  # read it whole
         else:
             self._reader = _ThreadReader(self._loop, read_fd, _ReadSide(self))
 

@@ -1,8 +1,8 @@
 """-L and -D in a guest that cannot run the relay: socat, nc or bash carry each connection.
 
-The local backend forks its relay from the jail init, so it never needs this; a sandbox whose
-start_helper fails (as a microVM without python3 would) is made here by wrapping the local
-backend, and served through the real ssh client by the importable SshServer API.
+The local backend forks its relay from the jail init (and connects to addresses in the sandbox
+on sockets the init makes), so it never needs this; a sandbox whose start_helper fails and that
+hands out no sockets (as a microVM without python3) is made here by wrapping the local backend, and served through the real ssh client by the importable SshServer API.
 """
 
 from __future__ import annotations
@@ -30,8 +30,13 @@ from msb_proxy.stdio import SshSocketStream
 
 
 class _NoRelaySandbox(LocalSandbox):
+    """As a microVM without python3: no relay, and no sockets of its namespace for us."""
+
     async def start_helper(self, user: GuestUser, helper: str) -> Link:
         raise SandboxError(f"sandbox {self.name!r} has no python3 for the {helper} helper")
+
+    async def tcp_socket(self, family: int) -> socket.socket | None:
+        return None
 
 
 class _NoRelayBackend(LocalBackend):

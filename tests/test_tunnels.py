@@ -113,14 +113,22 @@ def exchange(address: int | str, data: bytes, timeout: float = WAIT_S) -> bytes:
         return bytes(reply)
 
 
+# A direct-tcpip channel to an address goes to a socket of the sandbox's network namespace
+# (local backend); to a name, through the guest relay, which resolves it in the guest. Both
+# carry the same tests.
+TARGETS = pytest.mark.parametrize("target", ["127.0.0.1", "localhost"],
+                                  ids=["direct-socket", "relay"])
+
+
 # ---- -L and -D to TCP servers in the guest
 
 
+@TARGETS
 def test_local_forward_reaches_a_guest_http_server_byte_for_byte(
-    msb: Env, guest: str, web: Web
+    msb: Env, guest: str, web: Web, target: str
 ) -> None:
     port = host_port()
-    with tunnel(msb, guest, "-L", f"{port}:127.0.0.1:{web.port}", ready=port):
+    with tunnel(msb, guest, "-L", f"{port}:{target}:{web.port}", ready=port):
         got = curl(f"http://127.0.0.1:{port}{web.path}")
     assert (got.returncode, got.stderr) == (0, b"")
     assert got.stdout == web.payload
@@ -254,13 +262,37 @@ def test_cancelled_remote_forward_stops_listening_in_the_guest(msb: Env, guest: 
 # ---- refused, slow and unresolvable targets
 
 
+def _guest_helpers(msb: Env, guest: str) -> int:
+    """How many guest helpers (the relay, forked from the jail init) are running now."""
+    listing = msb.ssh(guest, "ps -eo pid=,args=").out.splitlines()
+    return sum(1 for line in listing
+               if line.split(None, 1)[1].startswith("msb-init") and line.split()[0] != "1")
+
+
+@pytest.mark.parametrize(("target", "helpers"), [("127.0.0.1", 0), ("localhost", 1)],
+                         ids=["address-direct", "name-relay"])
+def test_tunnel_to_an_address_needs_no_process_in_the_guest(
+    msb: Env, guest: str, web: Web, target: str, helpers: int
+) -> None:
+    if msb.backend != "local":
+        pytest.skip("sockets of the sandbox's namespace are the local backend's")
+    assert wait_until(lambda: _guest_helpers(msb, guest) == 0, 10)
+    port = host_port()
+    with tunnel(msb, guest, "-L", f"{port}:{target}:{web.port}", ready=port):
+        got = curl(f"http://127.0.0.1:{port}{web.path}")
+        running = _guest_helpers(msb, guest)
+    assert got.stdout == web.payload
+    assert running == helpers
+
+
+@TARGETS
 def test_refused_target_fails_the_channel_open_at_once_while_other_tunnels_work(
-    msb: Env, guest: str, web: Web
+    msb: Env, guest: str, web: Web, target: str
 ) -> None:
     refused, healthy = host_port(), host_port()
     closed = guest_port()
-    with tunnel(msb, guest, "-o", "LogLevel=INFO", "-L", f"{refused}:127.0.0.1:{closed}",
-                "-L", f"{healthy}:127.0.0.1:{web.port}", ready=healthy) as client:
+    with tunnel(msb, guest, "-o", "LogLevel=INFO", "-L", f"{refused}:{target}:{closed}",
+                "-L", f"{healthy}:{target}:{web.port}", ready=healthy) as client:
         # A slow download through the healthy tunnel runs while the refusals happen.
         download = subprocess.Popen(
             ["curl", "-sS", "--max-time", str(WAIT_S), "--limit-rate", "1M",
@@ -334,27 +366,29 @@ def test_unresolvable_name_through_socks_fails_the_channel_open_cleanly(
 # ---- half-close
 
 
+@TARGETS
 def test_client_eof_reaches_the_guest_server_and_its_reply_comes_back(
-    msb: Env, guest: str
+    msb: Env, guest: str, target: str
 ) -> None:
     gport, port = guest_port(), host_port()
     data = os.urandom(5 << 20)
     with guest_server(msb, guest, f"python3 {GUEST_SERVERS_PATH} digest {gport}",
                       listening(gport)), \
-            tunnel(msb, guest, "-L", f"{port}:127.0.0.1:{gport}", ready=port):
+            tunnel(msb, guest, "-L", f"{port}:{target}:{gport}", ready=port):
         reply = exchange(port, data)
     assert reply == hashlib.sha256(data).hexdigest().encode()
 
 
+@TARGETS
 def test_guest_server_eof_reaches_the_client_while_the_client_still_sends(
-    msb: Env, guest: str
+    msb: Env, guest: str, target: str
 ) -> None:
     gport, port = guest_port(), host_port()
     record = f"/tmp/speak-first-{uuid.uuid4().hex[:8]}"
     data = os.urandom(3 << 20)
     with guest_server(msb, guest, f"python3 {GUEST_SERVERS_PATH} speak-first {gport} {record}",
                       listening(gport)), \
-            tunnel(msb, guest, "-L", f"{port}:127.0.0.1:{gport}", ready=port), \
+            tunnel(msb, guest, "-L", f"{port}:{target}:{gport}", ready=port), \
             socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
         greeting = bytearray()
         while chunk := sock.recv(65536):  # until the server's EOF
@@ -412,8 +446,9 @@ print(reply.decode())
 # ---- many tunnels at once
 
 
+@TARGETS
 def test_64_concurrent_tunnels_carry_checksummed_data_and_survive_siblings_closing(
-    msb: Env, guest: str
+    msb: Env, guest: str, target: str
 ) -> None:
     tunnels, size, aborted = 64, 2 << 20, set(range(5, 64, 8))
     gport, port = guest_port(), host_port()
@@ -456,7 +491,7 @@ def test_64_concurrent_tunnels_carry_checksummed_data_and_survive_siblings_closi
 
     with guest_server(msb, guest, f"python3 {GUEST_SERVERS_PATH} echo {gport} {peak_file}",
                       listening(gport)), \
-            tunnel(msb, guest, "-L", f"{port}:127.0.0.1:{gport}", ready=port) as client:
+            tunnel(msb, guest, "-L", f"{port}:{target}:{gport}", ready=port) as client:
         results = asyncio.run(everything())
         assert client.process.poll() is None, client.err
         again = exchange(port, b"still fine")

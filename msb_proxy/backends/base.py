@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import signal as _signal
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -252,6 +253,14 @@ class Sandbox(abc.ABC):
         )
         link.process = await self.spawn(spec, link)
         return link
+
+    async def tcp_socket(self, family: int) -> socket.socket | None:
+        """A new, unconnected TCP socket of ``family`` (``AF_INET``/``AF_INET6``) that lives in
+        the sandbox's network namespace, for connecting to an address there without a guest
+        process in between; None when the backend cannot hand one out (the default), and
+        tunnels then go through the guest relay.
+        """
+        return None
 
     async def close(self) -> None:  # noqa: B027  (a hook with a default, not abstract)
         """Release what this connection holds on the sandbox; the sandbox keeps running.

@@ -19,7 +19,10 @@ A caller that disconnects while its process still runs gets that process group h
 survives.
 
 Protocol: one ``SOCK_SEQPACKET`` connection per request, each message one JSON object.
-``{"op": "ping"}``, ``{"op": "user", "name": ...}``, ``{"op": "stop"}`` get one reply.
+``{"op": "ping"}``, ``{"op": "user", "name": ...}``, ``{"op": "stop"}`` get one reply;
+``{"op": "socket", "family": "inet"|"inet6"}`` gets it with an unconnected TCP socket of the
+sandbox's network namespace (the caller connects it: tunnels to a guest address need no guest
+process).
 ``{"op": "spawn", ...}`` gets ``{"ok": true, "pid": N}`` with the descriptors (stdin, stdout,
 stderr; or the terminal) and later ``{"exit": WAIT_STATUS}``; meanwhile the caller may send
 ``{"op": "signal", "sig": N}``.
@@ -53,6 +56,7 @@ from msb_proxy.guest import relay as guest_relay
 from msb_proxy.terminal import apply_modes, set_window_size
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_SOCKET_FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -384,6 +388,11 @@ class Init:
         elif op == "which":
             found = next((path for path in request["paths"] if _executable(path)), None)
             client.send({"ok": True, "path": found})
+        elif op == "socket":
+            # Made here, so it belongs to the sandbox's network namespace wherever it is used.
+            family = _SOCKET_FAMILIES[str(request["family"])]
+            with socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as made:
+                client.send({"ok": True}, [made.fileno()])
         elif op == "stop":
             client.send({"ok": True})
             self.stop()

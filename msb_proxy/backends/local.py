@@ -316,6 +316,21 @@ class LocalSandbox(Sandbox):
         found = reply.get("path")
         return str(found) if found else None
 
+    async def tcp_socket(self, family: int) -> socket.socket | None:
+        """From the jail init, which makes it in the sandbox's network namespace."""
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        name = "inet6" if family == socket.AF_INET6 else "inet"
+        try:
+            reply, fds = await _request(self.socket_path, {"op": "socket", "family": name})
+        except (OSError, ValueError):
+            return None
+        if not reply.get("ok") or len(fds) != 1:  # an init from before the op: the relay
+            for fd in fds:
+                os.close(fd)
+            return None
+        return socket.socket(fileno=fds[0])
+
     async def start_helper(self, user: GuestUser, helper: str) -> Link:
         """The helper forked from the jail init as ``user``: no Python needed in the guest."""
         from ..helpers import SocketLink
@@ -394,7 +409,8 @@ class LocalProcess(GuestProcess):
                 lambda e=is_stderr: _OutputReader(self, e),  # type: ignore[misc]
                 os.fdopen(fd, "rb", buffering=0),
             )
-            transport.max_size = READ_SIZE  # type: ignore[attr-defined]
+            with contextlib.suppress(AttributeError):  # uvloop's reads are its own size
+                transport.max_size = READ_SIZE  # type: ignore[attr-defined]
             self._readers.append(transport)
             self._open_outputs += 1
         stdin, _ = await self._loop.connect_write_pipe(
