@@ -10,7 +10,9 @@ on the host (they write back the value already there).
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -336,3 +338,26 @@ def test_background_process_lives_until_stop_and_nothing_is_left_after(
     stop = msb.msb_proxy("stop", fresh_sandbox)
     assert (stop.returncode, stop.err) == (0, "")
     assert _pids_in_namespace(namespace) == []
+
+
+def test_guest_processes_get_default_signals_whoever_started_the_sandbox(
+    msb: Env, fresh_sandbox: str
+) -> None:
+    """Ignored signals survive exec: the jail init must not pass on what the process that
+    first started the sandbox ignored (here as a script's `nohup ... &` job would)."""
+    if msb.backend != "local":
+        pytest.skip("the jail init is the local backend's")
+
+    def as_a_background_job() -> None:
+        for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+    # Served in the ProxyCommand itself, so the sandbox's init descends from that job.
+    done = subprocess.run(
+        ["ssh", "-F", str(msb.cold_config), msb.host(fresh_sandbox),
+         "grep -E '^Sig(Blk|Ign):' /proc/self/status"],
+        preexec_fn=as_a_background_job, capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL, check=False)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.split() == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16]

@@ -220,6 +220,20 @@ def pivot() -> None:
 # Guest accounts
 
 
+def _default_signals() -> None:
+    """Every signal back to its default action and unblocked, as a login gets it from sshd.
+
+    Ignored signals survive exec, so without this a guest process would inherit whatever the
+    first msb-proxy of the sandbox happened to ignore (a shell's background job ignores
+    SIGINT and SIGQUIT; nohup, SIGHUP), and Ctrl-C would do nothing in the sandbox for good.
+    """
+    for signum in signal.valid_signals():
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
 def _read_table(path: str) -> list[list[str]]:
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as handle:
@@ -456,8 +470,7 @@ class Init:
         """
         try:
             signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ):
-                signal.signal(signum, signal.SIG_DFL)
+            _default_signals()
             os.setsid()
             if request.get("pty") is not None:
                 fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
