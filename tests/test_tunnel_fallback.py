@@ -2,7 +2,8 @@
 
 The local backend forks its relay from the jail init (and connects to addresses in the sandbox
 on sockets the init makes), so it never needs this; a sandbox whose start_helper fails and that
-hands out no sockets (as a microVM without python3) is made here by wrapping the local backend, and served through the real ssh client by the importable SshServer API.
+hands out no sockets (as a microVM without python3) is made here by wrapping the local backend,
+and served through the real ssh client by the importable SshServer API.
 """
 
 from __future__ import annotations
