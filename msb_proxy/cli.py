@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
@@ -216,20 +216,9 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
         if sandbox is not None:
             tracker.sandbox_opened(sandbox)
 
-    with ConnectionTracker(state, name, template, os.environ) as tracker, \
-            asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-        runner.run(serve(tracker))
+    with ConnectionTracker(state, name, template, os.environ) as tracker:
+        asyncio.run(serve(tracker))
     return 0
-
-
-def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop, when installed: it runs the loop and the pipe and socket
-    transports in C, which is most of what a small SSH packet costs beyond asyncssh itself."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 def _lifecycle(config: Config, command: str, name: str) -> int:

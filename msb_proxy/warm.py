@@ -190,9 +190,6 @@ def _preload() -> None:
 
     import asyncssh  # noqa: F401
 
-    with contextlib.suppress(ImportError):
-        import uvloop  # noqa: F401
-
     from . import cli, files, scp, server, session, sftp, stdio  # noqa: F401
     from .backends import base, local  # noqa: F401
 
