@@ -90,7 +90,10 @@ def served(msb: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
         "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel INFO\n")
     subprocess.run(["ssh", "-F", str(config), "fallback",
                     "cd /tmp && echo fallback-ok > probe.txt && "
-                    "(nohup python3 -m http.server 8777 --bind 127.0.0.1 >/dev/null 2>&1 &)"],
+                    "(nohup python3 -m http.server 8777 --bind 127.0.0.1 >/dev/null 2>&1 &) && "
+                    # Listening before any test: a refused connect through socat is no "7".
+                    "for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/8777) 2>/dev/null "
+                    "&& exit 0; sleep 0.1; done; exit 1"],
                    check=True, timeout=60)
     yield config, name
     loop.call_soon_threadsafe(finish.set)
