@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncssh
 
-from . import __version__, umac
+from . import __version__, sendpath, umac
 from .backends.base import Backend, GuestUser, Sandbox
 from .config import SandboxTemplate
 from .errors import UnknownUserError, UserError
@@ -180,27 +180,6 @@ class SshServer:
         return sandbox
 
 
-_EMPTY_STRING = b"\0\0\0\0"
-
-
-def _without_ignore_padding(conn: asyncssh.SSHServerConnection) -> None:
-    """Stop asyncssh putting an empty ``SSH_MSG_IGNORE`` before every packet it sends.
-
-    That padding is the old countermeasure to an attack on CBC ciphers, which we never offer;
-    with CTR and GCM it protects nothing, OpenSSH's sshd does not send it, and it doubles the
-    packets (encryption, MAC and a write each) on every transfer. asyncssh sends it through
-    the connection's own ``send_packet``, which this instance attribute answers first.
-    """
-    send_packet = conn.send_packet
-
-    def send_without_padding(pkttype: int, *args: bytes, handler: Any = None) -> None:
-        if pkttype == asyncssh.MSG_IGNORE and args == (_EMPTY_STRING,):
-            return
-        send_packet(pkttype, *args, handler=handler)
-
-    conn.send_packet = send_without_padding  # type: ignore[method-assign]
-
-
 def _preferred_ciphers() -> list[str]:
     if _cpu_has_aes():
         return AES_CIPHERS
@@ -274,7 +253,7 @@ class _Gatekeeper(asyncssh.SSHServer):
     # ---- asyncssh.SSHServer
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
-        _without_ignore_padding(conn)
+        sendpath.install(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.sandbox_task is not None and not self.sandbox_task.done():

@@ -50,3 +50,14 @@ def test_install_is_idempotent() -> None:
     assert umac.install()
     handler, _, _ = asyncssh_mac._mac_handler[b"umac-64-etm@openssh.com"]
     assert handler is umac.CachedKeyUMAC
+
+
+def test_sign_parts_is_sign_of_the_joined_parts(reference: Reference) -> None:
+    key, _ = reference
+    ours = asyncssh_mac.get_mac(b"umac-64-etm@openssh.com", key)
+    assert isinstance(ours, umac.CachedKeyUMAC)
+    rng = random.Random(11)
+    for seq in [0, 1, 2, 900, 3, 2**32]:
+        parts = [rng.randbytes(rng.choice([0, 4, 31, 1024, 32768])) for _ in range(3)]
+        joined = ours.sign(seq, b"".join(parts))
+        assert ours.sign_parts(seq, *parts) == joined
