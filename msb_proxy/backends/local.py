@@ -72,7 +72,9 @@ LOCK_WAIT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 PTY_DRAIN_S = 0.2
 STDIN_HIGH_WATER = 256 * 1024
-READ_SIZE = 1 << 20  # the guest's stdout pipe holds this much: read it whole
+# Reads of the guest's output: in 256 KiB a read and the packets made of it stay in the CPU's
+# cache (1 GiB download: 4.2 s against 5.1 s with 1 MiB reads, 4.7 s with 64 KiB).
+READ_SIZE = 256 << 10
 SEND_BUFFER = 8 << 20  # one spawn request carries the whole environment and command line
 _UNIX_PATH_MAX = 107
 
