@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,6 +182,37 @@ def test_stdout_is_only_the_banner_when_the_client_closes_its_pipe(private: Env)
     private.host("banner")
     run = _proxy(private, "stdio", "--quiet", "--host-prefix", "msb-", "msb-banner", timeout=20)
     assert (run.returncode, run.stdout, run.err) == (0, BANNER, "")
+
+
+def _holders(directory: Path) -> list[int]:
+    """Processes with a file under ``directory`` open (a jail init holds its init.log)."""
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            links = [os.readlink(fd) for fd in fd_dir.iterdir()]
+        except OSError:
+            continue
+        if any(link.startswith(f"{directory}/") for link in links):
+            found.append(int(fd_dir.parent.name))
+    return found
+
+
+def test_client_leaving_while_its_sandbox_starts_leaves_no_jail_behind(private: Env) -> None:
+    """The client is gone before the jail is up (here at once): the start is called off and
+    the half-started jail taken down, so nothing is left that `rm` could miss."""
+    private.host("leaver")
+    with open(os.devnull, "rb") as devnull:
+        run = _proxy(private, "stdio", "--quiet", "--host-prefix", "msb-", "msb-leaver",
+                     stdin=devnull.fileno(), timeout=20)
+    assert (run.returncode, run.stdout) == (0, BANNER)
+    directory = private.home / "sandboxes" / "leaver"
+    removed = private.msb_proxy("rm", "leaver")
+    # Either it got as far as existing (and is removed now) or it never did.
+    assert removed.returncode == 0 or "there is no sandbox 'leaver'" in removed.err, removed.err
+    deadline = time.monotonic() + 10
+    while _holders(directory) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _holders(directory) == []
 
 
 # ---- configuration sources

@@ -198,11 +198,16 @@ class LocalBackend(Backend):
         try:
             reply = await asyncio.wait_for(_read_all(ready_r), START_TIMEOUT_S)
         except TimeoutError:
-            process.kill()
+            _kill_group(process.pid)
             raise SandboxError(
                 f"sandbox {name!r} did not start within {START_TIMEOUT_S:.0f} s; "
                 f"see {directory / 'init.log'}"
             ) from None
+        except asyncio.CancelledError:
+            # The client left while the jail was coming up: take it down rather than leave an
+            # init that no msb-proxy waited for (and that `rm` could miss while it had no pid).
+            _kill_group(process.pid)
+            raise
         finally:
             os.close(ready_r)
             await asyncio.get_running_loop().run_in_executor(None, process.wait)
@@ -669,6 +674,13 @@ def _read_pid(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL the jail launcher's process group: the launcher and the init it forks (the
+    init stays in the group until it serves), and with the init its whole PID namespace."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
