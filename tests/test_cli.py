@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PROXY, Env, Run, install
+from conftest import PROXY, WARM_IDLE_S, Env, Run, install
 
 from msb_proxy import __version__
 
@@ -74,7 +74,9 @@ def _proxy(env: Env, *args: str, stdin: int | None = None,
 def _proxy_config(env: Env, flag: str | None, variable: str | None) -> Path:
     """An ssh config whose ProxyCommand passes ``--backend flag`` and ``MSB_PROXY_BACKEND``."""
     settings = ["env", "-u", "MSB_PROXY_BACKEND", f"HOME={env.user_home}",
-                f"MSB_PROXY_HOME={env.home}", f"MSB_PROXY_ROOTFS={env.rootfs}"]
+                f"MSB_PROXY_HOME={env.home}", f"MSB_PROXY_ROOTFS={env.rootfs}",
+                # The installation's own warm server, gone soon after the test.
+                f"XDG_RUNTIME_DIR={env.runtime_dir}", f"MSB_PROXY_WARM_IDLE_S={WARM_IDLE_S}"]
     if variable is not None:
         settings.append(f"MSB_PROXY_BACKEND={variable}")
     command = [*settings, str(PROXY), "stdio", "--quiet", "--host-prefix", "msb-"]
