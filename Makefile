@@ -26,9 +26,9 @@ install: $(BIN)/msb-proxy client-key
 # ssh offers ~/.ssh/id_* and msb-proxy accepts ~/.ssh/*.pub by default: a user with no key at all
 # gets one, so `ssh -F contrib/ssh_config.example msb-demo` works right away.
 client-key:
-	@if ! for k in id_ed25519 id_ecdsa id_rsa; do [ -e "$$HOME/.ssh/$$k" ] && exit 0; done; false; then \
-	  mkdir -p -m 700 $$HOME/.ssh && ssh-keygen -q -t ed25519 -N '' -f $$HOME/.ssh/id_ed25519 && \
-	  echo "created $$HOME/.ssh/id_ed25519 (no passphrase) to log in to sandboxes"; fi
+	@for k in id_ed25519 id_ecdsa id_rsa; do [ -e "$$HOME/.ssh/$$k" ] && exit 0; done; \
+	mkdir -p -m 700 "$$HOME/.ssh" && ssh-keygen -q -t ed25519 -N '' -f "$$HOME/.ssh/id_ed25519" && \
+	echo "created $$HOME/.ssh/id_ed25519 (no passphrase) to log in to sandboxes"
 
 rootfs:
 	scripts/build-rootfs "$(ROOTFS)"
