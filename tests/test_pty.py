@@ -15,7 +15,7 @@ import time
 
 import asyncssh
 import pexpect
-from conftest import PROXY, Env
+from conftest import Env
 
 TIMEOUT_S = 60  # the machine is shared: generous for waiting, exact about what arrives
 
@@ -159,9 +159,7 @@ def test_without_a_terminal_ssh_tty_is_unset_and_tty_says_not_a_tty(
 
 
 def test_terminal_modes_from_pty_req_are_applied(msb: Env, sandbox: str) -> None:
-    proxy = ["env", f"HOME={msb.user_home}", f"MSB_PROXY_HOME={msb.home}",
-             f"MSB_PROXY_ROOTFS={msb.rootfs}", str(PROXY), "stdio", "--backend", msb.backend,
-             "--host-prefix", "msb-", msb.host(sandbox)]
+    proxy = [*msb.proxy_command(), msb.host(sandbox)]
 
     async def main() -> asyncssh.SSHCompletedProcess:
         async with asyncssh.connect(
