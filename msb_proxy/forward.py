@@ -396,14 +396,11 @@ class SocketTunnel(asyncio.Protocol):
 
 
 async def connect_direct(sandbox: Sandbox, host: str, port: int) -> SocketTunnel | None:
-    """Connect to ``host`` (an IP address) in the sandbox on a socket of its network
-    namespace; None when ``host`` is a name (the guest resolves those, through the relay) or
-    the backend has no such sockets. A failed connect raises the channel open error."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    """Connect to ``host``, an IP address, in the sandbox on a socket of its network
+    namespace; None when the backend has no such sockets. A failed connect raises the
+    channel open error."""
+    version = ipaddress.ip_address(host).version
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
     sock = await sandbox.tcp_socket(family)
     if sock is None:
         return None
@@ -626,11 +623,13 @@ class Tunnels:
     # ---- direct-tcpip, direct-streamlocal@openssh.com
     async def connect(self, host: str | None, port: int,
                       path: str | None = None) -> TunnelSession:
-        if path is None and host is not None and self._direct:
+        # An address: a socket of the sandbox's namespace. A name: the relay, for the guest
+        # resolves it.
+        if path is None and host is not None and self._direct and _is_address(host):
             direct = await connect_direct(self._sandbox, host, port)
             if direct is not None:
                 return self._session(direct)
-            self._direct = not _is_address(host)  # the backend has none: stop asking
+            self._direct = False  # the backend hands out no sockets: stop asking
         try:
             relay = await self.relay()
         except UserError:

@@ -61,18 +61,13 @@ class CachedKeyUMAC:
         self._next_seq = -1  # the nonce the context holds after the last digest
 
     def sign(self, seq: int, packet: bytes) -> bytes:
+        return self.sign_parts(seq, packet)
+
+    def sign_parts(self, seq: int, *parts: bytes) -> bytes:
+        """The tag of the parts joined, without joining them."""
         # The nonce is the packet's 64-bit sequence number (RFC 4418 as OpenSSH uses it).
         # digest() resets the hash and increments the nonce, the key untouched: packets come
         # in sequence, so the nonce is set only for the first one and after a gap.
-        if seq != self._next_seq:
-            self._set_nonce(self._keyed, self._nonce_size, _PACK_SEQ(seq))
-        self._update(self._keyed, ctypes.c_size_t(len(packet)), packet)
-        self._digest(self._keyed, self._tag_size, self._tag)
-        self._next_seq = seq + 1 if seq < _SEQ_MASK else -1
-        return self._tag.raw
-
-    def sign_parts(self, seq: int, *parts: bytes) -> bytes:
-        """:meth:`sign` of the parts joined, without joining them."""
         if seq != self._next_seq:
             self._set_nonce(self._keyed, self._nonce_size, _PACK_SEQ(seq))
         for part in parts:
