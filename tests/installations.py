@@ -33,6 +33,13 @@ def make_installation(msb: Env, config_toml: str = "") -> Env:
     return env
 
 
+def configure(env: Env, text: str) -> Path:
+    """Write ``text`` as the installation's ``config.toml``; its path."""
+    path = env.home / "config.toml"
+    path.write_text(text)
+    return path
+
+
 def loud(env: Env) -> Env:
     """``env`` with a ProxyCommand that shows progress (no ``--quiet``); same sandboxes list."""
     path = env.root / "ssh_config.loud"

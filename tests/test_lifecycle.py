@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from conftest import TEST_BACKEND, Env, Run
 from installations import (
+    configure,
     gone,
     init_pid,
     loud,
@@ -51,12 +52,6 @@ def private(msb: Env) -> Iterator[Env]:
     env = make_installation(msb)
     yield env
     remove_installation(env)
-
-
-def _configure(env: Env, text: str) -> Path:
-    path = env.home / "config.toml"
-    path.write_text(text)
-    return path
 
 
 def _refused(env: Env, name: str, config: Path) -> str:
@@ -131,7 +126,7 @@ def test_quiet_shows_no_progress_even_when_creating(private: Env) -> None:
 def test_missing_sandbox_is_refused_in_one_line_when_defaults_forbid_creating(
     private: Env,
 ) -> None:
-    config = _configure(private, "[defaults]\ncreate = false\n")
+    config = configure(private, "[defaults]\ncreate = false\n")
     run = _quiet_ssh(loud(private), "nope", "true")
     assert (run.returncode, run.out) == (SSH_GAVE_UP, "")
     assert run.err == _refused(private, "nope", config) + "\n"
@@ -139,7 +134,7 @@ def test_missing_sandbox_is_refused_in_one_line_when_defaults_forbid_creating(
 
 
 def test_pattern_table_forbids_creating_what_defaults_allow(private: Env) -> None:
-    config = _configure(private,
+    config = configure(private,
                         '[defaults]\ncreate = true\n\n[sandbox."prod-*"]\ncreate = false\n')
     refused = _quiet_ssh(loud(private), "prod-db", "true")
     assert (refused.returncode, refused.out) == (SSH_GAVE_UP, "")
@@ -169,7 +164,7 @@ ORDERS = {
 def test_pattern_tables_override_defaults_and_each_other_in_file_order(
     private: Env, text: str, name: str, created: bool
 ) -> None:
-    config = _configure(private, text)
+    config = configure(private, text)
     run = _quiet_ssh(private, name, "echo in")
     if created:
         assert (run.returncode, run.out, run.err) == (0, "in\n", "")
@@ -255,7 +250,7 @@ def test_progress_on_a_terminal_is_one_line_redrawn_in_place(private: Env) -> No
 
 def test_error_on_a_terminal_is_a_line_of_its_own(private: Env) -> None:
     missing = private.root / "missing"
-    _configure(private, f'[defaults]\nvolumes = ["{missing}:/mnt/data"]\n')
+    configure(private, f'[defaults]\nvolumes = ["{missing}:/mnt/data"]\n')
     run, written = _ssh_with_stderr_on_a_terminal(loud(private), "broken", "true")
     assert (run.returncode, run.out) == (SSH_GAVE_UP, "")
     error = (f"msb-proxy: sandbox 'broken': volume '{missing}:/mnt/data': {missing} does not "
@@ -303,7 +298,7 @@ def test_16_simultaneous_connections_create_the_sandbox_once(private: Env) -> No
 def test_stop_after_idle_counts_from_the_last_of_overlapping_connections_and_only_where_set(
     private: Env,
 ) -> None:
-    _configure(private, '[sandbox."idle-*"]\nstop_after_idle = "2s"\n')
+    configure(private, '[sandbox."idle-*"]\nstop_after_idle = "2s"\n')
     assert private.ssh("keep", "true").returncode == 0
     keep_pid = init_pid(private, "keep")
 
@@ -378,7 +373,7 @@ def _master_running(env: Env, name: str) -> bool:
 def test_unused_control_master_is_disconnected_after_the_inactivity_timeout(
     private: Env,
 ) -> None:
-    _configure(private, '[defaults]\ninactivity_timeout = "2s"\n')
+    configure(private, '[defaults]\ninactivity_timeout = "2s"\n')
     assert private.ssh("unused", "true").returncode == 0
     _start_master(private, "unused")
     assert _master_running(private, "unused")
@@ -387,7 +382,7 @@ def test_unused_control_master_is_disconnected_after_the_inactivity_timeout(
 
 
 def test_open_session_keeps_its_connection_past_the_inactivity_timeout(private: Env) -> None:
-    _configure(private, '[defaults]\ninactivity_timeout = "2s"\n')
+    configure(private, '[defaults]\ninactivity_timeout = "2s"\n')
     assert private.ssh("used", "true").returncode == 0
     _start_master(private, "used")
     session = subprocess.Popen(
@@ -405,7 +400,7 @@ def test_open_session_keeps_its_connection_past_the_inactivity_timeout(private: 
 
 
 def test_keepalive_ends_the_connection_of_a_stalled_client(private: Env) -> None:
-    _configure(private, '[sandbox."ka-*"]\nkeepalive = "1s"\n')
+    configure(private, '[sandbox."ka-*"]\nkeepalive = "1s"\n')
     clients = {}
     for name in ("ka-1", "plain"):
         client = subprocess.Popen(

@@ -9,11 +9,17 @@ backend cannot give (a network, an OCI image) is refused in one line, before any
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import TEST_BACKEND, Env, Run
-from installations import loud, make_installation, one_line, proxy_stdio, remove_installation
+from installations import (
+    configure,
+    loud,
+    make_installation,
+    one_line,
+    proxy_stdio,
+    remove_installation,
+)
 
 SSH_GAVE_UP = 255
 local_only = pytest.mark.skipif(
@@ -28,12 +34,6 @@ def private(msb: Env) -> Iterator[Env]:
     remove_installation(env)
 
 
-def _configure(env: Env, text: str) -> Path:
-    path = env.home / "config.toml"
-    path.write_text(text)
-    return path
-
-
 def _quiet_ssh(env: Env, name: str, *command: str, user: str | None = None) -> Run:
     """``ssh`` with the client's own messages off (``LogLevel QUIET``): stderr is msb-proxy's."""
     return env.ssh(name, *command, user=user, options=["-o", "LogLevel=QUIET"])
@@ -43,7 +43,7 @@ def _quiet_ssh(env: Env, name: str, *command: str, user: str | None = None) -> R
 
 
 def test_template_env_is_in_every_sessions_environment(private: Env) -> None:
-    _configure(private, '[sandbox."app-*"]\nenv = { APP_ENV = "dev", GREETING = "hello world" }\n')
+    configure(private, '[sandbox."app-*"]\nenv = { APP_ENV = "dev", GREETING = "hello world" }\n')
     show = 'printf "%s|%s\\n" "$APP_ENV" "$GREETING"'
     command = private.ssh("app-1", show)
     assert (command.returncode, command.out, command.err) == (0, "dev|hello world\n", "")
@@ -57,7 +57,7 @@ def test_template_env_is_in_every_sessions_environment(private: Env) -> None:
 
 
 def test_login_name_the_guest_lacks_runs_as_the_template_user(private: Env) -> None:
-    _configure(private, '[defaults]\nuser = "dev"\n')
+    configure(private, '[defaults]\nuser = "dev"\n')
     who = "id -un; echo $HOME"
     ghost = private.ssh("users", who, user="ghost")
     assert (ghost.returncode, ghost.out, ghost.err) == (0, "dev\n/home/dev\n", "")
@@ -78,7 +78,7 @@ def test_read_only_volume_is_visible_and_refuses_writes(private: Env) -> None:
     shared = private.root / "shared"
     shared.mkdir()
     (shared / "hello.txt").write_text("from the host\n")
-    _configure(private, f'[defaults]\nvolumes = ["{shared}:/mnt/shared:ro"]\n')
+    configure(private, f'[defaults]\nvolumes = ["{shared}:/mnt/shared:ro"]\n')
     read = private.ssh("vol", "cat /mnt/shared/hello.txt")
     assert (read.returncode, read.out, read.err) == (0, "from the host\n", "")
     write = private.ssh("vol", "echo x > /mnt/shared/new.txt")
@@ -91,7 +91,7 @@ def test_read_only_volume_is_visible_and_refuses_writes(private: Env) -> None:
 def test_read_write_volume_shares_writes_both_ways(private: Env) -> None:
     work = private.root / "work"
     work.mkdir()
-    _configure(private, f'[defaults]\nvolumes = ["{work}:/srv/work"]\n')
+    configure(private, f'[defaults]\nvolumes = ["{work}:/srv/work"]\n')
     write = private.ssh("vol", "echo from the guest > /srv/work/out.txt")
     assert (write.returncode, write.err) == (0, "")
     assert (work / "out.txt").read_text() == "from the guest\n"
@@ -104,7 +104,7 @@ def test_read_write_volume_shares_writes_both_ways(private: Env) -> None:
 @local_only
 def test_volume_whose_host_path_is_missing_is_a_one_line_error(private: Env) -> None:
     missing = private.root / "missing"
-    _configure(private, f'[defaults]\nvolumes = ["{missing}:/mnt/data"]\n')
+    configure(private, f'[defaults]\nvolumes = ["{missing}:/mnt/data"]\n')
     run = _quiet_ssh(private, "vol", "true")
     assert (run.returncode, run.out) == (SSH_GAVE_UP, "")
     assert one_line(run) == (f"msb-proxy: sandbox 'vol': volume '{missing}:/mnt/data': {missing} "
@@ -115,7 +115,7 @@ def test_volume_whose_host_path_is_missing_is_a_one_line_error(private: Env) -> 
 
 @local_only
 def test_network_is_refused_by_the_local_backend_in_one_line(private: Env) -> None:
-    _configure(private, '[sandbox."net-*"]\nnetwork = "public"\n')
+    configure(private, '[sandbox."net-*"]\nnetwork = "public"\n')
     run = _quiet_ssh(private, "net-1", "true")
     assert (run.returncode, run.out) == (SSH_GAVE_UP, "")
     assert one_line(run) == (
@@ -126,7 +126,7 @@ def test_network_is_refused_by_the_local_backend_in_one_line(private: Env) -> No
 
 @local_only
 def test_oci_image_is_refused_by_the_local_backend_in_one_line(private: Env) -> None:
-    _configure(private, '[sandbox."py-*"]\nimage = "python:3.12"\n')
+    configure(private, '[sandbox."py-*"]\nimage = "python:3.12"\n')
     run = _quiet_ssh(private, "py-1", "true")
     assert (run.returncode, run.out) == (SSH_GAVE_UP, "")
     assert one_line(run) == (
@@ -139,14 +139,14 @@ def test_oci_image_is_refused_by_the_local_backend_in_one_line(private: Env) -> 
 def test_image_directory_is_the_root_the_sandbox_is_created_from(private: Env) -> None:
     image = private.root / "my rootfs"
     image.symlink_to(private.rootfs)
-    _configure(private, f'[sandbox."img-*"]\nimage = "{image}"\n')
+    configure(private, f'[sandbox."img-*"]\nimage = "{image}"\n')
     run = loud(private).ssh("img-1", "echo in")
     assert (run.returncode, run.out) == (0, "in\n")
     assert run.err.startswith(f"msb-proxy: creating sandbox 'img-1' from {image} ...\n")
 
 
 def test_valid_forms_of_every_key_are_accepted(private: Env) -> None:
-    _configure(private, (
+    configure(private, (
         '[defaults]\nbackend = "local"\ncreate = true\nstop_after_idle = "1h30m"\n'
         'keepalive = 30\ninactivity_timeout = "10m"\naccept_env = ["MY_*"]\n\n'
         '[sandbox."all-*"]\ncpus = 2\nmemory = "2GiB"\nenv = { A = "1" }\nworkdir = "/root"\n'
@@ -202,7 +202,7 @@ BAD_CONFIGS = {
 def test_bad_config_is_one_line_naming_the_file_table_key_and_form(
     private: Env, text: str, message: str
 ) -> None:
-    config = _configure(private, text)
+    config = configure(private, text)
     # The bad table is for web-* sandboxes; a connection to any sandbox is refused all the same.
     run = proxy_stdio(private, "msb-api")
     assert run.returncode != 0
@@ -212,7 +212,7 @@ def test_bad_config_is_one_line_naming_the_file_table_key_and_form(
 
 
 def test_bad_config_through_ssh_is_the_same_one_line(private: Env) -> None:
-    config = _configure(private, '[sandbox."web-*"]\nstop_after_idle = "soon"\n')
+    config = configure(private, '[sandbox."web-*"]\nstop_after_idle = "soon"\n')
     run = _quiet_ssh(private, "web-1", "true")
     assert (run.returncode, run.out) == (SSH_GAVE_UP, "")
     assert one_line(run) == (
@@ -226,7 +226,7 @@ def test_config_file_path_with_spaces_is_named_whole(msb: Env) -> None:
         spaced = env.root / "my home"
         env.home.rename(spaced)
         env.home = spaced
-        config = _configure(env, '[defaults]\nmemory = "lots"\n')
+        config = configure(env, '[defaults]\nmemory = "lots"\n')
         run = proxy_stdio(env, "msb-api")
         assert run.returncode != 0
         assert run.stdout == b""

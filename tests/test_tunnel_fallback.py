@@ -125,6 +125,26 @@ def _through(config: Path, forward: list[str], url: str, socks: int | None = Non
         tunnel.wait(timeout=10)
 
 
+def _refusal(config: Path, guest_port: int) -> str:
+    """What ``ssh -L`` to guest port ``guest_port`` prints once a connection through it has
+    been tried (its open failed, as the tests expect)."""
+    port = _free_port()
+    tunnel = subprocess.Popen(["ssh", "-F", str(config), "-N", "-L",
+                               f"{port}:127.0.0.1:{guest_port}", "fallback"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(100):
+            done = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/"], check=False,
+                                  capture_output=True)
+            if done.returncode != 7:  # 7: nothing listening locally yet
+                break
+            time.sleep(0.1)
+    finally:
+        tunnel.terminate()
+        _, err = tunnel.communicate(timeout=10)
+    return err
+
+
 def _hide(config: Path, *programs: str) -> None:
     for program in programs:
         subprocess.run(["ssh", "-F", str(config), "fallback",
@@ -166,19 +186,7 @@ def test_refused_target_fails_the_channel_open_with_the_reason(
     served: tuple[Path, str]
 ) -> None:
     config, _ = served
-    port = _free_port()
-    tunnel = subprocess.Popen(["ssh", "-F", str(config), "-N", "-L", f"{port}:127.0.0.1:1",
-                               "fallback"], stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(100):
-            done = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/"], check=False,
-                                  capture_output=True)
-            if done.returncode != 7:
-                break
-            time.sleep(0.1)
-    finally:
-        tunnel.terminate()
-        _, err = tunnel.communicate(timeout=10)
+    err = _refusal(config, 1)
     assert "open failed: connect failed: Connection refused" in err
 
 
@@ -190,20 +198,7 @@ def test_guest_without_any_tool_gets_a_line_naming_what_it_lacks(
     subprocess.run(["ssh", "-F", str(config), "fallback",
                     "mv /usr/bin/bash /usr/bin/bash.hidden"], check=True, timeout=60)
     try:
-        port = _free_port()
-        tunnel = subprocess.Popen(["ssh", "-F", str(config), "-N", "-L",
-                                   f"{port}:127.0.0.1:8777", "fallback"],
-                                  stderr=subprocess.PIPE, text=True)
-        try:
-            for _ in range(100):
-                done = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/"],
-                                      check=False, capture_output=True)
-                if done.returncode != 7:
-                    break
-                time.sleep(0.1)
-        finally:
-            tunnel.terminate()
-            _, err = tunnel.communicate(timeout=10)
+        err = _refusal(config, 8777)
     finally:
         subprocess.run(["ssh", "-F", str(config), "fallback",
                         "mv /usr/bin/bash.hidden /usr/bin/bash"], check=False, timeout=60)
