@@ -44,7 +44,7 @@ from ..errors import (
     SandboxNotFoundError,
     UnknownUserError,
 )
-from ..pipes import BatchedWriter
+from ..pipes import BatchedWriter, batch
 from ..progress import Progress
 from ..state import StateDir
 from .base import (
@@ -539,7 +539,7 @@ class _OutputReader(asyncio.Protocol):
         self._closed = False
 
     def data_received(self, data: bytes) -> None:
-        self._process._listener.output_received(data, self._is_stderr)
+        batch(self._process._listener.output_received, data, self._is_stderr)
 
     def eof_received(self) -> bool:
         return False
