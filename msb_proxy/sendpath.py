@@ -11,6 +11,9 @@ the three pieces to the transport, which writes them together; every other packe
 state this does not cover (key exchange under way or due, compression, other cipher modes,
 packet logging on), takes asyncssh's own path.
 
+:func:`write_channel` is the same for a channel's side: a write that can go out as one packet
+at once skips asyncssh's per-write log call, buffer copy and flush loop and lands here.
+
 It also drops the empty ``SSH_MSG_IGNORE`` asyncssh puts before every packet: that is the old
 countermeasure to an attack on CBC ciphers, which we never offer; OpenSSH's sshd does not send
 it, and it doubles the packets on every transfer.
@@ -32,7 +35,7 @@ from asyncssh.logging import SSHLogger
 
 from .umac import CachedKeyUMAC
 
-__all__ = ["install"]
+__all__ = ["install", "write_channel"]
 
 _EMPTY_STRING = b"\0\0\0\0"
 _DATA = frozenset((asyncssh.MSG_CHANNEL_DATA, asyncssh.MSG_CHANNEL_EXTENDED_DATA))
@@ -49,21 +52,53 @@ def install(conn: asyncssh.SSHServerConnection) -> None:
     fast = all(hasattr(conn, name) for name in _STATE)
     state: Any = conn
 
+    def send_data(pkttype: int, args: tuple[bytes, ...]) -> bool:
+        """Send a data packet on the short path, if the connection's state allows."""
+        encryption = state._send_encryption
+        if (fast and type(encryption) is ETMEncryption and state._kex_complete
+                and state._auth_complete and state._compressor is None
+                and state._rekey_bytes_sent < state._rekey_bytes
+                and not (state._rekey_seconds and time.monotonic() >= state._rekey_time)
+                and SSHLogger._debug_level < 3 and state._transport is not None):
+            _send_data(state, encryption, pkttype, args)
+            return True
+        return False
+
     def send(pkttype: int, *args: bytes, handler: Any = None) -> None:
         if pkttype == asyncssh.MSG_IGNORE and args == (_EMPTY_STRING,):
             return
-        if fast and pkttype in _DATA:
-            encryption = state._send_encryption
-            if (type(encryption) is ETMEncryption and state._kex_complete
-                    and state._auth_complete and state._compressor is None
-                    and state._rekey_bytes_sent < state._rekey_bytes
-                    and not (state._rekey_seconds and time.monotonic() >= state._rekey_time)
-                    and SSHLogger._debug_level < 3 and state._transport is not None):
-                _send_data(state, encryption, pkttype, args)
-                return
+        if pkttype in _DATA and send_data(pkttype, args):
+            return
         send_packet(pkttype, *args, handler=handler)
 
     conn.send_packet = send  # type: ignore[method-assign]
+    state._msb_send_data = send_data
+
+
+def write_channel(chan: Any, data: bytes, datatype: int | None = None) -> None:
+    """``chan.write(data, datatype)``, with asyncssh's channel bookkeeping done inline when
+    the data goes out as one packet at once (nothing queued before it, window and packet size
+    allow): its log line, buffer copy and flush loop cost more than the packet on small
+    writes. Everything else goes through ``chan.write``."""
+    size = len(data)
+    send_data = getattr(chan._conn, "_msb_send_data", None)
+    if (send_data is not None and size and chan._send_state == "open" and not chan._send_buf
+            and size <= chan._send_window and size <= chan._send_pktsize
+            and chan._encoding is None and not chan._send_paused
+            and chan._send_chan is not None and SSHLogger._debug_level < 2
+            and (datatype is None or datatype in chan._write_datatypes)):
+        header = _UINT32(chan._send_chan)
+        if datatype is None:
+            args: tuple[bytes, ...] = (header, _UINT32(size), data)
+            pkttype = asyncssh.MSG_CHANNEL_DATA
+        else:
+            args = (header, _UINT32(datatype), _UINT32(size), data)
+            pkttype = asyncssh.MSG_CHANNEL_EXTENDED_DATA
+        chan._send_window -= size
+        if not send_data(pkttype, args):
+            chan._conn.send_packet(pkttype, b"".join(args), handler=chan)
+        return
+    chan.write(data, datatype)
 
 
 def _send_data(conn: Any, encryption: ETMEncryption, pkttype: int,

@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncssh
 
-from . import __version__, sendpath, umac
+from . import __version__, recvpath, sendpath, umac
 from .backends.base import Backend, GuestUser, Sandbox
 from .config import SandboxTemplate
 from .errors import UnknownUserError, UserError
@@ -254,6 +254,7 @@ class _Gatekeeper(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         sendpath.install(conn)
+        recvpath.install(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.sandbox_task is not None and not self.sandbox_task.done():

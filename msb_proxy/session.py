@@ -46,6 +46,7 @@ from .files import open_files
 if TYPE_CHECKING:
     from .forward import Tunnels
 from .scp import NativeScp, ScpRequest, parse_scp_command
+from .sendpath import write_channel
 
 __all__ = ["GuestSession", "Login"]
 
@@ -323,15 +324,15 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def output_received(self, data: bytes, stderr: bool) -> None:
         if self._chan is None or self._closed:
             return
-        write = self._chan.write_stderr if stderr else self._chan.write
+        chan, datatype = self._chan, asyncssh.EXTENDED_DATA_STDERR if stderr else None
         if len(data) <= CHANNEL_WRITE_SIZE:
-            write(data)
+            write_channel(chan, data, datatype)
             return
         # asyncssh sends from the front of each written buffer and shifts the rest down after
         # every packet: packet-sized writes keep a 1 MiB read from costing 16 MiB of copying.
         view = memoryview(data)
         for start in range(0, len(data), CHANNEL_WRITE_SIZE):
-            write(cast(bytes, view[start:start + CHANNEL_WRITE_SIZE]))  # copied by asyncssh
+            write_channel(chan, cast(bytes, view[start:start + CHANNEL_WRITE_SIZE]), datatype)
 
     def stdin_paused(self) -> None:
         self._stdin_paused = True

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .pipes import BatchedWriter
+from .pipes import BatchedWriter, batch
 
 __all__ = ["DuplexStream", "SshSocketStream", "SshStdioStream"]
 
@@ -179,11 +179,14 @@ class _ReadSide(asyncio.Protocol):
         self._owner = owner
 
     def data_received(self, data: bytes) -> None:
+        batch(self._feed, data)
+
+    def _feed(self, data: bytes) -> None:
         # asyncssh keeps its input as one bytes object and re-slices it after every packet, so
         # handing it a whole 1 MiB read copies ~64 MiB; in slices of a few packets it copies
         # the data about twice.
         receive = self._owner._protocol.data_received
-        if len(data) <= _FEED_SIZE:
+        if len(data) <= _FEED_SIZE or getattr(receive, "takes_any_size", False):
             receive(data)
             return
         for start in range(0, len(data), _FEED_SIZE):

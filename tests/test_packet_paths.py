@@ -1,22 +1,26 @@
-"""Channel data on the short send path is byte-exact, and the path is really taken.
+"""Channel data on the short send and receive paths is byte-exact, and the paths are taken.
 
-An in-process SshServer on the local backend, served over a socketpair to asyncssh's client,
-so the test can count what the send path does; the real-client suites (transfers, tunnels,
-sshfs) run over the same path through the ProxyCommand.
+An in-process SshServer on the local backend, served over TCP to asyncssh's client, so the
+tests can count what the paths do and steer the client (ciphers, re-keying); the real-client
+suites (transfers, tunnels, sshfs) run over the same paths through the ProxyCommand.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 import socket
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import asyncssh
 import pytest
 from conftest import Env
 
-from msb_proxy import sendpath
+from msb_proxy import recvpath, sendpath
 from msb_proxy.backends.local import LocalBackend
 from msb_proxy.config import SandboxTemplate
 from msb_proxy.server import SshServer, SshServerOptions
@@ -30,6 +34,14 @@ COMMAND = ("head -c 3145728 /dev/urandom | tee /tmp/sent; echo to-stderr >&2; "
 
 
 async def _run(msb: Env, sandbox: str, ciphers: list[str]) -> asyncssh.SSHCompletedProcess:
+    async with _connect(msb, sandbox, ciphers) as conn:
+        return await conn.run(COMMAND, encoding=None)
+
+
+@contextlib.asynccontextmanager
+async def _connect(msb: Env, sandbox: str, ciphers: list[str],
+                   **client_options: object) -> AsyncIterator[asyncssh.SSHClientConnection]:
+    """An asyncssh client connected to an in-process SshServer for ``sandbox``."""
     backend = LocalBackend(StateDir(msb.home), msb.rootfs)
     options = SshServerOptions(host_key_path=msb.home / f"sendpath-{sandbox}.key",
                                authorized_keys=[msb.key.with_suffix(".pub").read_text()],
@@ -48,8 +60,8 @@ async def _run(msb: Env, sandbox: str, ciphers: list[str]) -> asyncssh.SSHComple
     try:
         async with asyncssh.connect("127.0.0.1", port, username="root", known_hosts=None,
                                     client_keys=[str(msb.key)], encryption_algs=ciphers,
-                                    config=None) as conn:
-            return await conn.run(COMMAND, encoding=None)
+                                    config=None, **client_options) as conn:
+            yield conn
     finally:
         listener.close()
         await asyncio.wait_for(asyncio.gather(*served, return_exceptions=True), 30)
@@ -84,3 +96,134 @@ def test_channel_data_is_exact_on_either_path(
         assert sent.count(asyncssh.MSG_CHANNEL_EXTENDED_DATA) >= 1
     else:
         assert sent == []
+
+
+class _Receivers:
+    """Every Receiver the server installs, and the packet types it handed to asyncssh."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.receivers: list[recvpath.Receiver] = []
+        self.replayed: list[int] = []
+        install, replay = recvpath.install, recvpath.Receiver._replay
+
+        def installing(conn: asyncssh.SSHServerConnection) -> recvpath.Receiver | None:
+            receiver = install(conn)
+            assert receiver is not None, "the receive path was not installed"
+            self.receivers.append(receiver)
+            return receiver
+
+        def replaying(receiver: recvpath.Receiver, packet: bytes, encryption: Any,
+                      plain: bytes) -> None:
+            self.replayed.append(plain[1])
+            replay(receiver, packet, encryption, plain)
+
+        monkeypatch.setattr(recvpath, "install", installing)
+        monkeypatch.setattr(recvpath.Receiver, "_replay", replaying)
+
+    @property
+    def fast(self) -> int:
+        return sum(receiver.fast_packets for receiver in self.receivers)
+
+
+@pytest.mark.parametrize(("cipher", "fast"), [("aes128-ctr", True),
+                                               ("aes128-gcm@openssh.com", False)])
+def test_client_data_is_exact_across_rekeys(
+    msb: Env, monkeypatch: pytest.MonkeyPatch, cipher: str, fast: bool
+) -> None:
+    """4 MiB into the guest's stdin while the client re-keys every MiB: the key exchange
+    packets arrive between data packets, are decrypted to find their type and must reach
+    asyncssh intact, and the data after each exchange is read with the new keys."""
+    if msb.backend != "local":
+        pytest.skip("serves the local backend in-process")
+    sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
+    msb.host(sandbox)
+    seen = _Receivers(monkeypatch)
+    payload = os.urandom(4 << 20)
+
+    async def run() -> asyncssh.SSHCompletedProcess:
+        async with _connect(msb, sandbox, [cipher], rekey_bytes=1 << 20) as conn:
+            return await conn.run("sha256sum; echo done >&2", input=payload, encoding=None)
+
+    result = asyncio.run(run())
+    assert result.exit_status == 0, result.stderr
+    assert isinstance(result.stdout, bytes)
+    assert result.stdout.split()[0] == hashlib.sha256(payload).hexdigest().encode()
+    assert result.stderr == b"done\n"
+    if fast:  # 4 MiB is at least 128 packets of 32 KiB; at least 3 exchanges went to asyncssh
+        assert seen.fast >= 128
+        assert seen.replayed.count(asyncssh.MSG_KEXINIT) >= 3
+        assert asyncssh.MSG_CHANNEL_EOF in seen.replayed
+    else:
+        assert seen.fast == 0 and seen.replayed == []
+
+
+def test_small_requests_and_answers_are_exact(msb: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SFTP with 200 small files each way: requests and answers of a few dozen bytes, the
+    traffic scp -r makes, on both short paths."""
+    if msb.backend != "local":
+        pytest.skip("serves the local backend in-process")
+    sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
+    msb.host(sandbox)
+    seen = _Receivers(monkeypatch)
+    files = {f"f{index:03d}": os.urandom(index * 7 % 3000) for index in range(200)}
+
+    async def run() -> dict[str, bytes]:
+        async with _connect(msb, sandbox, ["aes128-ctr"]) as conn, \
+                conn.start_sftp_client() as sftp:
+            await sftp.mkdir("small")
+            for name, data in files.items():
+                async with sftp.open(f"small/{name}", "wb") as handle:
+                    await handle.write(data)
+            back: dict[str, bytes] = {}
+            for name in await sftp.listdir("small"):
+                if name not in (".", ".."):
+                    async with sftp.open(f"small/{name}", "rb") as handle:
+                        back[name] = cast(bytes, await handle.read())
+            return back
+
+    assert asyncio.run(run()) == files
+    assert seen.fast >= 1000  # open, write, close, open, read, close: ~6 per file
+
+
+class _FailOnce:
+    """A MAC that fails to verify the packet with sequence number ``seq``."""
+
+    def __init__(self, mac: Any, seq: int) -> None:
+        self._mac, self._seq = mac, seq
+
+    def sign(self, seq: int, packet: bytes) -> bytes:
+        return bytes(self._mac.sign(seq, packet))
+
+    def verify(self, seq: int, packet: bytes, sig: bytes) -> bool:
+        return seq != self._seq and bool(self._mac.verify(seq, packet, sig))
+
+
+def test_bad_mac_closes_the_connection_as_asyncssh_does(
+    msb: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A packet whose MAC does not verify is left to asyncssh, which disconnects with a MAC
+    error, instead of being decrypted or delivered."""
+    if msb.backend != "local":
+        pytest.skip("serves the local backend in-process")
+    sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
+    msb.host(sandbox)
+    seen = _Receivers(monkeypatch)
+    lost: list[Exception | None] = []
+
+    class Client(asyncssh.SSHClient):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.append(exc)
+
+    async def run() -> None:
+        async with _connect(msb, sandbox, ["aes128-ctr"], client_factory=Client) as conn:
+            assert (await conn.run("echo ok", encoding=None)).stdout == b"ok\n"
+            server: Any = seen.receivers[0]._conn
+            encryption = server._recv_encryption
+            encryption._mac = _FailOnce(encryption._mac, server._recv_seq)
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.run("echo never", encoding=None)
+            await conn.wait_closed()
+
+    asyncio.run(run())
+    assert len(lost) == 1 and isinstance(lost[0], asyncssh.DisconnectError)
+    assert lost[0].code == asyncssh.DISC_MAC_ERROR

@@ -1,0 +1,225 @@
+"""The receive side of a connection's packets, with channel data on a shorter path.
+
+Every packet asyncssh receives goes through its general machinery: the input re-sliced as one
+bytes object, the header and body handled by two handlers, an ``SSHPacket`` parser, the checks
+that decide which layer owns the packet type, a log call, the handler table, a debug line and
+the channel's own checks. For a request/answer workload (``scp -r`` of small files makes three
+round trips per file, ``git`` and interactive use are alike) that is most of what a packet costs
+us. :func:`install` puts :class:`Receiver` in front of asyncssh: on an established connection
+with an encrypt-then-MAC cipher (what OpenSSH clients choose with us) it takes each complete
+packet itself, checks its MAC, decrypts it and, when it is ``CHANNEL_DATA`` that asyncssh would
+accept on an open channel, hands the data to the channel's own ``_accept_data``, which does the
+window accounting and delivers it exactly as asyncssh does.
+
+Every other packet is passed to asyncssh. One it had to decrypt to see its type goes to asyncssh
+as received, with a one-shot stand-in for the cipher that returns the plaintext (CTR ciphers
+cannot decrypt twice): asyncssh then parses, checks and dispatches it exactly as ever. Whenever
+the connection is not in a state this covers (before authentication, key exchange under way,
+compression, another cipher mode, debug logging on, asyncssh in the middle of a packet or
+waiting on an asynchronous handler) all input goes straight to asyncssh.
+
+This relies on asyncssh internals (its receive state and the cipher and MAC of its
+encryption); :func:`install` checks they are there and otherwise leaves asyncssh alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncssh
+from asyncssh.channel import SSHChannel
+from asyncssh.connection import SSHConnection
+from asyncssh.encryption import ETMEncryption
+from asyncssh.logging import SSHLogger
+from asyncssh.misc import DisconnectError
+
+__all__ = ["Receiver", "install"]
+
+FEED_SIZE = 32 * 1024  # what asyncssh is handed at a time (it re-slices its input per packet)
+_MIN_PADDING = 4  # RFC 4253 6: at least four bytes of padding
+_DATA_HEADER = 10  # padding length, type, recipient channel, data length
+_STATE = ("_inpbuf", "_recv_handler", "_recv_encryption", "_recv_seq", "_recv_macsize",
+          "_recv_blocksize", "_max_recv_pktlen", "_auth_complete", "_kex_complete",
+          "_decompressor", "_transport", "_channels", "_keepalive_interval",
+          "_reset_keepalive_timer", "_send_disconnect", "_force_close", "internal_error")
+_CHANNEL_STATE = ("_recv_state", "_recv_window", "_accept_data", "_packet_handlers")
+_RECV_PKTHDR = getattr(SSHConnection, "_recv_pkthdr", None)
+_PROCESS_DATA = getattr(SSHChannel, "_packet_handlers", {}).get(asyncssh.MSG_CHANNEL_DATA)
+
+
+def install(conn: asyncssh.SSHServerConnection) -> Receiver | None:
+    """Answer ``conn.data_received`` with a :class:`Receiver` (an instance attribute)."""
+    if (_RECV_PKTHDR is None or _PROCESS_DATA is None
+            or not all(hasattr(conn, name) for name in _STATE)
+            or not all(hasattr(SSHChannel, name) for name in _CHANNEL_STATE[2:])):
+        return None
+    receiver = Receiver(conn)
+    conn.data_received = receiver.feed  # type: ignore[method-assign,assignment]
+    return receiver
+
+
+class _Decrypted:
+    """Stands in for a connection's encryption for one packet already decrypted."""
+
+    def __init__(self, conn: Any, encryption: ETMEncryption, plain: bytes) -> None:
+        self._conn = conn
+        self._encryption = encryption
+        self._plain = plain
+
+    def decrypt_header(self, seq: int, first_block: bytes,
+                       header_len: int) -> tuple[bytes, bytes]:
+        return first_block, first_block[:header_len]  # EtM: the length is not encrypted
+
+    def decrypt_packet(self, seq: int, first: bytes, rest: bytes, header_len: int,
+                       mac: bytes) -> bytes:
+        self._conn._recv_encryption = self._encryption  # before asyncssh acts on the packet
+        return self._plain
+
+
+class Receiver:
+    """Feeds one connection's input to asyncssh, taking its channel data on a shorter path.
+
+    Invariant: what it holds back (``_held``) is the start of a packet that asyncssh has not
+    seen, and asyncssh has nothing buffered; so any input can go to asyncssh at any time,
+    ``_held`` first.
+    """
+
+    takes_any_size = True  # stdio.py hands it whole reads, not asyncssh-sized slices
+
+    def __init__(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn: Any = conn
+        self._receive = conn.data_received  # asyncssh's own
+        self._held = b""
+        self.fast_packets = 0  # how many packets took the short path (for the tests)
+
+    def feed(self, data: bytes) -> None:
+        """The connection's ``data_received``."""
+        conn = self._conn
+        if not self._ready(conn):
+            if self._held:
+                data, self._held = self._held + data, b""
+            self._pass(data, 0)
+            return
+        if conn._keepalive_interval:
+            conn._reset_keepalive_timer()
+        try:
+            pos = 0
+            if self._held:
+                held, pos = self._top_up(data)
+                if held is None:
+                    return
+                self._held = b""
+                if self._run(held, 0) is None:
+                    self._pass(data, pos)
+                    return
+            end = self._run(data, pos)
+            if end is not None and end < len(data):
+                self._held = data[end:]
+        except DisconnectError as exc:  # what asyncssh's _recv_data does with errors
+            self._held = b""
+            conn._send_disconnect(exc.code, exc.reason, exc.lang)
+            conn._force_close(exc)
+        except Exception:  # asyncssh reports it and closes the connection
+            self._held = b""
+            conn.internal_error()
+
+    def _top_up(self, data: bytes) -> tuple[bytes | None, int]:
+        """Complete the held packet from ``data``: (the packet, bytes of ``data`` used), or
+        (None, _) when ``data`` is not enough (then it is held too)."""
+        held, pos = self._held, 0
+        while True:
+            need = self._length(held) - len(held)
+            take = data[pos:pos + need]
+            held += take
+            pos += len(take)
+            if len(take) < need:
+                self._held = held
+                return None, pos
+            if len(held) >= 4 and len(held) == self._length(held):
+                return held, pos
+
+    def _length(self, held: bytes) -> int:
+        """How long the packet ``held`` starts is (4, until its length field is in)."""
+        if len(held) < 4:
+            return 4
+        macsize: int = self._conn._recv_macsize
+        return 4 + int.from_bytes(held[:4], "big") + macsize
+
+    @staticmethod
+    def _ready(conn: Any) -> bool:
+        """Whether the next packet may take the short path: asyncssh between packets, and the
+        connection established with an EtM cipher, nothing more to it."""
+        handler = conn._recv_handler
+        return (type(conn._recv_encryption) is ETMEncryption and not conn._inpbuf
+                and getattr(handler, "__func__", None) is _RECV_PKTHDR
+                and conn._auth_complete and conn._kex_complete
+                and conn._decompressor is None and conn._transport is not None
+                and SSHLogger._debug_level < 2)
+
+    def _run(self, buf: bytes, pos: int) -> int | None:
+        """Take the packets of ``buf`` from ``pos``: where an incomplete one starts, or None
+        once the rest has gone to asyncssh."""
+        conn = self._conn
+        size = len(buf)
+        while pos < size:
+            if not self._ready(conn):
+                self._pass(buf, pos)
+                return None
+            if size - pos < 4:
+                return pos
+            length = int.from_bytes(buf[pos:pos + 4], "big")
+            if length > conn._max_recv_pktlen or length < conn._recv_blocksize:
+                self._pass(buf, pos)  # asyncssh says what is wrong with it
+                return None
+            body_end = pos + 4 + length
+            end = body_end + conn._recv_macsize
+            if end > size:
+                return pos
+            encryption = conn._recv_encryption
+            seq = conn._recv_seq
+            if not encryption._mac.verify(seq, buf[pos:body_end], buf[body_end:end]):
+                self._pass(buf, pos)  # asyncssh checks it again and closes the connection
+                return None
+            plain = encryption._cipher.decrypt(buf[pos + 4:body_end])
+            if self._deliver(conn, plain):
+                conn._recv_seq = (seq + 1) & 0xFFFFFFFF
+                conn._auth_final = True  # as asyncssh marks any packet past authentication
+                self.fast_packets += 1
+            else:
+                self._replay(buf[pos:end], encryption, plain)
+            pos = end
+        return pos
+
+    @staticmethod
+    def _deliver(conn: Any, plain: bytes) -> bool:
+        """Hand ``plain`` to its channel if it is channel data asyncssh would accept as is."""
+        if plain[1] != asyncssh.MSG_CHANNEL_DATA:
+            return False
+        padding = plain[0]
+        end = len(plain) - padding
+        if padding < _MIN_PADDING or end <= _DATA_HEADER:
+            return False
+        size = int.from_bytes(plain[6:10], "big")
+        if _DATA_HEADER + size != end:
+            return False
+        chan = conn._channels.get(int.from_bytes(plain[2:6], "big"))
+        if (chan is None or chan._recv_state != "open" or size > chan._recv_window
+                or chan._packet_handlers.get(asyncssh.MSG_CHANNEL_DATA) is not _PROCESS_DATA):
+            return False
+        chan._accept_data(plain[_DATA_HEADER:end])
+        return True
+
+    def _replay(self, packet: bytes, encryption: ETMEncryption, plain: bytes) -> None:
+        """asyncssh's own handling of ``packet``, whose plaintext is ``plain``."""
+        conn = self._conn
+        stand_in = _Decrypted(conn, encryption, plain)
+        conn._recv_encryption = stand_in
+        try:
+            self._receive(packet)
+        finally:
+            if conn._recv_encryption is stand_in:
+                conn._recv_encryption = encryption
+
+    def _pass(self, data: bytes, pos: int) -> None:
+        for start in range(pos, len(data), FEED_SIZE):
+            self._receive(data[start:start + FEED_SIZE])
