@@ -16,7 +16,7 @@ rather than two. That is most of the per-message cost a file-by-file transfer pa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = ["BatchedWriter", "batch"]
@@ -57,11 +57,27 @@ class BatchedWriter:
         self._pending.append(data if isinstance(data, bytes) else bytes(data))
         self._pending_size += len(data)
         if not self._scheduled:
-            self._scheduled = True
-            if _depth:
-                _dirty.append(self)
-            else:
-                asyncio.get_running_loop().call_soon(self.flush)
+            self._schedule()
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        """``write`` of each, in one call."""
+        if self.transport.is_closing():
+            return
+        pending = self._pending
+        for data in list_of_data:
+            if data:
+                pending.append(data if isinstance(data, bytes) else bytes(data))
+                self._pending_size += len(data)
+        if pending and not self._scheduled:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """Flush when the running batch() returns, or else at the end of this loop turn."""
+        self._scheduled = True
+        if _depth:
+            _dirty.append(self)
+        else:
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         """Hand everything collected so far to the transport now."""

@@ -37,6 +37,7 @@ __all__ = ["Receiver", "install"]
 
 FEED_SIZE = 32 * 1024  # what asyncssh is handed at a time (it re-slices its input per packet)
 _MIN_PADDING = 4  # RFC 4253 6: at least four bytes of padding
+_CHANNEL_DATA = asyncssh.MSG_CHANNEL_DATA
 _DATA_HEADER = 10  # padding length, type, recipient channel, data length
 _STATE = ("_inpbuf", "_recv_handler", "_recv_encryption", "_recv_seq", "_recv_macsize",
           "_recv_blocksize", "_max_recv_pktlen", "_auth_complete", "_kex_complete",
@@ -44,7 +45,7 @@ _STATE = ("_inpbuf", "_recv_handler", "_recv_encryption", "_recv_seq", "_recv_ma
           "_reset_keepalive_timer", "_send_disconnect", "_force_close", "internal_error")
 _CHANNEL_STATE = ("_recv_state", "_recv_window", "_accept_data", "_packet_handlers")
 _RECV_PKTHDR = getattr(SSHConnection, "_recv_pkthdr", None)
-_PROCESS_DATA = getattr(SSHChannel, "_packet_handlers", {}).get(asyncssh.MSG_CHANNEL_DATA)
+_PROCESS_DATA = getattr(SSHChannel, "_packet_handlers", {}).get(_CHANNEL_DATA)
 
 
 def install(conn: asyncssh.SSHServerConnection) -> Receiver | None:
@@ -158,13 +159,11 @@ class Receiver:
 
     def _run(self, buf: bytes, pos: int) -> int | None:
         """Take the packets of ``buf`` from ``pos``: where an incomplete one starts, or None
-        once the rest has gone to asyncssh."""
+        once the rest has gone to asyncssh. The caller has checked :meth:`_ready`."""
         conn = self._conn
         size = len(buf)
+        channels = conn._channels
         while pos < size:
-            if not self._ready(conn):
-                self._pass(buf, pos)
-                return None
             if size - pos < 4:
                 return pos
             length = int.from_bytes(buf[pos:pos + 4], "big")
@@ -180,34 +179,33 @@ class Receiver:
             if not encryption._mac.verify(seq, buf[pos:body_end], buf[body_end:end]):
                 self._pass(buf, pos)  # asyncssh checks it again and closes the connection
                 return None
-            plain = encryption._cipher.decrypt(buf[pos + 4:body_end])
-            if self._deliver(conn, plain):
-                conn._recv_seq = (seq + 1) & 0xFFFFFFFF
-                conn._auth_final = True  # as asyncssh marks any packet past authentication
-                self.fast_packets += 1
-            else:
-                self._replay(buf[pos:end], encryption, plain)
-            pos = end
+            cipher = encryption._cipher
+            decryptor = getattr(cipher, "_decryptor", None)  # made by its first decrypt()
+            ciphertext = buf[pos + 4:body_end]
+            plain = decryptor.update(ciphertext) if decryptor else cipher.decrypt(ciphertext)
+            start, pos = pos, end
+            # CHANNEL_DATA that asyncssh would accept as is goes to its channel here: its
+            # padding as the RFC has it, the data filling the payload, a channel open for
+            # data with the window for it, handled by asyncssh's own data handler.
+            padding = plain[0]
+            data_end = len(plain) - padding
+            if (plain[1] == _CHANNEL_DATA and padding >= _MIN_PADDING
+                    and data_end > _DATA_HEADER
+                    and int.from_bytes(plain[6:10], "big") == data_end - _DATA_HEADER):
+                chan = channels.get(int.from_bytes(plain[2:6], "big"))
+                if (chan is not None and chan._recv_state == "open"
+                        and data_end - _DATA_HEADER <= chan._recv_window
+                        and chan._packet_handlers.get(_CHANNEL_DATA) is _PROCESS_DATA):
+                    conn._recv_seq = (seq + 1) & 0xFFFFFFFF
+                    conn._auth_final = True  # as asyncssh marks any packet past authentication
+                    self.fast_packets += 1
+                    chan._accept_data(plain[_DATA_HEADER:data_end])
+                    continue
+            self._replay(buf[start:end], encryption, plain)
+            if not self._ready(conn):
+                self._pass(buf, pos)
+                return None
         return pos
-
-    @staticmethod
-    def _deliver(conn: Any, plain: bytes) -> bool:
-        """Hand ``plain`` to its channel if it is channel data asyncssh would accept as is."""
-        if plain[1] != asyncssh.MSG_CHANNEL_DATA:
-            return False
-        padding = plain[0]
-        end = len(plain) - padding
-        if padding < _MIN_PADDING or end <= _DATA_HEADER:
-            return False
-        size = int.from_bytes(plain[6:10], "big")
-        if _DATA_HEADER + size != end:
-            return False
-        chan = conn._channels.get(int.from_bytes(plain[2:6], "big"))
-        if (chan is None or chan._recv_state != "open" or size > chan._recv_window
-                or chan._packet_handlers.get(asyncssh.MSG_CHANNEL_DATA) is not _PROCESS_DATA):
-            return False
-        chan._accept_data(plain[_DATA_HEADER:end])
-        return True
 
     def _replay(self, packet: bytes, encryption: ETMEncryption, plain: bytes) -> None:
         """asyncssh's own handling of ``packet``, whose plaintext is ``plain``."""

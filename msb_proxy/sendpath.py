@@ -33,7 +33,7 @@ import asyncssh
 from asyncssh.encryption import ETMEncryption
 from asyncssh.logging import SSHLogger
 
-from .umac import CachedKeyUMAC
+from .umac import JOIN_BELOW, CachedKeyUMAC
 
 __all__ = ["install", "write_channel"]
 
@@ -104,23 +104,42 @@ def write_channel(chan: Any, data: bytes, datatype: int | None = None) -> None:
 def _send_data(conn: Any, encryption: ETMEncryption, pkttype: int,
                args: tuple[bytes, ...]) -> None:
     """What asyncssh's ``send_packet`` does for this packet, with fewer copies."""
-    length = 1 + sum(len(arg) for arg in args)  # the payload: type byte and fields
+    length = 1 + sum(map(len, args))  # the payload: type byte and fields
     blocksize = conn._send_blocksize
     padding = -(conn._send_enchdrlen + length) % blocksize
     if padding < 4:
         padding += blocksize
-    plain = b"".join((_BYTES[padding], _BYTES[pkttype], *args, os.urandom(padding)))
+    plain = b"".join((_BYTES[padding], _BYTES[pkttype], *args, _random(padding)))
     header = _UINT32(len(plain))
     seq = conn._send_seq
-    ciphertext = encryption._cipher.encrypt(plain)
+    cipher = encryption._cipher
+    encryptor = getattr(cipher, "_encryptor", None)  # made by its first encrypt()
+    ciphertext = encryptor.update(plain) if encryptor else cipher.encrypt(plain)
     mac = encryption._mac
-    if isinstance(mac, CachedKeyUMAC):
+    if len(ciphertext) > JOIN_BELOW and isinstance(mac, CachedKeyUMAC):
         tag = mac.sign_parts(seq, header, ciphertext)
     else:
         tag = mac.sign(seq, header + ciphertext)
-    transport = conn._transport
-    transport.write(header)
-    transport.write(ciphertext)
-    transport.write(tag)
+    conn._transport.writelines((header, ciphertext, tag))
     conn._send_seq = (seq + 1) & 0xFFFFFFFF
     conn._rekey_bytes_sent += len(plain)
+
+
+class _RandomPool:
+    """Random bytes for packet padding, read from the kernel a page at a time instead of one
+    system call per packet; no byte is handed out twice."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._used = 0
+
+    def __call__(self, size: int) -> bytes:
+        used = self._used
+        if used + size > len(self._pool):
+            self._pool, used = os.urandom(_POOL_SIZE), 0
+        self._used = used + size
+        return self._pool[used:used + size]
+
+
+_POOL_SIZE = 4096
+_random = _RandomPool()

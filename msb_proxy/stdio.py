@@ -18,7 +18,7 @@ import os
 import select
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from .pipes import BatchedWriter, batch
@@ -140,6 +140,10 @@ class _PipePairTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.writelines(list_of_data)
 
     def can_write_eof(self) -> bool:
         return True

@@ -21,11 +21,12 @@ import hmac
 import struct
 from typing import Any
 
-__all__ = ["CachedKeyUMAC", "install"]
+__all__ = ["JOIN_BELOW", "CachedKeyUMAC", "install"]
 
 _CONTEXT_SIZE = 4096  # nettle's umac128_ctx is about 2.5 KiB; asyncssh allots the same 4 KiB
 _PACK_SEQ = struct.Struct(">Q").pack
 _SEQ_MASK = (1 << 64) - 1
+JOIN_BELOW = 4096  # bytes; parts of a packet up to this size are MACed as one
 _ALGORITHMS = {  # asyncssh name -> (nettle prefix, tag bytes)
     b"umac-64-etm@openssh.com": ("nettle_umac64_", 8),
     b"umac-128-etm@openssh.com": ("nettle_umac128_", 16),
@@ -36,14 +37,25 @@ _installed = False
 
 
 def _nettle() -> ctypes.CDLL | None:
+    # PyDLL: the calls keep the GIL, which costs less than releasing and taking it back
+    # around a call that takes well under a microsecond.
     for name in ("nettle", "libnettle"):
         found = ctypes.util.find_library(name)
         if found:
             try:
-                return ctypes.CDLL(found)
+                return ctypes.PyDLL(found)
             except OSError:
                 continue
     return None
+
+
+def _function(library: ctypes.CDLL, name: str) -> Any:
+    """A nettle ``f(ctx, size_t, bytes)`` function with its argument types declared (faster
+    to call, and the length passed as a full size_t)."""
+    function = getattr(library, name)
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    function.restype = None
+    return function
 
 
 class CachedKeyUMAC:
@@ -52,27 +64,37 @@ class CachedKeyUMAC:
     def __init__(self, key: bytes, hash_size: int, library: ctypes.CDLL, prefix: str) -> None:
         self._keyed = ctypes.create_string_buffer(_CONTEXT_SIZE)
         getattr(library, prefix + "set_key")(self._keyed, key)
-        self._set_nonce = getattr(library, prefix + "set_nonce")
-        self._update = getattr(library, prefix + "update")
-        self._digest = getattr(library, prefix + "digest")
+        self._context = ctypes.addressof(self._keyed)
+        self._set_nonce = _function(library, prefix + "set_nonce")
+        self._update = _function(library, prefix + "update")
+        self._digest = _function(library, prefix + "digest")
         self._tag = ctypes.create_string_buffer(hash_size)
-        self._nonce_size = ctypes.c_size_t(8)
-        self._tag_size = ctypes.c_size_t(hash_size)
+        self._hash_size = hash_size
         self._next_seq = -1  # the nonce the context holds after the last digest
 
     def sign(self, seq: int, packet: bytes) -> bytes:
-        return self.sign_parts(seq, packet)
-
-    def sign_parts(self, seq: int, *parts: bytes) -> bytes:
-        """The tag of the parts joined, without joining them."""
+        """The tag of ``packet``."""
         # The nonce is the packet's 64-bit sequence number (RFC 4418 as OpenSSH uses it).
         # digest() resets the hash and increments the nonce, the key untouched: packets come
         # in sequence, so the nonce is set only for the first one and after a gap.
+        context = self._context
         if seq != self._next_seq:
-            self._set_nonce(self._keyed, self._nonce_size, _PACK_SEQ(seq))
+            self._set_nonce(context, 8, _PACK_SEQ(seq))
+        self._update(context, len(packet), packet)
+        self._digest(context, self._hash_size, self._tag)
+        self._next_seq = seq + 1 if seq < _SEQ_MASK else -1
+        return self._tag.raw
+
+    def sign_parts(self, seq: int, *parts: bytes) -> bytes:
+        """The tag of the parts joined; large parts are not copied to join them."""
+        if sum(map(len, parts)) <= JOIN_BELOW:
+            return self.sign(seq, b"".join(parts))  # a copy costs less than a call here
+        context = self._context
+        if seq != self._next_seq:
+            self._set_nonce(context, 8, _PACK_SEQ(seq))
         for part in parts:
-            self._update(self._keyed, ctypes.c_size_t(len(part)), part)
-        self._digest(self._keyed, self._tag_size, self._tag)
+            self._update(context, len(part), part)
+        self._digest(context, self._hash_size, self._tag)
         self._next_seq = seq + 1 if seq < _SEQ_MASK else -1
         return self._tag.raw
 
