@@ -35,6 +35,7 @@ __all__ = ["delegate", "serve"]
 
 IDLE_EXIT_S = 600.0  # MSB_PROXY_WARM_IDLE_S in the environment of the first connection overrides
 _lock_fd: int | None = None  # the server's lock, which its children must not keep
+_wake_fds: tuple[int, ...] = ()  # the server's SIGCHLD wakeup pipe, likewise
 MAX_REQUEST = 1 << 20
 _UNIX_PATH_MAX = 107
 _SO_PEERCRED_FORMAT = "3i"
@@ -156,7 +157,12 @@ def serve(path: Path) -> None:
     listener.bind(str(path))
     os.chmod(path, 0o600)
     listener.listen(64)
-    signal.signal(signal.SIGCHLD, lambda *_: None)  # wake select() to reap
+    # A child's end must wake the select() below to reap it. A Python signal handler alone
+    # does not: select() is retried after it runs (PEP 475). The wakeup fd makes it readable.
+    global _wake_fds
+    wake_read, wake_write = _wake_fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     try:
         idle_exit_s = float(os.environ.get("MSB_PROXY_WARM_IDLE_S", IDLE_EXIT_S))
     except ValueError:
@@ -165,11 +171,15 @@ def serve(path: Path) -> None:
     idle_since = time.monotonic()
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
+    selector.register(wake_read, selectors.EVENT_READ)
     try:
         while True:
-            ready = selector.select(timeout=min(idle_exit_s, 30.0))
+            ready = [key.fileobj for key, _ in selector.select(timeout=min(idle_exit_s, 30.0))]
+            if wake_read in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_read, 4096)
             children -= _reaped(children)
-            if ready:
+            if listener in ready:
                 child = _accept(listener)
                 if child:
                     children.add(child)
@@ -245,6 +255,9 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict[str, object]) 
     code = 70
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        for fd in _wake_fds:
+            os.close(fd)
         os.setsid()
         for target, fd in enumerate(fds):
             os.dup2(fd, target)

@@ -91,6 +91,9 @@ def test_first_connection_starts_a_warm_server_that_serves_the_next(
         finally:
             assert client.wait(timeout=60) == 0
         assert warm_servers(env.runtime_dir) == [server]
+        # The child ended with the connection; the server reaps it then, leaving no zombie
+        # until its next connection.
+        assert _wait(lambda: _children(server) == [], timeout=5), "the child was not reaped"
     finally:
         stop_warm_servers(env.runtime_dir)
 
