@@ -19,6 +19,7 @@ $(BIN)/msb-proxy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python -m compileall -q msb_proxy  # bytecode even where PYTHONDONTWRITEBYTECODE is set
 	@touch $@
 
 install: $(BIN)/msb-proxy client-key

@@ -15,6 +15,7 @@ same MAC (the tests check the two agree byte for byte).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hmac
@@ -33,19 +34,21 @@ _ALGORITHMS = {  # asyncssh name -> (nettle prefix, tag bytes)
     b"umac-64@openssh.com": ("nettle_umac64_", 8),
     b"umac-128@openssh.com": ("nettle_umac128_", 16),
 }
+_SONAME = "libnettle.so.8"
 _installed = False
 
 
 def _nettle() -> ctypes.CDLL | None:
     # PyDLL: the calls keep the GIL, which costs less than releasing and taking it back
-    # around a call that takes well under a microsecond.
+    # around a call that takes well under a microsecond. The soname nettle has had since 2020
+    # first: find_library runs ldconfig in a subprocess.
+    with contextlib.suppress(OSError):
+        return ctypes.PyDLL(_SONAME)
     for name in ("nettle", "libnettle"):
         found = ctypes.util.find_library(name)
         if found:
-            try:
+            with contextlib.suppress(OSError):
                 return ctypes.PyDLL(found)
-            except OSError:
-                continue
     return None
 
 

@@ -200,8 +200,10 @@ def _preload() -> None:
 
     import asyncssh  # noqa: F401
 
-    from . import cli, files, scp, server, session, sftp, stdio  # noqa: F401
+    from . import cli, files, scp, server, session, sftp, stdio, umac  # noqa: F401
     from .backends import base, local  # noqa: F401
+
+    umac.install()  # loads nettle once, for every child
 
 
 def _reaped(children: set[int]) -> set[int]:
