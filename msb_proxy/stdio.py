@@ -183,18 +183,11 @@ class _ReadSide(asyncio.Protocol):
         self._owner = owner
 
     def data_received(self, data: bytes) -> None:
-        batch(self._feed, data)
-
-    def _feed(self, data: bytes) -> None:
-        # asyncssh keeps its input as one bytes object and re-slices it after every packet, so
-        # handing it a whole 1 MiB read copies ~64 MiB; in slices of a few packets it copies
-        # the data about twice.
         receive = self._owner._protocol.data_received
         if len(data) <= _FEED_SIZE or getattr(receive, "takes_any_size", False):
-            receive(data)
-            return
-        for start in range(0, len(data), _FEED_SIZE):
-            receive(data[start:start + _FEED_SIZE])
+            batch(receive, data)
+        else:
+            batch(_feed_slices, receive, data)
 
     def eof_received(self) -> bool:
         self._owner._lose(None)
@@ -202,6 +195,14 @@ class _ReadSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner._lose(exc)
+
+
+def _feed_slices(receive: Callable[[bytes], None], data: bytes) -> None:
+    # asyncssh keeps its input as one bytes object and re-slices it after every packet, so
+    # handing it a whole 1 MiB read copies ~64 MiB; in slices of a few packets it copies the
+    # data about twice.
+    for start in range(0, len(data), _FEED_SIZE):
+        receive(data[start:start + _FEED_SIZE])
 
 
 class _WriteSide(asyncio.Protocol):
