@@ -125,10 +125,14 @@ class _Receivers:
         return sum(receiver.fast_packets for receiver in self.receivers)
 
 
-@pytest.mark.parametrize(("cipher", "fast"), [("aes128-ctr", True),
-                                               ("aes128-gcm@openssh.com", False)])
+@pytest.mark.parametrize(("cipher", "mac", "fast"), [
+    ("aes128-ctr", "umac-64-etm@openssh.com", True),
+    ("aes256-ctr", "hmac-sha2-256-etm@openssh.com", True),  # asyncssh's own MAC object
+    ("aes128-ctr", "hmac-sha2-256", False),  # MAC before encryption: asyncssh's path
+    ("aes128-gcm@openssh.com", None, False),
+])
 def test_client_data_is_exact_across_rekeys(
-    msb: Env, monkeypatch: pytest.MonkeyPatch, cipher: str, fast: bool
+    msb: Env, monkeypatch: pytest.MonkeyPatch, cipher: str, mac: str | None, fast: bool
 ) -> None:
     """4 MiB into the guest's stdin while the client re-keys every MiB: the key exchange
     packets arrive between data packets, are decrypted to find their type and must reach
@@ -141,7 +145,9 @@ def test_client_data_is_exact_across_rekeys(
     payload = os.urandom(4 << 20)
 
     async def run() -> asyncssh.SSHCompletedProcess:
-        async with _connect(msb, sandbox, [cipher], rekey_bytes=1 << 20) as conn:
+        macs = {"mac_algs": [mac]} if mac else {}
+        async with _connect(msb, sandbox, [cipher], rekey_bytes=1 << 20, **macs) as conn:
+            assert conn.get_extra_info("send_mac") == (mac or cipher), "another MAC chosen"
             return await conn.run("sha256sum; echo done >&2", input=payload, encoding=None)
 
     result = asyncio.run(run())
