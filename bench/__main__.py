@@ -179,9 +179,9 @@ def _notes(plan: Plan, busy: float, harness: Harness, workloads: Sequence[Worklo
             f"file transfer rows: a {size_words(size)} file of random bytes and a tree of "
             f"{files:,} files of 256 bytes to 4 KiB in 100 directories, made once on the host "
             "and copied into the guest through msb-proxy, so both sides read the same bytes; "
-            "each run writes a new file or tree (the destination is removed before it, "
-            "untimed); after the first run of each row on each side the destination is "
-            "checked: sha256 of the file, or of every path and content of the tree")
+            "each run writes a new file or tree (the destination is removed before it and the "
+            "disks synced, untimed); after the first run of each row on each side the "
+            "destination is checked: sha256 of the file, or of every path and content of the tree")
     if keys & {"forward-up", "forward-down", "forward-open"}:
         notes.append(
             "`ssh -L` rows: each run starts a listener in the guest (bench/peer.py under the "

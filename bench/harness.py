@@ -333,6 +333,9 @@ class Harness:
         try:
             if work.setup:
                 self._host(side, work.setup, size, SETUP_TIMEOUT_S)
+                # The last run's files (and their removal) are still being written back to
+                # disk: 10,000 of them take seconds, which would land in this run's time.
+                os.sync()
             guest_before = self._init_cpu(children=True)
             guests_before = self._guest_processes()
             with self._backgrounded(side, work, size, time_file):
