@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -451,17 +452,30 @@ class Harness:
                 start_new_session=True,
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                 stdout=out, stderr=err)
+            # Waited for without a timeout, which blocks in waitpid(): with one, subprocess
+            # polls with sleeps growing to 50 ms, and every time measured here came out
+            # rounded up to the next poll. A timer kills the run instead.
+            expired = threading.Event()
+
+            def expire() -> None:
+                expired.set()
+                _kill_group(process.pid)
+
+            watchdog = threading.Timer(timeout, expire)
+            watchdog.start()
             try:
-                process.communicate(stdin, timeout=timeout)
+                process.communicate(stdin)
                 ended = time.perf_counter()
-            except BaseException as exc:
+            except BaseException:
                 _kill_group(process.pid)
                 process.wait()
                 self._reap_orphans(command)
-                if isinstance(exc, subprocess.TimeoutExpired):
-                    raise BenchError(f"{side}: `{command}` did not finish within "
-                                     f"{timeout:.0f} s") from None
                 raise
+            finally:
+                watchdog.cancel()
+            if expired.is_set():
+                self._reap_orphans(command)
+                raise BenchError(f"{side}: `{command}` did not finish within {timeout:.0f} s")
             linger = self._reap_orphans(command) - ended
             out.seek(0)
             err.seek(0)
