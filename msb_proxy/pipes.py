@@ -56,12 +56,8 @@ class BatchedWriter:
             return
         self._pending.append(data if isinstance(data, bytes) else bytes(data))
         self._pending_size += len(data)
-        if not self._scheduled:  # _schedule(), inline: this is every packet's path
-            self._scheduled = True
-            if _depth:
-                _dirty.append(self)
-            else:
-                asyncio.get_running_loop().call_soon(self.flush)
+        if not self._scheduled:
+            self._schedule()
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         """``write`` of each, in one call."""

@@ -33,9 +33,10 @@ from asyncssh.encryption import ETMEncryption
 from asyncssh.logging import SSHLogger
 from asyncssh.misc import DisconnectError
 
+from .stdio import feed_slices
+
 __all__ = ["Receiver", "install"]
 
-FEED_SIZE = 32 * 1024  # what asyncssh is handed at a time (it re-slices its input per packet)
 _MIN_PADDING = 4  # RFC 4253 6: at least four bytes of padding
 _CHANNEL_DATA = asyncssh.MSG_CHANNEL_DATA
 _DATA_HEADER = 10  # padding length, type, recipient channel, data length
@@ -219,5 +220,4 @@ class Receiver:
                 conn._recv_encryption = encryption
 
     def _pass(self, data: bytes, pos: int) -> None:
-        for start in range(pos, len(data), FEED_SIZE):
-            self._receive(data[start:start + FEED_SIZE])
+        feed_slices(self._receive, data, pos)

@@ -27,7 +27,7 @@ __all__ = ["DuplexStream", "SshSocketStream", "SshStdioStream"]
 
 _F_SETPIPE_SZ = 1031
 _PIPE_SIZE = 1 << 20
-_FEED_SIZE = 32 * 1024
+FEED_SIZE = 32 * 1024
 
 
 class DuplexStream(Protocol):
@@ -184,10 +184,10 @@ class _ReadSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         receive = self._owner._protocol.data_received
-        if len(data) <= _FEED_SIZE or getattr(receive, "takes_any_size", False):
+        if len(data) <= FEED_SIZE or getattr(receive, "takes_any_size", False):
             batch(receive, data)
         else:
-            batch(_feed_slices, receive, data)
+            batch(feed_slices, receive, data)
 
     def eof_received(self) -> bool:
         self._owner._lose(None)
@@ -197,12 +197,14 @@ class _ReadSide(asyncio.Protocol):
         self._owner._lose(exc)
 
 
-def _feed_slices(receive: Callable[[bytes], None], data: bytes) -> None:
-    # asyncssh keeps its input as one bytes object and re-slices it after every packet, so
-    # handing it a whole 1 MiB read copies ~64 MiB; in slices of a few packets it copies the
-    # data about twice.
-    for start in range(0, len(data), _FEED_SIZE):
-        receive(data[start:start + _FEED_SIZE])
+def feed_slices(receive: Callable[[bytes], None], data: bytes, start: int = 0) -> None:
+    """``receive(data[start:])`` in slices of ``FEED_SIZE``.
+
+    asyncssh keeps its input as one bytes object and re-slices it after every packet, so
+    handing it a whole 1 MiB read copies ~64 MiB; in slices of a few packets it copies the
+    data about twice."""
+    for offset in range(start, len(data), FEED_SIZE):
+        receive(data[offset:offset + FEED_SIZE])
 
 
 class _WriteSide(asyncio.Protocol):
