@@ -44,7 +44,7 @@ _STATE = ("_inpbuf", "_recv_handler", "_recv_encryption", "_recv_seq", "_recv_ma
           "_recv_blocksize", "_max_recv_pktlen", "_auth_complete", "_kex_complete",
           "_decompressor", "_transport", "_channels", "_keepalive_interval",
           "_reset_keepalive_timer", "_send_disconnect", "_force_close", "internal_error")
-_CHANNEL_STATE = ("_recv_state", "_recv_window", "_accept_data", "_packet_handlers")
+_CHANNEL_METHODS = ("_accept_data", "_packet_handlers")  # on the class; the rest per channel
 _RECV_PKTHDR = getattr(SSHConnection, "_recv_pkthdr", None)
 _PROCESS_DATA = getattr(SSHChannel, "_packet_handlers", {}).get(_CHANNEL_DATA)
 
@@ -53,7 +53,7 @@ def install(conn: asyncssh.SSHServerConnection) -> Receiver | None:
     """Answer ``conn.data_received`` with a :class:`Receiver` (an instance attribute)."""
     if (_RECV_PKTHDR is None or _PROCESS_DATA is None
             or not all(hasattr(conn, name) for name in _STATE)
-            or not all(hasattr(SSHChannel, name) for name in _CHANNEL_STATE[2:])):
+            or not all(hasattr(SSHChannel, name) for name in _CHANNEL_METHODS)):
         return None
     receiver = Receiver(conn)
     conn.data_received = receiver.feed  # type: ignore[method-assign,assignment]
@@ -137,8 +137,9 @@ class Receiver:
             if len(take) < need:
                 self._held = held
                 return None, pos
-            if len(held) >= 4 and len(held) == self._length(held):
-                return held, pos
+            if len(held) >= 4 and (len(held) == self._length(held)
+                                   or not self._valid(int.from_bytes(held[:4], "big"))):
+                return held, pos  # a bad length goes to asyncssh now, not after its bytes
 
     def _length(self, held: bytes) -> int:
         """How long the packet ``held`` starts is (4, until its length field is in)."""
@@ -146,6 +147,11 @@ class Receiver:
             return 4
         macsize: int = self._conn._recv_macsize
         return 4 + int.from_bytes(held[:4], "big") + macsize
+
+    def _valid(self, length: int) -> bool:
+        """Whether asyncssh accepts ``length`` as a packet's (else it ends the connection)."""
+        conn = self._conn
+        return bool(conn._recv_blocksize <= length <= conn._max_recv_pktlen)
 
     @staticmethod
     def _ready(conn: Any) -> bool:
@@ -168,7 +174,7 @@ class Receiver:
             if size - pos < 4:
                 return pos
             length = int.from_bytes(buf[pos:pos + 4], "big")
-            if length > conn._max_recv_pktlen or length < conn._recv_blocksize:
+            if not self._valid(length):
                 self._pass(buf, pos)  # asyncssh says what is wrong with it
                 return None
             body_end = pos + 4 + length

@@ -233,3 +233,35 @@ def test_bad_mac_closes_the_connection_as_asyncssh_does(
     asyncio.run(run())
     assert len(lost) == 1 and isinstance(lost[0], asyncssh.DisconnectError)
     assert lost[0].code == asyncssh.DISC_MAC_ERROR
+
+
+def test_a_bad_length_split_across_reads_is_refused_at_once(
+    msb: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A packet length past asyncssh's limit whose four bytes arrive in two reads goes to
+    asyncssh as soon as it is complete, which ends the connection; it is not held while
+    waiting for the 4 GiB it announces."""
+    if msb.backend != "local":
+        pytest.skip("serves the local backend in-process")
+    sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
+    msb.host(sandbox)
+    seen = _Receivers(monkeypatch)
+    lost: list[Exception | None] = []
+
+    class Client(asyncssh.SSHClient):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.append(exc)
+
+    async def run() -> bytes:
+        async with _connect(msb, sandbox, ["aes128-ctr"], client_factory=Client) as conn:
+            assert (await conn.run("echo ok", encoding=None)).stdout == b"ok\n"
+            receiver = seen.receivers[0]
+            receiver.feed(b"\xff\xff")
+            receiver.feed(b"\xff\xf0" + bytes(1000))
+            held = receiver._held
+            await asyncio.wait_for(conn.wait_closed(), 10)
+            return held
+
+    assert asyncio.run(run()) == b""
+    assert len(lost) == 1 and isinstance(lost[0], asyncssh.DisconnectError)
+    assert lost[0].code == asyncssh.DISC_PROTOCOL_ERROR
