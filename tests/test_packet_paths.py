@@ -13,7 +13,7 @@ import hashlib
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import asyncssh
@@ -204,6 +204,25 @@ class _FailOnce:
         return seq != self._seq and bool(self._mac.verify(seq, packet, sig))
 
 
+async def _until_disconnected(msb: Env, sandbox: str, seen: _Receivers,
+                              act: Callable[[asyncssh.SSHClientConnection, recvpath.Receiver],
+                                            Awaitable[object]]) -> tuple[object, object]:
+    """Connect, check a command runs, ``act`` on the connection and the server's receiver,
+    and wait (10 s at most) for the server to end it: (why the client lost it, act's result)."""
+    lost: list[Exception | None] = []
+
+    class Client(asyncssh.SSHClient):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.append(exc)
+
+    async with _connect(msb, sandbox, ["aes128-ctr"], client_factory=Client) as conn:
+        assert (await conn.run("echo ok", encoding=None)).stdout == b"ok\n"
+        result = await act(conn, seen.receivers[0])
+        await asyncio.wait_for(conn.wait_closed(), 10)
+    assert len(lost) == 1
+    return lost[0], result
+
+
 def test_bad_mac_closes_the_connection_as_asyncssh_does(
     msb: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,25 +233,18 @@ def test_bad_mac_closes_the_connection_as_asyncssh_does(
     sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
     seen = _Receivers(monkeypatch)
-    lost: list[Exception | None] = []
 
-    class Client(asyncssh.SSHClient):
-        def connection_lost(self, exc: Exception | None) -> None:
-            lost.append(exc)
+    async def fail_next_mac(conn: asyncssh.SSHClientConnection,
+                            receiver: recvpath.Receiver) -> None:
+        server: Any = receiver._conn
+        encryption = server._recv_encryption
+        encryption._mac = _FailOnce(encryption._mac, server._recv_seq)
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.run("echo never", encoding=None)
 
-    async def run() -> None:
-        async with _connect(msb, sandbox, ["aes128-ctr"], client_factory=Client) as conn:
-            assert (await conn.run("echo ok", encoding=None)).stdout == b"ok\n"
-            server: Any = seen.receivers[0]._conn
-            encryption = server._recv_encryption
-            encryption._mac = _FailOnce(encryption._mac, server._recv_seq)
-            with pytest.raises(asyncssh.ChannelOpenError):
-                await conn.run("echo never", encoding=None)
-            await conn.wait_closed()
-
-    asyncio.run(run())
-    assert len(lost) == 1 and isinstance(lost[0], asyncssh.DisconnectError)
-    assert lost[0].code == asyncssh.DISC_MAC_ERROR
+    why, _ = asyncio.run(_until_disconnected(msb, sandbox, seen, fail_next_mac))
+    assert isinstance(why, asyncssh.DisconnectError)
+    assert why.code == asyncssh.DISC_MAC_ERROR
 
 
 def test_a_bad_length_split_across_reads_is_refused_at_once(
@@ -246,22 +258,14 @@ def test_a_bad_length_split_across_reads_is_refused_at_once(
     sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
     seen = _Receivers(monkeypatch)
-    lost: list[Exception | None] = []
 
-    class Client(asyncssh.SSHClient):
-        def connection_lost(self, exc: Exception | None) -> None:
-            lost.append(exc)
+    async def split_bad_length(conn: asyncssh.SSHClientConnection,
+                               receiver: recvpath.Receiver) -> bytes:
+        receiver.feed(b"\xff\xff")
+        receiver.feed(b"\xff\xf0" + bytes(1000))
+        return receiver._held
 
-    async def run() -> bytes:
-        async with _connect(msb, sandbox, ["aes128-ctr"], client_factory=Client) as conn:
-            assert (await conn.run("echo ok", encoding=None)).stdout == b"ok\n"
-            receiver = seen.receivers[0]
-            receiver.feed(b"\xff\xff")
-            receiver.feed(b"\xff\xf0" + bytes(1000))
-            held = receiver._held
-            await asyncio.wait_for(conn.wait_closed(), 10)
-            return held
-
-    assert asyncio.run(run()) == b""
-    assert len(lost) == 1 and isinstance(lost[0], asyncssh.DisconnectError)
-    assert lost[0].code == asyncssh.DISC_PROTOCOL_ERROR
+    why, held = asyncio.run(_until_disconnected(msb, sandbox, seen, split_bad_length))
+    assert held == b""
+    assert isinstance(why, asyncssh.DisconnectError)
+    assert why.code == asyncssh.DISC_PROTOCOL_ERROR
