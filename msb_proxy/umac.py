@@ -77,21 +77,18 @@ class CachedKeyUMAC:
 
     def sign(self, seq: int, packet: bytes) -> bytes:
         """The tag of ``packet``."""
-        # The nonce is the packet's 64-bit sequence number (RFC 4418 as OpenSSH uses it).
-        # digest() resets the hash and increments the nonce, the key untouched: packets come
-        # in sequence, so the nonce is set only for the first one and after a gap.
-        context = self._context
-        if seq != self._next_seq:
-            self._set_nonce(context, 8, _PACK_SEQ(seq))
-        self._update(context, len(packet), packet)
-        self._digest(context, self._hash_size, self._tag)
-        self._next_seq = seq + 1 if seq < _SEQ_MASK else -1
-        return self._tag.raw
+        return self._tag_of(seq, (packet,))
 
     def sign_parts(self, seq: int, *parts: bytes) -> bytes:
         """The tag of the parts joined; large parts are not copied to join them."""
         if sum(map(len, parts)) <= JOIN_BELOW:
-            return self.sign(seq, b"".join(parts))  # a copy costs less than a call here
+            return self._tag_of(seq, (b"".join(parts),))  # a copy costs less than a call
+        return self._tag_of(seq, parts)
+
+    def _tag_of(self, seq: int, parts: tuple[bytes, ...]) -> bytes:
+        # The nonce is the packet's 64-bit sequence number (RFC 4418 as OpenSSH uses it).
+        # digest() resets the hash and increments the nonce, the key untouched: packets come
+        # in sequence, so the nonce is set only for the first one and after a gap.
         context = self._context
         if seq != self._next_seq:
             self._set_nonce(context, 8, _PACK_SEQ(seq))
