@@ -24,6 +24,7 @@ encryption); :func:`install` checks they are there and otherwise leaves asyncssh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh
@@ -33,7 +34,7 @@ from asyncssh.encryption import ETMEncryption
 from asyncssh.logging import SSHLogger
 from asyncssh.misc import DisconnectError
 
-from .stdio import feed_slices
+from .pipes import feed_slices
 
 __all__ = ["Receiver", "install"]
 
@@ -93,6 +94,10 @@ class Receiver:
         self._receive = conn.data_received  # asyncssh's own
         self._held = b""
         self.fast_packets = 0  # how many packets took the short path (for the tests)
+        # Set by relay.Relay around a feed: (channel, sink, flush). That channel's data goes
+        # to sink() instead of its _accept_data, and flush() runs before any packet goes to
+        # asyncssh, so nothing asyncssh does with the channel overtakes data sunk before it.
+        self.direct: tuple[Any, Callable[[bytes], object], Callable[[], object]] | None = None
 
     def feed(self, data: bytes) -> None:
         """The connection's ``data_received``."""
@@ -170,6 +175,8 @@ class Receiver:
         conn = self._conn
         size = len(buf)
         channels = conn._channels
+        direct = self.direct
+        direct_chan: Any = direct[0] if direct is not None else None
         while pos < size:
             if size - pos < 4:
                 return pos
@@ -199,15 +206,22 @@ class Receiver:
             if (plain[1] == _CHANNEL_DATA and padding >= _MIN_PADDING
                     and data_end > _DATA_HEADER
                     and int.from_bytes(plain[6:10], "big") == data_end - _DATA_HEADER):
-                chan = channels.get(int.from_bytes(plain[2:6], "big"))
+                chan: Any = channels.get(int.from_bytes(plain[2:6], "big"))
                 if (chan is not None and chan._recv_state == "open"
                         and data_end - _DATA_HEADER <= chan._recv_window
                         and chan._packet_handlers.get(_CHANNEL_DATA) is _PROCESS_DATA):
                     conn._recv_seq = (seq + 1) & 0xFFFFFFFF
                     conn._auth_final = True  # as asyncssh marks any packet past authentication
                     self.fast_packets += 1
-                    chan._accept_data(plain[_DATA_HEADER:data_end])
+                    if (chan is direct_chan and chan._send_state == "open"
+                            and not chan._recv_paused):
+                        chan._recv_window -= data_end - _DATA_HEADER  # as _accept_data does
+                        direct[1](plain[_DATA_HEADER:data_end])  # type: ignore[index]
+                    else:
+                        chan._accept_data(plain[_DATA_HEADER:data_end])
                     continue
+            if direct is not None:
+                direct[2]()
             self._replay(buf[start:end], encryption, plain)
             if not self._ready(conn):
                 self._pass(buf, pos)
@@ -226,4 +240,6 @@ class Receiver:
                 conn._recv_encryption = encryption
 
     def _pass(self, data: bytes, pos: int) -> None:
+        if self.direct is not None:
+            self.direct[2]()
         feed_slices(self._receive, data, pos)

@@ -35,7 +35,7 @@ from asyncssh.logging import SSHLogger
 
 from .umac import JOIN_BELOW, CachedKeyUMAC
 
-__all__ = ["install", "write_channel"]
+__all__ = ["fast_state", "install", "seal", "supported", "write_channel"]
 
 _EMPTY_STRING = b"\0\0\0\0"
 _DATA = frozenset((asyncssh.MSG_CHANNEL_DATA, asyncssh.MSG_CHANNEL_EXTENDED_DATA))
@@ -49,18 +49,13 @@ _BYTES = [bytes((value,)) for value in range(256)]
 def install(conn: asyncssh.SSHServerConnection) -> None:
     """Answer ``conn.send_packet`` with our path first (an instance attribute)."""
     send_packet = conn.send_packet
-    fast = all(hasattr(conn, name) for name in _STATE)
+    fast = supported(conn)
     state: Any = conn
 
     def send_data(pkttype: int, args: tuple[bytes, ...]) -> bool:
         """Send a data packet on the short path, if the connection's state allows."""
-        encryption = state._send_encryption
-        if (fast and type(encryption) is ETMEncryption and state._kex_complete
-                and state._auth_complete and state._compressor is None
-                and state._rekey_bytes_sent < state._rekey_bytes
-                and not (state._rekey_seconds and time.monotonic() >= state._rekey_time)
-                and SSHLogger._debug_level < 3 and state._transport is not None):
-            _send_data(state, encryption, pkttype, args)
+        if fast and fast_state(state):
+            state._transport.writelines(seal(state, pkttype, args))
             return True
         return False
 
@@ -73,6 +68,21 @@ def install(conn: asyncssh.SSHServerConnection) -> None:
 
     conn.send_packet = send  # type: ignore[method-assign]
     state._msb_send_data = send_data
+
+
+def supported(conn: Any) -> bool:
+    """Whether ``conn`` has the asyncssh send state this module works with."""
+    return all(hasattr(conn, name) for name in _STATE)
+
+
+def fast_state(conn: Any) -> bool:
+    """Whether a data packet may be sealed by :func:`seal` now: an established connection
+    with an encrypt-then-MAC cipher, no key exchange due, no compression, no packet logging."""
+    return (type(conn._send_encryption) is ETMEncryption and conn._kex_complete
+            and conn._auth_complete and conn._compressor is None
+            and conn._rekey_bytes_sent < conn._rekey_bytes
+            and not (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)
+            and SSHLogger._debug_level < 3 and conn._transport is not None)
 
 
 def write_channel(chan: Any, data: bytes, datatype: int | None = None) -> None:
@@ -101,9 +111,10 @@ def write_channel(chan: Any, data: bytes, datatype: int | None = None) -> None:
     chan.write(data, datatype)
 
 
-def _send_data(conn: Any, encryption: ETMEncryption, pkttype: int,
-               args: tuple[bytes, ...]) -> None:
-    """What asyncssh's ``send_packet`` does for this packet, with fewer copies."""
+def seal(conn: Any, pkttype: int, args: tuple[bytes, ...]) -> tuple[bytes, bytes, bytes]:
+    """The packet asyncssh's ``send_packet`` would send, as (length, ciphertext, MAC), with
+    fewer copies; the connection's send state moves past it. :func:`fast_state` must hold."""
+    encryption = conn._send_encryption
     length = 1 + sum(map(len, args))  # the payload: type byte and fields
     blocksize = conn._send_blocksize
     padding = -(conn._send_enchdrlen + length) % blocksize
@@ -120,9 +131,9 @@ def _send_data(conn: Any, encryption: ETMEncryption, pkttype: int,
         tag = mac.sign_parts(seq, header, ciphertext)
     else:
         tag = mac.sign(seq, header + ciphertext)
-    conn._transport.writelines((header, ciphertext, tag))
     conn._send_seq = (seq + 1) & 0xFFFFFFFF
     conn._rekey_bytes_sent += len(plain)
+    return header, ciphertext, tag
 
 
 class _RandomPool:

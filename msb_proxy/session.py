@@ -259,6 +259,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._pending_signals.clear()
         if self._pending_resize is not None:
             process.resize(*self._pending_resize)
+        relay = getattr(self._chan._conn, "_msb_relay", None)
+        pipes = process.relay_pipes()
+        if relay is not None and pipes is not None and relay.attach(self, self._chan, *pipes):
+            process.after_read = relay.run
 
     def _fail(self, message: str) -> None:
         if self._chan is not None and not self._closed:
@@ -314,11 +318,17 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._relay_done()
         self._login.activity.closed()
         if self._process is not None and not self._exited:
             self._process.hangup()
         elif self._starting is not None and not self._starting.done():
             pass  # _start hangs the process up as soon as it exists
+
+    def _relay_done(self) -> None:
+        relay = getattr(self._chan._conn, "_msb_relay", None) if self._chan is not None else None
+        if relay is not None:
+            relay.detach(self)
 
     # ---- ProcessListener
     def output_received(self, data: bytes, stderr: bool) -> None:
@@ -346,6 +356,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def process_exited(self, status: ExitStatus) -> None:
         self._exited = True
+        self._relay_done()
         if self._chan is None or self._closed:
             return
         if status.signal is not None:

@@ -21,13 +21,13 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from .pipes import BatchedWriter, batch
+from . import relay
+from .pipes import FEED_SIZE, BatchedWriter, batch, feed_slices
 
 __all__ = ["DuplexStream", "SshSocketStream", "SshStdioStream"]
 
 _F_SETPIPE_SZ = 1031
 _PIPE_SIZE = 1 << 20
-FEED_SIZE = 32 * 1024
 
 
 class DuplexStream(Protocol):
@@ -92,6 +92,7 @@ class _PipePairTransport(asyncio.Transport):
         self._writer: BatchedWriter | None = None
         self._closing = False
         self._lost = False
+        self.relay: relay.Relay | None = None
 
     async def attach(self, read_fd: int, write_fd: int) -> None:
         for fd in (read_fd, write_fd):  # bulk transfers: fewer, larger reads and writes
@@ -111,6 +112,7 @@ class _PipePairTransport(asyncio.Transport):
             )
             if hasattr(self._reader, "max_size"):
                 self._reader.max_size = _PIPE_SIZE  # read it whole
+            self.relay = relay.install(self._protocol, self._reader, self._writer)
         else:
             self._reader = _ThreadReader(self._loop, read_fd, _ReadSide(self))
 
@@ -188,6 +190,8 @@ class _ReadSide(asyncio.Protocol):
             batch(receive, data)
         else:
             batch(feed_slices, receive, data)
+        if self._owner.relay is not None:
+            self._owner.relay.run()
 
     def eof_received(self) -> bool:
         self._owner._lose(None)
@@ -195,16 +199,6 @@ class _ReadSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner._lose(exc)
-
-
-def feed_slices(receive: Callable[[bytes], None], data: bytes, start: int = 0) -> None:
-    """``receive(data[start:])`` in slices of ``FEED_SIZE``.
-
-    asyncssh keeps its input as one bytes object and re-slices it after every packet, so
-    handing it a whole 1 MiB read copies ~64 MiB; in slices of a few packets it copies the
-    data about twice."""
-    for offset in range(start, len(data), FEED_SIZE):
-        receive(data[offset:offset + FEED_SIZE])
 
 
 class _WriteSide(asyncio.Protocol):

@@ -1,8 +1,10 @@
 """Channel data on the short send and receive paths is byte-exact, and the paths are taken.
 
-An in-process SshServer on the local backend, served over TCP to asyncssh's client, so the
-tests can count what the paths do and steer the client (ciphers, re-keying); the real-client
-suites (transfers, tunnels, sshfs) run over the same paths through the ProxyCommand.
+An in-process SshServer on the local backend, served to asyncssh's client over TCP or, as a
+ProxyCommand is, over two pipes (then in a thread of its own, where the relay runs as in
+``msb-proxy stdio``), so the tests can count what the paths do and steer the client (ciphers,
+re-keying); the real-client suites (transfers, tunnels, sshfs) run over the same paths through
+the ProxyCommand.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -20,12 +23,12 @@ import asyncssh
 import pytest
 from conftest import Env
 
-from msb_proxy import recvpath, sendpath
+from msb_proxy import recvpath, relay, sendpath
 from msb_proxy.backends.local import LocalBackend
 from msb_proxy.config import SandboxTemplate
 from msb_proxy.server import SshServer, SshServerOptions
 from msb_proxy.state import StateDir
-from msb_proxy.stdio import SshSocketStream
+from msb_proxy.stdio import SshSocketStream, SshStdioStream
 
 # 3 MiB of random bytes on stdout, and on stderr a line and their digest as the guest saw it:
 # both channel data types.
@@ -33,20 +36,22 @@ COMMAND = ("head -c 3145728 /dev/urandom | tee /tmp/sent; echo to-stderr >&2; "
            "sha256sum </tmp/sent >&2")
 
 
-async def _run(msb: Env, sandbox: str, ciphers: list[str]) -> asyncssh.SSHCompletedProcess:
-    async with _connect(msb, sandbox, ciphers) as conn:
+async def _run(msb: Env, sandbox: str, ciphers: list[str],
+               pipes: bool) -> asyncssh.SSHCompletedProcess:
+    async with _connect(msb, sandbox, ciphers, pipes) as conn:
         return await conn.run(COMMAND, encoding=None)
 
 
 @contextlib.asynccontextmanager
-async def _connect(msb: Env, sandbox: str, ciphers: list[str],
+async def _connect(msb: Env, sandbox: str, ciphers: list[str], pipes: bool = False,
                    **client_options: object) -> AsyncIterator[asyncssh.SSHClientConnection]:
     """An asyncssh client connected to an in-process SshServer for ``sandbox``."""
-    backend = LocalBackend(StateDir(msb.home), msb.rootfs)
-    options = SshServerOptions(host_key_path=msb.home / f"sendpath-{sandbox}.key",
-                               authorized_keys=[msb.key.with_suffix(".pub").read_text()],
-                               template=SandboxTemplate(backend="local"))
-    server = await SshServer.prepare(backend, sandbox, options)
+    if pipes:
+        async with _connect_pipes(msb, sandbox, ciphers, **client_options) as conn:
+            yield conn
+        return
+    server = await SshServer.prepare(LocalBackend(StateDir(msb.home), msb.rootfs), sandbox,
+                                     _options(msb, sandbox))
     served: list[asyncio.Task[object]] = []
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -67,24 +72,68 @@ async def _connect(msb: Env, sandbox: str, ciphers: list[str],
         await asyncio.wait_for(asyncio.gather(*served, return_exceptions=True), 30)
 
 
-@pytest.mark.parametrize(("cipher", "fast"), [("aes128-ctr", True), ("aes256-ctr", True),
-                                               ("aes128-gcm@openssh.com", False)])
+def _options(msb: Env, sandbox: str) -> SshServerOptions:
+    return SshServerOptions(host_key_path=msb.home / f"sendpath-{sandbox}.key",
+                            authorized_keys=[msb.key.with_suffix(".pub").read_text()],
+                            template=SandboxTemplate(backend="local"))
+
+
+@contextlib.asynccontextmanager
+async def _connect_pipes(msb: Env, sandbox: str, ciphers: list[str],
+                         **client_options: object) -> AsyncIterator[asyncssh.SSHClientConnection]:
+    """The server on two pipes in a thread with its own loop, as ``msb-proxy stdio`` is."""
+    to_server, from_client = os.pipe()
+    to_client, from_server = os.pipe()
+    failures: list[BaseException] = []
+
+    async def serve() -> None:
+        server = await SshServer.prepare(LocalBackend(StateDir(msb.home), msb.rootfs), sandbox,
+                                         _options(msb, sandbox))
+        await server.serve(SshStdioStream(to_server, from_server))
+
+    def thread() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:
+            failures.append(exc)
+
+    server_thread = threading.Thread(target=thread, name="server")
+    server_thread.start()
+    try:
+        async with asyncssh.connect(sandbox, username="root", known_hosts=None,
+                                    tunnel=SshStdioStream(to_client, from_client),
+                                    client_keys=[str(msb.key)], encryption_algs=ciphers,
+                                    config=None, **client_options) as conn:
+            yield conn
+    finally:
+        os.close(from_client)  # the server's end of file
+        await asyncio.get_running_loop().run_in_executor(None, server_thread.join, 30)
+        for fd in (to_server, to_client, from_server):
+            os.close(fd)
+    assert not server_thread.is_alive() and not failures, failures
+
+
+@pytest.mark.parametrize(("cipher", "fast", "pipes"), [
+    ("aes128-ctr", True, False), ("aes256-ctr", True, False),
+    ("aes128-gcm@openssh.com", False, False), ("aes128-ctr", True, True),
+    ("aes128-gcm@openssh.com", False, True),
+])
 def test_channel_data_is_exact_on_either_path(
-    msb: Env, monkeypatch: pytest.MonkeyPatch, cipher: str, fast: bool
+    msb: Env, monkeypatch: pytest.MonkeyPatch, cipher: str, fast: bool, pipes: bool
 ) -> None:
     if msb.backend != "local":
         pytest.skip("serves the local backend in-process")
     sandbox = f"sendpath-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
     sent: list[int] = []
-    original = sendpath._send_data
+    original = sendpath.seal
 
-    def counting(conn: object, encryption: object, pkttype: int, args: tuple[bytes, ...]) -> None:
+    def counting(conn: object, pkttype: int, args: tuple[bytes, ...]) -> tuple[bytes, ...]:
         sent.append(pkttype)
-        original(conn, encryption, pkttype, args)  # type: ignore[arg-type]
+        return original(conn, pkttype, args)
 
-    monkeypatch.setattr(sendpath, "_send_data", counting)
-    result = asyncio.run(_run(msb, sandbox, [cipher]))
+    monkeypatch.setattr(sendpath, "seal", counting)
+    result = asyncio.run(_run(msb, sandbox, [cipher], pipes))
     assert result.exit_status == 0
     stdout, stderr = result.stdout, result.stderr
     assert isinstance(stdout, bytes) and isinstance(stderr, bytes)
@@ -125,14 +174,38 @@ class _Receivers:
         return sum(receiver.fast_packets for receiver in self.receivers)
 
 
-@pytest.mark.parametrize(("cipher", "mac", "fast"), [
-    ("aes128-ctr", "umac-64-etm@openssh.com", True),
-    ("aes256-ctr", "hmac-sha2-256-etm@openssh.com", True),  # asyncssh's own MAC object
-    ("aes128-ctr", "hmac-sha2-256", False),  # MAC before encryption: asyncssh's path
-    ("aes128-gcm@openssh.com", None, False),
+class _Relays:
+    """Every Relay the stdio transports install (the server's; the client has none)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.relays: list[relay.Relay] = []
+        install = relay.install
+
+        def installing(conn: Any, reader: Any, writer: Any) -> relay.Relay | None:
+            installed = install(conn, reader, writer)
+            assert (installed is None) == isinstance(conn, asyncssh.SSHClientConnection)
+            if installed is not None:
+                self.relays.append(installed)
+            return installed
+
+        monkeypatch.setattr(relay, "install", installing)
+
+    @property
+    def inline_reads(self) -> int:
+        return sum(each.inline_reads for each in self.relays)
+
+
+@pytest.mark.parametrize(("cipher", "mac", "fast", "pipes"), [
+    ("aes128-ctr", "umac-64-etm@openssh.com", True, False),
+    ("aes256-ctr", "hmac-sha2-256-etm@openssh.com", True, False),  # asyncssh's own MAC object
+    ("aes128-ctr", "hmac-sha2-256", False, False),  # MAC before encryption: asyncssh's path
+    ("aes128-gcm@openssh.com", None, False, False),
+    ("aes128-ctr", "umac-64-etm@openssh.com", True, True),
+    ("aes128-ctr", "hmac-sha2-256", False, True),
 ])
 def test_client_data_is_exact_across_rekeys(
-    msb: Env, monkeypatch: pytest.MonkeyPatch, cipher: str, mac: str | None, fast: bool
+    msb: Env, monkeypatch: pytest.MonkeyPatch, *, cipher: str, mac: str | None, fast: bool,
+    pipes: bool
 ) -> None:
     """4 MiB into the guest's stdin while the client re-keys every MiB: the key exchange
     packets arrive between data packets, are decrypted to find their type and must reach
@@ -146,7 +219,8 @@ def test_client_data_is_exact_across_rekeys(
 
     async def run() -> asyncssh.SSHCompletedProcess:
         macs = {"mac_algs": [mac]} if mac else {}
-        async with _connect(msb, sandbox, [cipher], rekey_bytes=1 << 20, **macs) as conn:
+        async with _connect(msb, sandbox, [cipher], pipes, rekey_bytes=1 << 20,
+                            **macs) as conn:
             assert conn.get_extra_info("send_mac") == (mac or cipher), "another MAC chosen"
             return await conn.run("sha256sum; echo done >&2", input=payload, encoding=None)
 
@@ -163,18 +237,22 @@ def test_client_data_is_exact_across_rekeys(
         assert seen.fast == 0 and seen.replayed == []
 
 
-def test_small_requests_and_answers_are_exact(msb: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("pipes", [False, True])
+def test_small_requests_and_answers_are_exact(
+    msb: Env, monkeypatch: pytest.MonkeyPatch, pipes: bool
+) -> None:
     """SFTP with 200 small files each way: requests and answers of a few dozen bytes, the
-    traffic scp -r makes, on both short paths."""
+    traffic scp -r makes, on both short paths; over pipes, most of it in the relay."""
     if msb.backend != "local":
         pytest.skip("serves the local backend in-process")
     sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
     seen = _Receivers(monkeypatch)
+    relays = _Relays(monkeypatch)
     files = {f"f{index:03d}": os.urandom(index * 7 % 3000) for index in range(200)}
 
     async def run() -> dict[str, bytes]:
-        async with _connect(msb, sandbox, ["aes128-ctr"]) as conn, \
+        async with _connect(msb, sandbox, ["aes128-ctr"], pipes) as conn, \
                 conn.start_sftp_client() as sftp:
             await sftp.mkdir("small")
             for name, data in files.items():
@@ -189,6 +267,11 @@ def test_small_requests_and_answers_are_exact(msb: Env, monkeypatch: pytest.Monk
 
     assert asyncio.run(run()) == files
     assert seen.fast >= 1000  # open, write, close, open, read, close: ~6 per file
+    if pipes:  # both ways, most reads; the client shares its process, so not all
+        assert len(relays.relays) == 1
+        assert relays.inline_reads >= 1000
+    else:
+        assert relays.relays == []
 
 
 class _FailOnce:

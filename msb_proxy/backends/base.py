@@ -22,13 +22,16 @@ from __future__ import annotations
 import abc
 import signal as _signal
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import asyncio
+
     from ..config import SandboxTemplate
     from ..helpers import Link
+    from ..pipes import BatchedWriter
     from ..progress import Progress
 
 __all__ = [
@@ -144,6 +147,14 @@ class ProcessListener(Protocol):
 
 class GuestProcess(abc.ABC):
     """A process running in the guest, started by :meth:`Sandbox.spawn`."""
+
+    #: Called after each read of the process's stdout has been delivered (see relay.py).
+    after_read: Callable[[], None] | None = None
+
+    def relay_pipes(self) -> tuple[asyncio.ReadTransport, BatchedWriter] | None:
+        """The process's stdout transport and stdin writer when both are plain pipes that
+        :class:`~msb_proxy.relay.Relay` may read and write itself; None (the default) if not."""
+        return None
 
     @abc.abstractmethod
     def write_stdin(self, data: bytes) -> None:

@@ -428,6 +428,11 @@ class LocalProcess(GuestProcess):
         self._loop.add_reader(self._control.fileno(), self._on_control)
 
     # ---- GuestProcess
+    def relay_pipes(self) -> tuple[asyncio.ReadTransport, BatchedWriter] | None:
+        if self._pty or not self._readers or self._stdin is None:
+            return None
+        return self._readers[0], self._stdin
+
     def write_stdin(self, data: bytes) -> None:
         if self._stdin is not None and not self._stdin.is_closing():
             self._stdin.write(data)
@@ -540,6 +545,8 @@ class _OutputReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         batch(self._process._listener.output_received, data, self._is_stderr)
+        if not self._is_stderr and self._process.after_read is not None:
+            self._process.after_read()
 
     def eof_received(self) -> bool:
         return False
