@@ -47,12 +47,12 @@ _STATE = ("_inpbuf", "_recv_handler", "_recv_encryption", "_recv_seq", "_recv_ma
           "_reset_keepalive_timer", "_send_disconnect", "_force_close", "internal_error")
 _CHANNEL_METHODS = ("_accept_data", "_packet_handlers")  # on the class; the rest per channel
 _RECV_PKTHDR = getattr(SSHConnection, "_recv_pkthdr", None)
-_PROCESS_DATA = getattr(SSHChannel, "_packet_handlers", {}).get(_CHANNEL_DATA)
+PROCESS_DATA = getattr(SSHChannel, "_packet_handlers", {}).get(_CHANNEL_DATA)
 
 
 def install(conn: asyncssh.SSHServerConnection) -> Receiver | None:
     """Answer ``conn.data_received`` with a :class:`Receiver` (an instance attribute)."""
-    if (_RECV_PKTHDR is None or _PROCESS_DATA is None
+    if (_RECV_PKTHDR is None or PROCESS_DATA is None
             or not all(hasattr(conn, name) for name in _STATE)
             or not all(hasattr(SSHChannel, name) for name in _CHANNEL_METHODS)):
         return None
@@ -209,7 +209,7 @@ class Receiver:
                 chan: Any = channels.get(int.from_bytes(plain[2:6], "big"))
                 if (chan is not None and chan._recv_state == "open"
                         and data_end - _DATA_HEADER <= chan._recv_window
-                        and chan._packet_handlers.get(_CHANNEL_DATA) is _PROCESS_DATA):
+                        and chan._packet_handlers.get(_CHANNEL_DATA) is PROCESS_DATA):
                     conn._recv_seq = (seq + 1) & 0xFFFFFFFF
                     conn._auth_final = True  # as asyncssh marks any packet past authentication
                     self.fast_packets += 1

@@ -35,14 +35,27 @@ import asyncio
 import os
 import select
 import struct
+from types import ModuleType
 from typing import Any
 
 import asyncssh
 from asyncssh.logging import SSHLogger
 
-from . import sendpath
+from . import recvpath, sendpath
 from .pipes import BatchedWriter, batch
 from .recvpath import Receiver
+from .umac import CachedKeyUMAC
+
+
+def _compiled() -> ModuleType | None:
+    try:
+        from . import _relay
+    except ImportError:  # built without a C compiler: the same loop in Python
+        return None
+    return _relay
+
+
+_native = _compiled()
 
 __all__ = ["Relay", "install"]
 
@@ -51,6 +64,7 @@ _UINT32 = struct.Struct(">I").pack
 _EPOLLIN = select.EPOLLIN
 _CHANNEL_DATA = asyncssh.MSG_CHANNEL_DATA
 _WINDOW_ADJUST = asyncssh.MSG_CHANNEL_WINDOW_ADJUST
+_CLIENT_READ, _GUEST_READ = 1, 2  # _relay.run's reasons that need a transport's own read
 
 
 def install(conn: Any, reader: Any, writer: BatchedWriter) -> Relay | None:
@@ -106,6 +120,18 @@ class Relay:
         guest = self._guest
         if self._running or guest is None or SSHLogger._debug_level >= 2:
             return
+        self._running = True
+        try:
+            if _native is not None:
+                arguments = self._native_arguments()
+                if arguments is not None:
+                    self._run_native(arguments)
+                    return
+            self._serve(guest)
+        finally:
+            self._running = False
+
+    def _serve(self, guest: Any) -> None:
         loop = self._loop
         poll = loop._selector._selector.poll
         ready = loop._ready
@@ -114,32 +140,112 @@ class Relay:
         client = self._client
         client_fd = client._fileno
         guest_fd = guest._fileno
-        self._running = True
+        while (not ready and not loop._stopping and self._guest is guest
+               and not guest._closing and not client._closing):
+            if scheduled:
+                timeout = scheduled[0]._when - now()
+                if timeout <= 0:
+                    return
+            else:
+                timeout = -1
+            events = poll(timeout, 2)
+            if len(events) != 1:
+                return
+            fd, mask = events[0]
+            if mask != _EPOLLIN:
+                return
+            if fd == guest_fd:
+                if not self._from_guest(fd):
+                    return
+            elif fd == client_fd:
+                if not self._from_client(fd):
+                    return
+            else:
+                return
+
+    # ---- the same loop in C
+    def _native_arguments(self) -> tuple[Any, ...] | None:
+        """What _relay.run takes, when the state is one it covers: UMAC and a CTR cipher
+        both ways, nothing queued on either pipe, the channel open both ways."""
+        conn, chan, receiver, loop = self._conn, self._chan, self._receiver, self._loop
+        session, stdin, out = self._session, self._stdin, self._out
+        if (loop._ready or loop._stopping or self._guest._closing or self._client._closing
+                or not receiver._ready(conn) or not sendpath.fast_state(conn)):
+            return None
+        inbound, outbound = conn._recv_encryption, conn._send_encryption
+        decryptor = getattr(inbound._cipher, "_decryptor", None)
+        encryptor = getattr(outbound._cipher, "_encryptor", None)
+        if (type(inbound._mac) is not CachedKeyUMAC or type(outbound._mac) is not CachedKeyUMAC
+                or decryptor is None or encryptor is None):
+            return None
+        if (stdin is None or session._process is None or session._closed or stdin._pending
+                or out._pending or not all(hasattr(pipe, "_fileno") and not pipe.is_closing()
+                                           and not pipe.get_write_buffer_size()
+                                           for pipe in (stdin.transport, out.transport))):
+            return None
+        if (chan._recv_state != "open" or chan._send_state != "open" or chan._recv_paused
+                or chan._send_buf or chan._send_paused or chan._send_chan is None
+                or chan._packet_handlers.get(_CHANNEL_DATA) is not recvpath.PROCESS_DATA):
+            return None
+        scheduled = loop._scheduled
+        held, receiver._held = receiver._held, b""
+        to_guest: Any = stdin.transport
+        to_client: Any = out.transport
+        return (
+            (loop._selector._selector.fileno(), self._client._fileno, to_client._fileno,
+             to_guest._fileno, self._guest._fileno),
+            (decryptor.update, *inbound._mac.native(), inbound._mac.next_seq, conn._recv_seq),
+            (encryptor.update, *outbound._mac.native(), outbound._mac.next_seq,
+             conn._send_seq),
+            (conn._recv_blocksize, conn._max_recv_pktlen, conn._send_blocksize,
+             conn._send_enchdrlen, chan._recv_chan, chan._send_chan, chan._recv_window,
+             chan._init_recv_window, chan._send_window, chan._send_pktsize,
+             conn._rekey_bytes - conn._rekey_bytes_sent,
+             float(conn._rekey_time) if conn._rekey_seconds else 0.0,
+             float(scheduled[0]._when) if scheduled else 0.0),
+            held,
+        )
+
+    def _run_native(self, arguments: tuple[Any, ...]) -> None:
+        """One run of the C loop, then what it hands back, the usual way and in order."""
+        conn, chan, receiver = self._conn, self._chan, self._receiver
+        session, stdin, guest = self._session, self._stdin, self._guest
+        inbound, outbound = conn._recv_encryption, conn._send_encryption
+        assert _native is not None and stdin is not None
         try:
-            while (not ready and not loop._stopping and self._guest is guest
-                   and not guest._closing and not client._closing):
-                if scheduled:
-                    timeout = scheduled[0]._when - now()
-                    if timeout <= 0:
-                        return
-                else:
-                    timeout = -1
-                events = poll(timeout, 2)
-                if len(events) != 1:
-                    return
-                fd, mask = events[0]
-                if mask != _EPOLLIN:
-                    return
-                if fd == guest_fd:
-                    if not self._from_guest(fd):
-                        return
-                elif fd == client_fd:
-                    if not self._from_client(fd):
-                        return
-                else:
-                    return
-        finally:
-            self._running = False
+            result = _native.run(*arguments)
+        except Exception:  # the state is past saving: as asyncssh ends a connection on a bug
+            conn.internal_error()
+            return
+        reason, state, to_client, to_guest, packet, plain, client_rest, guest_rest = result
+        in_seq, in_nonce, out_seq, out_nonce, recv_window, send_window, sent, packets, reads \
+            = state
+        conn._recv_seq, inbound._mac.next_seq = in_seq, in_nonce
+        conn._send_seq, outbound._mac.next_seq = out_seq, out_nonce
+        conn._rekey_bytes_sent += sent
+        chan._recv_window, chan._send_window = recv_window, send_window
+        if packets:
+            conn._auth_final = True  # as asyncssh marks any packet past authentication
+            receiver.fast_packets += packets
+        if reads:
+            self.inline_reads += reads
+            if conn._keepalive_interval:
+                conn._reset_keepalive_timer()
+        if to_client:
+            self._out.transport.write(to_client)
+        if to_guest:
+            stdin.transport.write(to_guest)
+        if packet is not None:
+            batch(receiver._replay, packet, inbound, plain)
+        if client_rest:
+            batch(receiver.feed, client_rest)
+        if guest_rest:
+            batch(session.output_received, guest_rest, False)
+        self._adjust_window()
+        if reason == _CLIENT_READ:
+            self._client._read_ready()  # end of file or an error, as the transport handles it
+        elif reason == _GUEST_READ:
+            guest._read_ready()
 
     # ---- client -> guest
     def _from_client(self, fd: int) -> bool:
@@ -178,8 +284,12 @@ class Relay:
         payloads.clear()
         assert self._stdin is not None
         self._stdin.transport.write(data)
+        self._adjust_window()
+
+    def _adjust_window(self) -> None:
         chan = self._chan
-        if chan._recv_window < chan._init_recv_window / 2:
+        if (chan is not None and chan._recv_state == "open"
+                and chan._recv_window < chan._init_recv_window / 2):
             adjust = chan._init_recv_window - chan._recv_window
             chan._recv_window = chan._init_recv_window
             batch(chan.send_packet, _WINDOW_ADJUST, _UINT32(adjust))

@@ -98,6 +98,24 @@ class CachedKeyUMAC:
         self._next_seq = seq + 1 if seq < _SEQ_MASK else -1
         return self._tag.raw
 
+    def native(self) -> tuple[int, int, int, int, int]:
+        """For C code that computes tags on this context: (context, set_nonce, update, digest,
+        tag bytes) as addresses; it hands the nonce state back through ``next_seq``."""
+        def address(function: Any) -> int:
+            return int(ctypes.cast(function, ctypes.c_void_p).value or 0)
+
+        return (self._context, address(self._set_nonce), address(self._update),
+                address(self._digest), self._hash_size)
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the context's nonce is at (-1: unknown)."""
+        return self._next_seq
+
+    @next_seq.setter
+    def next_seq(self, seq: int) -> None:
+        self._next_seq = seq
+
     def verify(self, seq: int, packet: bytes, sig: bytes) -> bool:
         return hmac.compare_digest(self.sign(seq, packet), sig)
 

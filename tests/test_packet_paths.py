@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import socket
 import threading
 import uuid
@@ -34,6 +35,18 @@ from msb_proxy.stdio import SshSocketStream, SshStdioStream
 # both channel data types.
 COMMAND = ("head -c 3145728 /dev/urandom | tee /tmp/sent; echo to-stderr >&2; "
            "sha256sum </tmp/sent >&2")
+
+
+def _serving(monkeypatch: pytest.MonkeyPatch, serve: str) -> bool:
+    """Set up serving ``serve`` ("tcp", "pipes": the relay's C loop, "pipes-python": its
+    Python loop); whether over pipes."""
+    if serve == "pipes-python":
+        monkeypatch.setattr(relay, "_native", None)
+    elif serve == "pipes" and relay._native is None:
+        if shutil.which("cc") is None:
+            pytest.skip("no C compiler here: msb_proxy._relay cannot be built")
+        pytest.fail("msb_proxy._relay is not built (make install builds it)")
+    return serve != "tcp"
 
 
 async def _run(msb: Env, sandbox: str, ciphers: list[str],
@@ -113,18 +126,20 @@ async def _connect_pipes(msb: Env, sandbox: str, ciphers: list[str],
     assert not server_thread.is_alive() and not failures, failures
 
 
-@pytest.mark.parametrize(("cipher", "fast", "pipes"), [
-    ("aes128-ctr", True, False), ("aes256-ctr", True, False),
-    ("aes128-gcm@openssh.com", False, False), ("aes128-ctr", True, True),
-    ("aes128-gcm@openssh.com", False, True),
+@pytest.mark.parametrize(("cipher", "fast", "serve"), [
+    ("aes128-ctr", True, "tcp"), ("aes256-ctr", True, "tcp"),
+    ("aes128-gcm@openssh.com", False, "tcp"), ("aes128-ctr", True, "pipes"),
+    ("aes256-ctr", True, "pipes-python"), ("aes128-gcm@openssh.com", False, "pipes"),
 ])
 def test_channel_data_is_exact_on_either_path(
-    msb: Env, monkeypatch: pytest.MonkeyPatch, cipher: str, fast: bool, pipes: bool
+    msb: Env, monkeypatch: pytest.MonkeyPatch, cipher: str, fast: bool, serve: str
 ) -> None:
     if msb.backend != "local":
         pytest.skip("serves the local backend in-process")
     sandbox = f"sendpath-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
+    pipes = _serving(monkeypatch, serve)
+    relays = _Relays(monkeypatch)
     sent: list[int] = []
     original = sendpath.seal
 
@@ -140,11 +155,15 @@ def test_channel_data_is_exact_on_either_path(
     assert len(stdout) == 3 << 20
     assert stderr.startswith(b"to-stderr\n")
     assert stderr.split()[1] == hashlib.sha256(stdout).hexdigest().encode()
-    if fast:  # every data packet; 3 MiB is at least 96 of them at 32 KiB
+    if fast and serve == "pipes":  # sealed in C, reads of at most 256 KiB
+        assert relays.inline_reads >= 12
+        assert sent.count(asyncssh.MSG_CHANNEL_EXTENDED_DATA) >= 1  # stderr: not relayed
+    elif fast:  # every data packet; 3 MiB is at least 96 of them at 32 KiB
         assert sent.count(asyncssh.MSG_CHANNEL_DATA) >= 96
         assert sent.count(asyncssh.MSG_CHANNEL_EXTENDED_DATA) >= 1
     else:
         assert sent == []
+    assert len(relays.relays) == pipes
 
 
 class _Receivers:
@@ -195,17 +214,20 @@ class _Relays:
         return sum(each.inline_reads for each in self.relays)
 
 
-@pytest.mark.parametrize(("cipher", "mac", "fast", "pipes"), [
-    ("aes128-ctr", "umac-64-etm@openssh.com", True, False),
-    ("aes256-ctr", "hmac-sha2-256-etm@openssh.com", True, False),  # asyncssh's own MAC object
-    ("aes128-ctr", "hmac-sha2-256", False, False),  # MAC before encryption: asyncssh's path
-    ("aes128-gcm@openssh.com", None, False, False),
-    ("aes128-ctr", "umac-64-etm@openssh.com", True, True),
-    ("aes128-ctr", "hmac-sha2-256", False, True),
+@pytest.mark.parametrize(("cipher", "mac", "fast", "serve"), [
+    ("aes128-ctr", "umac-64-etm@openssh.com", True, "tcp"),
+    ("aes256-ctr", "hmac-sha2-256-etm@openssh.com", True, "tcp"),  # asyncssh's own MAC object
+    ("aes128-ctr", "hmac-sha2-256", False, "tcp"),  # MAC before encryption: asyncssh's path
+    ("aes128-gcm@openssh.com", None, False, "tcp"),
+    ("aes128-ctr", "umac-64-etm@openssh.com", True, "pipes"),
+    ("aes256-ctr", "umac-128-etm@openssh.com", True, "pipes"),
+    ("aes128-ctr", "umac-64-etm@openssh.com", True, "pipes-python"),
+    ("aes128-ctr", "hmac-sha2-256-etm@openssh.com", True, "pipes"),  # Python's loop
+    ("aes128-ctr", "hmac-sha2-256", False, "pipes"),
 ])
 def test_client_data_is_exact_across_rekeys(
     msb: Env, monkeypatch: pytest.MonkeyPatch, *, cipher: str, mac: str | None, fast: bool,
-    pipes: bool
+    serve: str
 ) -> None:
     """4 MiB into the guest's stdin while the client re-keys every MiB: the key exchange
     packets arrive between data packets, are decrypted to find their type and must reach
@@ -214,6 +236,7 @@ def test_client_data_is_exact_across_rekeys(
         pytest.skip("serves the local backend in-process")
     sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
+    pipes = _serving(monkeypatch, serve)
     seen = _Receivers(monkeypatch)
     payload = os.urandom(4 << 20)
 
@@ -237,9 +260,9 @@ def test_client_data_is_exact_across_rekeys(
         assert seen.fast == 0 and seen.replayed == []
 
 
-@pytest.mark.parametrize("pipes", [False, True])
+@pytest.mark.parametrize("serve", ["tcp", "pipes", "pipes-python"])
 def test_small_requests_and_answers_are_exact(
-    msb: Env, monkeypatch: pytest.MonkeyPatch, pipes: bool
+    msb: Env, monkeypatch: pytest.MonkeyPatch, serve: str
 ) -> None:
     """SFTP with 200 small files each way: requests and answers of a few dozen bytes, the
     traffic scp -r makes, on both short paths; over pipes, most of it in the relay."""
@@ -247,6 +270,7 @@ def test_small_requests_and_answers_are_exact(
         pytest.skip("serves the local backend in-process")
     sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
+    pipes = _serving(monkeypatch, serve)
     seen = _Receivers(monkeypatch)
     relays = _Relays(monkeypatch)
     files = {f"f{index:03d}": os.urandom(index * 7 % 3000) for index in range(200)}
