@@ -30,8 +30,10 @@ enum {
     CLIENT_READ = 1,  /* reading the client's pipe met end of file or an error */
     GUEST_READ = 2,   /* reading the guest's stdout met end of file or an error */
     USUAL = 3,        /* data left for the usual path: no window, or a key exchange is due */
+    HANDED = 4,       /* stopped to hand back a packet, bytes, or what a pipe did not take */
 };
 
+#define IGNORE 2
 #define CHANNEL_DATA 94
 #define WINDOW_ADJUST 93
 #define DATA_HEADER 10      /* padding length, type, recipient, data length */
@@ -52,6 +54,7 @@ typedef struct {
     Direction in, out;
     uint32_t blocksize_in, max_length, blocksize_out, enchdrlen;
     uint32_t local_id, peer_id;
+    int take_data;        /* whether channel data may go to the guest (else it is handed back) */
     int64_t recv_window, init_window, send_window, packet_size;
     int64_t rekey_left;   /* bytes that may still be sent before a key exchange */
     double rekey_at;      /* monotonic time of a time-based key exchange; 0: none */
@@ -261,7 +264,7 @@ static int take_packets(Relay *relay, Pending *pending)
         int64_t size = data_end - DATA_HEADER;
         if (plain[1] == CHANNEL_DATA && padding >= 4 && size > 0
                 && get32(plain + 6) == (uint32_t)size && get32(plain + 2) == relay->local_id
-                && size <= relay->recv_window) {
+                && size <= relay->recv_window && relay->take_data) {
             if (reserve(&pending->to_guest, (size_t)size) < 0) {
                 Py_DECREF(plain_object);
                 return -1;
@@ -271,6 +274,16 @@ static int take_packets(Relay *relay, Pending *pending)
             pending->to_guest.size += (size_t)size;
             Py_DECREF(plain_object);
             relay->recv_window -= size;
+            relay->in.seq += 1;
+            relay->packets_in += 1;
+            pos += end;
+            continue;
+        }
+        if (plain[1] == IGNORE && padding >= 4 && data_end >= 6
+                && get32(plain + 2) == (uint32_t)(data_end - 6)) {
+            /* What asyncssh does with one (its string read, nothing after it). The asyncssh
+             * client sends one before every write. */
+            Py_DECREF(plain_object);
             relay->in.seq += 1;
             relay->packets_in += 1;
             pos += end;
@@ -358,8 +371,8 @@ static int read_into(int fd, Buffer *buffer, size_t size)
     }
 }
 
-/* After client bytes arrived: take their packets, write what they carry. Returns -1, LOOP
- * when something is left for asyncssh or a write did not finish, or 1 to go on. */
+/* After client bytes arrived: take their packets, write what they carry. Returns -1, HANDED
+ * when something is left for asyncssh or a write did not finish, USUAL, or 1 to go on. */
 static int after_client(Relay *relay, Pending *pending)
 {
     int taken = take_packets(relay, pending);
@@ -369,12 +382,12 @@ static int after_client(Relay *relay, Pending *pending)
     if (adjusted < 0)
         return -1;
     if (pending->to_guest.size && !flush(relay->guest_in, &pending->to_guest))
-        return LOOP;
+        return HANDED;
     if (pending->to_client.size && !flush(relay->client_out, &pending->to_client))
-        return LOOP;
+        return HANDED;
     if (adjusted)
         return USUAL;
-    return taken ? LOOP : 1;
+    return taken ? HANDED : 1;
 }
 
 static int serve(Relay *relay, Pending *pending)
@@ -427,7 +440,7 @@ static int serve(Relay *relay, Pending *pending)
             if (sent < 0)
                 return -1;
             if (pending->to_client.size && !flush(relay->client_out, &pending->to_client))
-                return LOOP;
+                return HANDED;
             if (sent)
                 return USUAL;
         } else {
@@ -482,12 +495,12 @@ static PyObject *run(PyObject *Py_UNUSED(module), PyObject *args)
     if (relay == NULL)
         return PyErr_NoMemory();
     relay->pool_used = RANDOM_POOL;
-    if (!PyArg_ParseTuple(args, "(iiiii)O!O!(IIIIIILLLLLdd)y#", &relay->epfd, &relay->client_in,
+    if (!PyArg_ParseTuple(args, "(iiiii)O!O!(IIIIIIpLLLLLdd)y#", &relay->epfd, &relay->client_in,
                           &relay->client_out, &relay->guest_in, &relay->guest_out,
                           &PyTuple_Type, &inbound, &PyTuple_Type, &outbound,
                           &relay->blocksize_in, &relay->max_length, &relay->blocksize_out,
                           &relay->enchdrlen, &relay->local_id, &relay->peer_id,
-                          &relay->recv_window, &relay->init_window, &relay->send_window,
+                          &relay->take_data, &relay->recv_window, &relay->init_window, &relay->send_window,
                           &relay->packet_size, &relay->rekey_left, &relay->rekey_at,
                           &relay->deadline, &held, &held_size)
             || direction_from(inbound, &relay->in) < 0

@@ -6,7 +6,7 @@ def run(
     fds: tuple[int, int, int, int, int],
     inbound: tuple[Callable[[bytes], bytes], int, int, int, int, int, int, int],
     outbound: tuple[Callable[[bytes], bytes], int, int, int, int, int, int, int],
-    limits: tuple[int, int, int, int, int, int, int, int, int, int, int, float, float],
+    limits: tuple[int, int, int, int, int, int, bool, int, int, int, int, int, float, float],
     held: bytes,
 ) -> tuple[int, tuple[int, int, int, int, int, int, int, int, int], bytes | None, bytes | None,
            bytes | None, bytes | None, bytes | None, bytes | None]: ...

@@ -25,6 +25,17 @@ error on either pipe. Since asyncio's epoll is level-triggered, whatever it left
 reported again at the loop's next poll. Nothing is reordered: data goes straight to a pipe only
 when nothing is queued before it there.
 
+The same loop runs in C where ``msb_proxy._relay`` was built (``setup.py``; it needs a C
+compiler and Python's headers, and is skipped without them): in Python a message still costs
+~50 us of CPU, as each of the ~15 calls it takes runs with cold caches; in C it is a few. It
+covers UMAC with a CTR cipher (what OpenSSH clients choose with us) and hands back what it does
+not take, with the state it moved on (sequence numbers, windows, bytes sent, the UMAC nonce);
+the cipher stays asyncssh's CTR context, called through its ``update``, and the MAC the keyed
+nettle context of :class:`umac.CachedKeyUMAC`, so nothing needs re-synchronising. Measured on a
+2-core VM, 10,000 small files by ``scp -r`` between tmpfs directories: proxy CPU per message
+~70 us (usual path), ~50 us (this loop in Python), a few us in C; wall time 0.83x sshd's down,
+0.95x up.
+
 Only the stdio transport (real pipes) and a local backend's non-terminal process offer their
 descriptors; everything else, and every state this does not cover, stays on the usual path.
 """
@@ -64,7 +75,16 @@ _UINT32 = struct.Struct(">I").pack
 _EPOLLIN = select.EPOLLIN
 _CHANNEL_DATA = asyncssh.MSG_CHANNEL_DATA
 _WINDOW_ADJUST = asyncssh.MSG_CHANNEL_WINDOW_ADJUST
-_CLIENT_READ, _GUEST_READ = 1, 2  # _relay.run's reasons that need a transport's own read
+# _relay.run's reasons to stop: those that need a transport's own read, and those after
+# which the relay may go on (it stopped to hand something back, not for the loop).
+_CLIENT_READ, _GUEST_READ = 1, 2
+_GO_ON = frozenset((3, 4))
+
+
+def _writable(transport: Any) -> bool:
+    """Whether the C loop may write to ``transport``'s pipe itself: nothing queued there."""
+    return (hasattr(transport, "_fileno") and not transport.is_closing()
+            and not transport.get_write_buffer_size())
 
 
 def install(conn: Any, reader: Any, writer: BatchedWriter) -> Relay | None:
@@ -99,6 +119,7 @@ class Relay:
         self._guest: Any = None  # the process's stdout transport
         self._stdin: BatchedWriter | None = None
         self._payloads: list[bytes] = []
+        self._backlog = b""  # client bytes the C loop handed back, from a packet's start
         self.inline_reads = 0  # reads handled here (for the tests)
 
     def attach(self, session: Any, chan: Any, stdout: Any, stdin: BatchedWriter) -> bool:
@@ -122,51 +143,57 @@ class Relay:
             return
         self._running = True
         try:
-            if _native is not None:
-                arguments = self._native_arguments()
-                if arguments is not None:
-                    self._run_native(arguments)
+            while True:
+                if _native is not None:
+                    arguments = self._native_arguments()
+                    if arguments is not None:
+                        if not self._run_native(arguments):
+                            return
+                        continue
+                self._feed_backlog()
+                if not self._step(guest):
                     return
-            self._serve(guest)
         finally:
             self._running = False
+            self._feed_backlog()
 
-    def _serve(self, guest: Any) -> None:
+    def _feed_backlog(self) -> None:
+        if self._backlog:
+            backlog, self._backlog = self._backlog, b""
+            batch(self._receiver.feed, backlog)
+
+    def _step(self, guest: Any) -> bool:
+        """Wait for and handle one read of either pipe; False to give the loop back."""
         loop = self._loop
-        poll = loop._selector._selector.poll
-        ready = loop._ready
-        scheduled = loop._scheduled
-        now = loop.time
         client = self._client
-        client_fd = client._fileno
-        guest_fd = guest._fileno
-        while (not ready and not loop._stopping and self._guest is guest
-               and not guest._closing and not client._closing):
-            if scheduled:
-                timeout = scheduled[0]._when - now()
-                if timeout <= 0:
-                    return
-            else:
-                timeout = -1
-            events = poll(timeout, 2)
-            if len(events) != 1:
-                return
-            fd, mask = events[0]
-            if mask != _EPOLLIN:
-                return
-            if fd == guest_fd:
-                if not self._from_guest(fd):
-                    return
-            elif fd == client_fd:
-                if not self._from_client(fd):
-                    return
-            else:
-                return
+        if (loop._ready or loop._stopping or self._guest is not guest or guest._closing
+                or client._closing):
+            return False
+        scheduled = loop._scheduled
+        if scheduled:
+            timeout = scheduled[0]._when - loop.time()
+            if timeout <= 0:
+                return False
+        else:
+            timeout = -1
+        events = loop._selector._selector.poll(timeout, 2)
+        if len(events) != 1:
+            return False
+        fd, mask = events[0]
+        if mask != _EPOLLIN:
+            return False
+        if fd == guest._fileno:
+            return self._from_guest(fd)
+        if fd == client._fileno:
+            return self._from_client(fd)
+        return False
 
     # ---- the same loop in C
     def _native_arguments(self) -> tuple[Any, ...] | None:
         """What _relay.run takes, when the state is one it covers: UMAC and a CTR cipher
-        both ways, nothing queued on either pipe, the channel open both ways."""
+        both ways, nothing queued towards the client, the channel open that way. Channel data
+        from the client is taken only while the channel is open that way too, not paused, and
+        nothing is queued for the guest's stdin; otherwise the C loop hands it back."""
         conn, chan, receiver, loop = self._conn, self._chan, self._receiver, self._loop
         session, stdin, out = self._session, self._stdin, self._out
         if (loop._ready or loop._stopping or self._guest._closing or self._client._closing
@@ -178,45 +205,46 @@ class Relay:
         if (type(inbound._mac) is not CachedKeyUMAC or type(outbound._mac) is not CachedKeyUMAC
                 or decryptor is None or encryptor is None):
             return None
-        if (stdin is None or session._process is None or session._closed or stdin._pending
-                or out._pending or not all(hasattr(pipe, "_fileno") and not pipe.is_closing()
-                                           and not pipe.get_write_buffer_size()
-                                           for pipe in (stdin.transport, out.transport))):
-            return None
-        if (chan._recv_state != "open" or chan._send_state != "open" or chan._recv_paused
+        to_client: Any = out.transport
+        if (out._pending or not _writable(to_client) or chan._send_state != "open"
                 or chan._send_buf or chan._send_paused or chan._send_chan is None
+                or session._closed
                 or chan._packet_handlers.get(_CHANNEL_DATA) is not recvpath.PROCESS_DATA):
             return None
+        to_guest: Any = stdin.transport if stdin is not None else None
+        take_data = (chan._recv_state == "open" and not chan._recv_paused
+                     and session._process is not None and stdin is not None
+                     and not stdin._pending and _writable(to_guest))
         scheduled = loop._scheduled
-        held, receiver._held = receiver._held, b""
-        to_guest: Any = stdin.transport
-        to_client: Any = out.transport
+        held = receiver._held or self._backlog  # never both: see _run_native
+        receiver._held = self._backlog = b""
         return (
             (loop._selector._selector.fileno(), self._client._fileno, to_client._fileno,
-             to_guest._fileno, self._guest._fileno),
+             to_guest._fileno if take_data else -1, self._guest._fileno),
             (decryptor.update, *inbound._mac.native(), inbound._mac.next_seq, conn._recv_seq),
             (encryptor.update, *outbound._mac.native(), outbound._mac.next_seq,
              conn._send_seq),
             (conn._recv_blocksize, conn._max_recv_pktlen, conn._send_blocksize,
-             conn._send_enchdrlen, chan._recv_chan, chan._send_chan, chan._recv_window,
-             chan._init_recv_window, chan._send_window, chan._send_pktsize,
+             conn._send_enchdrlen, chan._recv_chan, chan._send_chan, take_data,
+             chan._recv_window, chan._init_recv_window, chan._send_window, chan._send_pktsize,
              conn._rekey_bytes - conn._rekey_bytes_sent,
              float(conn._rekey_time) if conn._rekey_seconds else 0.0,
              float(scheduled[0]._when) if scheduled else 0.0),
             held,
         )
 
-    def _run_native(self, arguments: tuple[Any, ...]) -> None:
-        """One run of the C loop, then what it hands back, the usual way and in order."""
+    def _run_native(self, arguments: tuple[Any, ...]) -> bool:
+        """One run of the C loop, then what it hands back, the usual way and in order;
+        whether the relay may go on (the C loop stopped only to hand something back)."""
         conn, chan, receiver = self._conn, self._chan, self._receiver
         session, stdin, guest = self._session, self._stdin, self._guest
         inbound, outbound = conn._recv_encryption, conn._send_encryption
-        assert _native is not None and stdin is not None
+        assert _native is not None
         try:
             result = _native.run(*arguments)
         except Exception:  # the state is past saving: as asyncssh ends a connection on a bug
             conn.internal_error()
-            return
+            return False
         reason, state, to_client, to_guest, packet, plain, client_rest, guest_rest = result
         in_seq, in_nonce, out_seq, out_nonce, recv_window, send_window, sent, packets, reads \
             = state
@@ -234,11 +262,12 @@ class Relay:
         if to_client:
             self._out.transport.write(to_client)
         if to_guest:
+            assert stdin is not None  # taken only with a stdin to write to
             stdin.transport.write(to_guest)
         if packet is not None:
             batch(receiver._replay, packet, inbound, plain)
-        if client_rest:
-            batch(receiver.feed, client_rest)
+        if client_rest:  # the next C run takes it if it can, else the receiver (run())
+            self._backlog = client_rest
         if guest_rest:
             batch(session.output_received, guest_rest, False)
         self._adjust_window()
@@ -246,6 +275,7 @@ class Relay:
             self._client._read_ready()  # end of file or an error, as the transport handles it
         elif reason == _GUEST_READ:
             guest._read_ready()
+        return reason in _GO_ON
 
     # ---- client -> guest
     def _from_client(self, fd: int) -> bool:

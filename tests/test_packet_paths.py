@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import threading
+import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -296,6 +297,73 @@ def test_small_requests_and_answers_are_exact(
         assert relays.inline_reads >= 1000
     else:
         assert relays.relays == []
+
+
+# For every line it reads, 100,000 random bytes in one write; at the end their digest on stderr.
+ANSWERS = ("python3 -c 'import hashlib, os, sys\n"
+           "digest = hashlib.sha256()\n"
+           "for line in sys.stdin:\n"
+           "    data = os.urandom(100000); digest.update(data); os.write(1, data)\n"
+           "sys.stderr.write(digest.hexdigest())'")
+
+
+@pytest.mark.parametrize("serve", ["pipes", "pipes-python"])
+def test_the_relay_keeps_to_windows_and_full_pipes(
+    msb: Env, monkeypatch: pytest.MonkeyPatch, serve: str
+) -> None:
+    """Guest output larger than the client's window of 48 KiB, in packets of at most 8 KiB
+    (the relay splits its reads and leaves what the window does not take to asyncssh), and
+    8 MiB into a guest that starts reading half a second late (its stdin pipe fills: what is not
+    written goes to the transport's queue, and the rest of the data after it)."""
+    if msb.backend != "local":
+        pytest.skip("serves the local backend in-process")
+    sandbox = f"relay-{uuid.uuid4().hex[:6]}"
+    msb.host(sandbox)
+    _serving(monkeypatch, serve)
+    relays = _Relays(monkeypatch)
+    payload = os.urandom(8 << 20)
+    handed_back: list[tuple[Any, ...]] = []  # what the C loop left to the usual path
+    if relay._native is not None:
+        native = relay._native
+
+        def recording(*arguments: Any) -> Any:
+            result = native.run(*arguments)
+            handed_back.append(result)
+            return result
+
+        monkeypatch.setattr(relay, "_native", types.SimpleNamespace(run=recording))
+
+    async def run() -> tuple[bytes, bytes, bytes]:
+        async with _connect(msb, sandbox, ["aes128-ctr"], True) as conn:
+            # one answer at a time: the relay is polling when the next one comes (the first
+            # may go the usual way, when the relay had just given the loop back)
+            process = await conn.create_process(ANSWERS, encoding=None, window=48 << 10,
+                                                max_pktsize=8 << 10)
+            answers = b""
+            for _ in range(8):
+                process.stdin.write(b"next\n")
+                answers += await process.stdout.readexactly(100000)
+            process.stdin.write_eof()
+            digest = await process.stderr.read()
+            await process.wait()
+            # a first byte goes the usual way and the relay starts polling; the rest, 1 MiB
+            # per read, meets a stdin pipe nobody reads yet
+            late = await conn.create_process("sleep 0.5; sha256sum", encoding=None)
+            late.stdin.write(payload[:1])
+            await asyncio.sleep(0.1)
+            late.stdin.write(payload[1:])
+            late.stdin.write_eof()
+            summed = await late.stdout.read()
+            await late.wait()
+            return answers, digest, summed
+
+    answers, digest, summed = asyncio.run(run())
+    assert digest == hashlib.sha256(answers).hexdigest().encode()
+    assert summed.split()[0] == hashlib.sha256(payload).hexdigest().encode()
+    assert relays.inline_reads >= 5
+    if serve == "pipes":  # output past the window; input the full pipe did not take
+        assert any(result[0] == 3 and result[7] for result in handed_back)
+        assert any(result[3] for result in handed_back)
 
 
 class _FailOnce:
