@@ -302,10 +302,11 @@ static int take_packets(Relay *relay, Pending *pending)
     return result;
 }
 
-/* The window adjust asyncssh would send once half the window is used. */
+/* The window adjust asyncssh would send once half the window is used; none while the data
+ * is not taken here (the channel paused, its stdin full: asyncssh sends it on delivery). */
 static int adjust_window(Relay *relay, Pending *pending)
 {
-    if ((double)relay->recv_window >= (double)relay->init_window / 2)
+    if (!relay->take_data || (double)relay->recv_window >= (double)relay->init_window / 2)
         return 0;
     uint8_t head[9];
     head[0] = WINDOW_ADJUST;

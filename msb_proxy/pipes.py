@@ -16,26 +16,38 @@ rather than two. That is most of the per-message cost a file-by-file transfer pa
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = ["FEED_SIZE", "BatchedWriter", "batch", "feed_slices"]
 
 FEED_SIZE = 32 * 1024
-_depth = 0  # how many batch() calls are running
-_dirty: list[BatchedWriter] = []  # writers written to inside them, to flush when they return
+
+
+class _Batches(threading.local):
+    """Per thread (each runs its own event loop, with its own writers): how many batch() calls
+    are running, and the writers written to inside them, to flush when they return."""
+
+    depth = 0
+
+    def __init__(self) -> None:
+        self.dirty: list[BatchedWriter] = []
+
+
+_batches = _Batches()
 
 
 def batch(callback: Callable[..., object], *args: Any) -> None:
     """Run ``callback(*args)``, then flush every writer it wrote to (even if it raised)."""
-    global _depth
-    _depth += 1
+    batches = _batches
+    batches.depth += 1
     try:
         callback(*args)
     finally:
-        _depth -= 1
-        if not _depth and _dirty:
-            _flush_dirty()
+        batches.depth -= 1
+        if not batches.depth and batches.dirty:
+            _flush_dirty(batches.dirty)
 
 
 def feed_slices(receive: Callable[[bytes], None], data: bytes, start: int = 0) -> None:
@@ -48,9 +60,9 @@ def feed_slices(receive: Callable[[bytes], None], data: bytes, start: int = 0) -
         receive(data[offset:offset + FEED_SIZE])
 
 
-def _flush_dirty() -> None:
-    while _dirty:
-        _dirty.pop(0).flush()
+def _flush_dirty(dirty: list[BatchedWriter]) -> None:
+    while dirty:
+        dirty.pop(0).flush()
 
 
 class BatchedWriter:
@@ -85,8 +97,8 @@ class BatchedWriter:
     def _schedule(self) -> None:
         """Flush when the running batch() returns, or else at the end of this loop turn."""
         self._scheduled = True
-        if _depth:
-            _dirty.append(self)
+        if _batches.depth:
+            _batches.dirty.append(self)
         else:
             asyncio.get_running_loop().call_soon(self.flush)
 

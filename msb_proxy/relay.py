@@ -59,6 +59,8 @@ from .umac import CachedKeyUMAC
 
 
 def _compiled() -> ModuleType | None:
+    if os.environ.get("MSB_PROXY_RELAY") == "python":  # the reference loop, to compare
+        return None
     try:
         from . import _relay
     except ImportError:  # built without a C compiler: the same loop in Python
@@ -213,7 +215,7 @@ class Relay:
             return None
         to_guest: Any = stdin.transport if stdin is not None else None
         take_data = (chan._recv_state == "open" and not chan._recv_paused
-                     and session._process is not None and stdin is not None
+                     and not chan._recv_buf and session._process is not None and stdin is not None
                      and not stdin._pending and _writable(to_guest))
         scheduled = loop._scheduled
         held = receiver._held or self._backlog  # never both: see _run_native
@@ -317,9 +319,9 @@ class Relay:
         self._adjust_window()
 
     def _adjust_window(self) -> None:
-        chan = self._chan
-        if (chan is not None and chan._recv_state == "open"
-                and chan._recv_window < chan._init_recv_window / 2):
+        chan = self._chan  # asyncssh adjusts when it delivers data, so never while paused
+        if (chan is not None and chan._recv_state == "open" and not chan._recv_paused
+                and not chan._recv_buf and chan._recv_window < chan._init_recv_window / 2):
             adjust = chan._init_recv_window - chan._recv_window
             chan._recv_window = chan._init_recv_window
             batch(chan.send_packet, _WINDOW_ADJUST, _UINT32(adjust))
