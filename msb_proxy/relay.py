@@ -145,7 +145,7 @@ class Relay:
             return
         self._running = True
         try:
-            while True:
+            while self._guest is guest:  # detached when a packet handed back closed it
                 if _native is not None:
                     arguments = self._native_arguments()
                     if arguments is not None:

@@ -366,6 +366,36 @@ def test_the_relay_keeps_to_windows_and_full_pipes(
         assert any(result[3] for result in handed_back)
 
 
+@pytest.mark.parametrize("serve", ["pipes", "pipes-python"])
+def test_a_channel_closed_while_relayed_leaves_the_connection_working(
+    msb: Env, monkeypatch: pytest.MonkeyPatch, serve: str
+) -> None:
+    """The client closes a session whose process is still reading, right after data for it:
+    the close reaches asyncssh (which ends the session and the relay's hold on it) and the
+    connection goes on serving."""
+    if msb.backend != "local":
+        pytest.skip("serves the local backend in-process")
+    sandbox = f"relay-{uuid.uuid4().hex[:6]}"
+    msb.host(sandbox)
+    _serving(monkeypatch, serve)
+    relays = _Relays(monkeypatch)
+
+    async def run() -> asyncssh.SSHCompletedProcess:
+        async with _connect(msb, sandbox, ["aes128-ctr"], True) as conn:
+            for _ in range(3):
+                process = await conn.create_process("cat", encoding=None)
+                process.stdin.write(b"echo\n")
+                assert await process.stdout.readexactly(5) == b"echo\n"
+                process.stdin.write(b"more\n")
+                process.close()
+                await process.wait_closed()
+            return await asyncio.wait_for(conn.run("echo still here", encoding=None), 30)
+
+    result = asyncio.run(run())
+    assert result.stdout == b"still here\n"
+    assert relays.inline_reads >= 1
+
+
 class _FailOnce:
     """A MAC that fails to verify the packet with sequence number ``seq``."""
 
