@@ -299,6 +299,16 @@ def test_small_requests_and_answers_are_exact(
         assert relays.relays == []
 
 
+def _relay_test(msb: Env, monkeypatch: pytest.MonkeyPatch, serve: str) -> tuple[str, _Relays]:
+    """A sandbox for a test of the relay on ``serve``, and the relays its server installs."""
+    if msb.backend != "local":
+        pytest.skip("serves the local backend in-process")
+    sandbox = f"relay-{uuid.uuid4().hex[:6]}"
+    msb.host(sandbox)
+    _serving(monkeypatch, serve)
+    return sandbox, _Relays(monkeypatch)
+
+
 # For every line it reads, 100,000 random bytes in one write; at the end their digest on stderr.
 ANSWERS = ("python3 -c 'import hashlib, os, sys\n"
            "digest = hashlib.sha256()\n"
@@ -315,12 +325,7 @@ def test_the_relay_keeps_to_windows_and_full_pipes(
     (the relay splits its reads and leaves what the window does not take to asyncssh), and
     8 MiB into a guest that starts reading half a second late (its stdin pipe fills: what is not
     written goes to the transport's queue, and the rest of the data after it)."""
-    if msb.backend != "local":
-        pytest.skip("serves the local backend in-process")
-    sandbox = f"relay-{uuid.uuid4().hex[:6]}"
-    msb.host(sandbox)
-    _serving(monkeypatch, serve)
-    relays = _Relays(monkeypatch)
+    sandbox, relays = _relay_test(msb, monkeypatch, serve)
     payload = os.urandom(8 << 20)
     handed_back: list[tuple[Any, ...]] = []  # what the C loop left to the usual path
     if relay._native is not None:
@@ -373,12 +378,7 @@ def test_a_channel_closed_while_relayed_leaves_the_connection_working(
     """The client closes a session whose process is still reading, right after data for it:
     the close reaches asyncssh (which ends the session and the relay's hold on it) and the
     connection goes on serving."""
-    if msb.backend != "local":
-        pytest.skip("serves the local backend in-process")
-    sandbox = f"relay-{uuid.uuid4().hex[:6]}"
-    msb.host(sandbox)
-    _serving(monkeypatch, serve)
-    relays = _Relays(monkeypatch)
+    sandbox, relays = _relay_test(msb, monkeypatch, serve)
 
     async def run() -> asyncssh.SSHCompletedProcess:
         async with _connect(msb, sandbox, ["aes128-ctr"], True) as conn:
@@ -394,6 +394,56 @@ def test_a_channel_closed_while_relayed_leaves_the_connection_working(
     result = asyncio.run(run())
     assert result.stdout == b"still here\n"
     assert relays.inline_reads >= 1
+
+
+@pytest.mark.parametrize("serve", ["pipes", "pipes-python"])
+def test_server_rekeys_while_relaying_are_exact(
+    msb: Env, monkeypatch: pytest.MonkeyPatch, serve: str
+) -> None:
+    """The server re-keys every 256 KiB it sends: the relay stops sending before the limit,
+    asyncssh starts the exchange with the next packet, and the output after it goes out under
+    the new keys, 3 MiB of it exact."""
+    sandbox, relays = _relay_test(msb, monkeypatch, serve)
+    kexinits: list[object] = []
+    patched: list[object] = []
+    attach = relay.Relay.attach
+
+    def small_rekeys(self: relay.Relay, *arguments: Any) -> bool:
+        conn: Any = self._conn  # authenticated by now: asyncssh has set its limits
+        if conn not in patched:
+            patched.append(conn)
+            conn._rekey_bytes = 256 << 10
+            send_kexinit = conn._send_kexinit
+
+            def counted() -> None:
+                kexinits.append(None)
+                send_kexinit()
+
+            conn._send_kexinit = counted
+        return attach(self, *arguments)
+
+    monkeypatch.setattr(relay.Relay, "attach", small_rekeys)
+
+    async def run() -> asyncssh.SSHCompletedProcess:
+        async with _connect(msb, sandbox, ["aes128-ctr"], True) as conn:
+            output = await conn.run(COMMAND, encoding=None)
+            process = await conn.create_process(ANSWERS, encoding=None)
+            answers = b""
+            for _ in range(20):  # answers while the relay is polling
+                process.stdin.write(b"next\n")
+                answers += await process.stdout.readexactly(100000)
+            process.stdin.write_eof()
+            assert await process.stderr.read() == hashlib.sha256(answers).hexdigest().encode()
+            await process.wait()
+            return output
+
+    output = asyncio.run(run())
+    assert output.exit_status == 0
+    stdout, stderr = output.stdout, output.stderr
+    assert isinstance(stdout, bytes) and isinstance(stderr, bytes)
+    assert stderr.split()[1] == hashlib.sha256(stdout).hexdigest().encode()
+    assert len(kexinits) >= 15  # 5 MiB in all: one exchange per 256 KiB sent is 20
+    assert relays.inline_reads >= 10
 
 
 class _FailOnce:
