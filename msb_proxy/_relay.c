@@ -405,7 +405,7 @@ static int serve(Relay *relay, Pending *pending)
             double left = relay->deadline - monotonic();
             if (left <= 0)
                 return LOOP;
-            timeout = (int)(left * 1000) + 1;
+            timeout = left < 86400 ? (int)(left * 1000) + 1 : 86400 * 1000;
         }
         int n;
         Py_BEGIN_ALLOW_THREADS
@@ -520,7 +520,8 @@ static PyObject *run(PyObject *Py_UNUSED(module), PyObject *args)
     if (reserve(&pending.held, (size_t)held_size) < 0) {
         reason = -1;
     } else {
-        memcpy(pending.held.data, held, (size_t)held_size);
+        if (held_size)
+            memcpy(pending.held.data, held, (size_t)held_size);
         pending.held.size = (size_t)held_size;
         reason = serve(relay, &pending);
     }

@@ -156,8 +156,8 @@ def test_channel_data_is_exact_on_either_path(
     assert len(stdout) == 3 << 20
     assert stderr.startswith(b"to-stderr\n")
     assert stderr.split()[1] == hashlib.sha256(stdout).hexdigest().encode()
-    if fast and serve == "pipes":  # sealed in C, reads of at most 256 KiB
-        assert relays.inline_reads >= 12
+    if fast and serve == "pipes":  # sealed in C, reads of at most 256 KiB (a few of the 12+
+        assert relays.inline_reads >= 6  # go the usual way, after the relay gave the loop back)
         assert sent.count(asyncssh.MSG_CHANNEL_EXTENDED_DATA) >= 1  # stderr: not relayed
     elif fast:  # every data packet; 3 MiB is at least 96 of them at 32 KiB
         assert sent.count(asyncssh.MSG_CHANNEL_DATA) >= 96
