@@ -1,11 +1,11 @@
 """``msb-proxy doctor``: is everything msb-proxy needs in place? A table, and what to do.
 
 Checks the configured backend (root, overlayfs and the rootfs for ``local``; the SDK, its
-runtime and KVM for ``microsandbox``), the config file, the keys that may log in, the
-ssh_config block, and, in every running sandbox, the guest tools that features rely on. Each
-row is ``ok``, ``warn`` (works, with less) or ``FAIL`` (something essential is missing); any
-``FAIL`` makes the exit status 1. Stopped sandboxes are not started to be checked.
-"""
+runtime and KVM for ``microsandbox``), whether the relay's C loop was built, the config file,
+the keys that may log in, the ssh_config block, and, in every running sandbox, the guest tools
+that features rely on. Each row is ``ok``, ``warn`` (works, with less) or ``FAIL`` (something
+essential is missing); any ``FAIL`` makes the exit status 1. Stopped sandboxes are not started
+to be checked."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     checks = [Check("config", FAIL, str(problem)) if problem is not None else
               Check("config", OK, f"{config.config_file}" if config.config_file.exists() else
                     f"{config.config_file} (absent: built-in defaults)")]
-    checks += [*_backend(config), _keys(config), _ssh_config(config)]
+    checks += [*_backend(config), _relay(), _keys(config), _ssh_config(config)]
     checks += asyncio.run(_sandboxes(config))
     width = max(len(check.what) for check in checks)
     print(f"{'CHECK'.ljust(width)}  STATUS  DETAIL")
@@ -54,6 +54,18 @@ def run(config: Config, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _relay() -> Check:
+    """Whether the relay's C loop was built (many small files at sshd's speed, not half)."""
+    from .. import relay
+
+    if relay._native is not None:
+        return Check("relay", OK, "C loop (msb_proxy._relay)")
+    if os.environ.get("MSB_PROXY_RELAY") == "python":
+        return Check("relay", OK, "Python loop (MSB_PROXY_RELAY=python)")
+    return Check("relay", WARN, "Python loop: the C one was not built, so many small files "
+                 "transfer slower; apt-get install gcc python3-dev, then reinstall msb-proxy")
 
 
 def _backend(config: Config) -> list[Check]:
