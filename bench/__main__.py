@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from msb_proxy import relay
+
 from .harness import SIDES, BenchError, Harness, check_host
 from .report import Machine, cpu_busy, machine_cpu_seconds, render, size_words
 from .rows import FETCHES, ROWS, WORKLOADS, Row, Sample, Workload
@@ -168,6 +170,11 @@ def _notes(plan: Plan, busy: float, harness: Harness, workloads: Sequence[Worklo
         "server CPU: user+system time of the ProxyCommand and all it waited for, plus the guest "
         "commands the sandbox's init reaped during the run, so both sides include the guest's "
         "`cat`/`head`; 10 ms clock ticks",
+        "msb-proxy's relay loop: " + (
+            "C (msb_proxy._relay)" if relay._native is not None
+            else "**Python: the C extension was not built (make install builds it)**"
+            if os.environ.get("MSB_PROXY_RELAY") != "python"
+            else "Python (MSB_PROXY_RELAY=python)"),
     ]
     mine, theirs = (harness.handshakes.get(side) for side in SIDES)
     if mine and theirs and (mine.cipher, mine.kex) != (theirs.cipher, theirs.kex):
