@@ -268,8 +268,10 @@ class Relay:
             stdin.transport.write(to_guest)
         if packet is not None:
             batch(receiver._replay, packet, inbound, plain)
-        if client_rest:  # the next C run takes it if it can, else the receiver (run())
-            self._backlog = client_rest
+        if client_rest and packet is not None:  # from the packet after it: the next C run
+            self._backlog = client_rest  # takes it if it can, else the receiver (run())
+        elif client_rest:  # bytes the C loop could not take (a bad MAC or length, or the
+            batch(receiver.feed, client_rest)  # start of a packet): never the C loop again
         if guest_rest:
             batch(session.output_received, guest_rest, False)
         self._adjust_window()

@@ -446,6 +446,45 @@ def test_server_rekeys_while_relaying_are_exact(
     assert relays.inline_reads >= 10
 
 
+@pytest.mark.parametrize("serve", ["pipes", "pipes-python"])
+def test_a_bad_mac_while_relayed_ends_the_connection_as_asyncssh_does(
+    msb: Env, monkeypatch: pytest.MonkeyPatch, serve: str
+) -> None:
+    """A data packet for the relayed session whose MAC does not verify (its last byte flipped
+    on the wire) is not delivered: asyncssh gets it and disconnects with a MAC error."""
+    sandbox, relays = _relay_test(msb, monkeypatch, serve)
+    lost: list[Exception | None] = []
+
+    class Client(asyncssh.SSHClient):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.append(exc)
+
+    async def run() -> None:
+        async with _connect(msb, sandbox, ["aes128-ctr"], True,
+                            client_factory=Client) as conn:
+            process = await conn.create_process("cat", encoding=None)
+            process.stdin.write(b"first\n")
+            assert await process.stdout.readexactly(6) == b"first\n"
+            await asyncio.sleep(0.2)  # the relay is polling now
+            transport: Any = conn._transport
+            write = transport.write
+
+            def corrupting(data: bytes) -> None:
+                transport.write = write
+                write(data[:-1] + bytes((data[-1] ^ 1,)))
+
+            transport.write = corrupting
+            process.stdin.write(b"second\n")
+            with pytest.raises(asyncssh.MACError):  # "second" never comes back from cat
+                await process.stdout.read()
+            await asyncio.wait_for(conn.wait_closed(), 10)
+
+    asyncio.run(run())
+    assert len(lost) == 1 and isinstance(lost[0], asyncssh.DisconnectError)
+    assert lost[0].code == asyncssh.DISC_MAC_ERROR
+    assert relays.inline_reads >= 1
+
+
 class _FailOnce:
     """A MAC that fails to verify the packet with sequence number ``seq``."""
 
