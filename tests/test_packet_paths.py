@@ -253,8 +253,12 @@ def test_client_data_is_exact_across_rekeys(
     assert isinstance(result.stdout, bytes)
     assert result.stdout.split()[0] == hashlib.sha256(payload).hexdigest().encode()
     assert result.stderr == b"done\n"
+    if fast and pipes:  # most on the short paths; over pipes a few go to asyncssh whenever the
+        # guest's stdin pipe is full (then the relay hands them back, as flow control wants)
+        assert seen.fast + seen.replayed.count(asyncssh.MSG_CHANNEL_DATA) >= 128
+        assert seen.fast >= 64
     if fast:  # 4 MiB is at least 128 packets of 32 KiB; at least 3 exchanges went to asyncssh
-        assert seen.fast >= 128
+        assert pipes or seen.fast >= 128
         assert seen.replayed.count(asyncssh.MSG_KEXINIT) >= 3
         assert asyncssh.MSG_CHANNEL_EOF in seen.replayed
     else:
