@@ -223,8 +223,8 @@ class Relay:
         return (
             (loop._selector._selector.fileno(), self._client._fileno, to_client._fileno,
              to_guest._fileno if take_data else -1, self._guest._fileno),
-            (decryptor.update, *inbound._mac.native(), inbound._mac.next_seq, conn._recv_seq),
-            (encryptor.update, *outbound._mac.native(), outbound._mac.next_seq,
+            (decryptor.update, *inbound._mac.native, inbound._mac.next_seq, conn._recv_seq),
+            (encryptor.update, *outbound._mac.native, outbound._mac.next_seq,
              conn._send_seq),
             (conn._recv_blocksize, conn._max_recv_pktlen, conn._send_blocksize,
              conn._send_enchdrlen, chan._recv_chan, chan._send_chan, take_data,

@@ -61,6 +61,11 @@ def _function(library: ctypes.CDLL, name: str) -> Any:
     return function
 
 
+def _address(function: Any) -> int:
+    """Where a ctypes function points."""
+    return int(ctypes.cast(function, ctypes.c_void_p).value or 0)
+
+
 class CachedKeyUMAC:
     """An asyncssh MAC handler (``sign``/``verify``) for one direction of one connection."""
 
@@ -73,7 +78,12 @@ class CachedKeyUMAC:
         self._digest = _function(library, prefix + "digest")
         self._tag = ctypes.create_string_buffer(hash_size)
         self._hash_size = hash_size
-        self._next_seq = -1  # the nonce the context holds after the last digest
+        # The sequence number the context's nonce is at after the last digest (-1: unknown);
+        # C code that computes tags on this context hands it back here.
+        self.next_seq = -1
+        # For that C code: (context, set_nonce, update, digest, tag bytes), as addresses.
+        self.native = (self._context, _address(self._set_nonce), _address(self._update),
+                       _address(self._digest), hash_size)
 
     def sign(self, seq: int, packet: bytes) -> bytes:
         """The tag of ``packet``."""
@@ -90,31 +100,13 @@ class CachedKeyUMAC:
         # digest() resets the hash and increments the nonce, the key untouched: packets come
         # in sequence, so the nonce is set only for the first one and after a gap.
         context = self._context
-        if seq != self._next_seq:
+        if seq != self.next_seq:
             self._set_nonce(context, 8, _PACK_SEQ(seq))
         for part in parts:
             self._update(context, len(part), part)
         self._digest(context, self._hash_size, self._tag)
-        self._next_seq = seq + 1 if seq < _SEQ_MASK else -1
+        self.next_seq = seq + 1 if seq < _SEQ_MASK else -1
         return self._tag.raw
-
-    def native(self) -> tuple[int, int, int, int, int]:
-        """For C code that computes tags on this context: (context, set_nonce, update, digest,
-        tag bytes) as addresses; it hands the nonce state back through ``next_seq``."""
-        def address(function: Any) -> int:
-            return int(ctypes.cast(function, ctypes.c_void_p).value or 0)
-
-        return (self._context, address(self._set_nonce), address(self._update),
-                address(self._digest), self._hash_size)
-
-    @property
-    def next_seq(self) -> int:
-        """The sequence number the context's nonce is at (-1: unknown)."""
-        return self._next_seq
-
-    @next_seq.setter
-    def next_seq(self, seq: int) -> None:
-        self._next_seq = seq
 
     def verify(self, seq: int, packet: bytes, sig: bytes) -> bool:
         return hmac.compare_digest(self.sign(seq, packet), sig)
