@@ -215,8 +215,8 @@ class Relay:
             return None
         to_guest: Any = stdin.transport if stdin is not None else None
         take_data = (chan._recv_state == "open" and not chan._recv_paused
-                     and not chan._recv_buf and session._process is not None and stdin is not None
-                     and not stdin._pending and _writable(to_guest))
+                     and not chan._recv_buf and self._stdin_open()
+                     and not to_guest.get_write_buffer_size() and hasattr(to_guest, "_fileno"))
         scheduled = loop._scheduled
         held = receiver._held or self._backlog  # never both: see _run_native
         receiver._held = self._backlog = b""
@@ -294,10 +294,7 @@ class Relay:
             return False
         self.inline_reads += 1
         receiver = self._receiver
-        session = self._session
-        stdin = self._stdin
-        if (session._process is None or session._closed or stdin is None
-                or stdin._pending or stdin.transport.is_closing()):
+        if not self._stdin_open():
             batch(receiver.feed, data)
             return True
         receiver.direct = (self._chan, self._payloads.append, self._deliver)
@@ -307,6 +304,13 @@ class Relay:
             receiver.direct = None
         self._deliver()
         return True
+
+    def _stdin_open(self) -> bool:
+        """Whether channel data may be written to the guest's stdin transport now: the
+        process started, the session open, nothing waiting in our writer before it."""
+        session, stdin = self._session, self._stdin
+        return (session._process is not None and not session._closed and stdin is not None
+                and not stdin._pending and not stdin.transport.is_closing())
 
     def _deliver(self) -> None:
         """Write the channel data collected to the guest's stdin, then the window adjust
