@@ -15,7 +15,7 @@ help:
 	@echo "make lint     ruff and mypy --strict"
 	@echo "make bench    msb-proxy against OpenSSH's sshd on the same jail, ratios printed"
 
-$(BIN)/msb-proxy: pyproject.toml setup.py msb_proxy/_relay.c
+$(BIN)/msb-proxy: pyproject.toml setup.py msb_proxy/fastpath/_relay.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

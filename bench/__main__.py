@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from msb_proxy import relay
+from msb_proxy.fastpath import relay
 
 from .harness import SIDES, BenchError, Harness, check_host
 from .report import Machine, cpu_busy, machine_cpu_seconds, render, size_words
@@ -171,7 +171,7 @@ def _notes(plan: Plan, busy: float, harness: Harness, workloads: Sequence[Worklo
         "commands the sandbox's init reaped during the run, so both sides include the guest's "
         "`cat`/`head`; 10 ms clock ticks",
         "msb-proxy's relay loop: " + (
-            "C (msb_proxy._relay)" if relay._native is not None
+            "C (msb_proxy.fastpath._relay)" if relay._native is not None
             else "**Python: the C extension was not built (make install builds it)**"
             if os.environ.get("MSB_PROXY_RELAY") != "python"
             else "Python (MSB_PROXY_RELAY=python)"),

@@ -563,7 +563,7 @@ class Harness:
             if entry.name.isdigit():
                 with contextlib.suppress(OSError):
                     argv = (entry / "cmdline").read_bytes().split(b"\0")
-                    if b"msb_proxy.warm" in argv and any(a.startswith(marker) for a in argv):
+                    if b"msb_proxy.cli.warm" in argv and any(a.startswith(marker) for a in argv):
                         os.kill(int(entry.name), signal.SIGTERM)
 
     def _end_leftovers(self) -> list[str]:

@@ -27,22 +27,22 @@ __all__ = [
 _EXPORTS = {
     "Backend": "msb_proxy.backends.base",
     "Sandbox": "msb_proxy.backends.base",
-    "LocalBackend": "msb_proxy.backends.local",
-    "MicrosandboxBackend": "msb_proxy.backends.microsandbox",
-    "SshServer": "msb_proxy.server",
-    "SshServerOptions": "msb_proxy.server",
-    "SshSocketStream": "msb_proxy.stdio",
-    "SshStdioStream": "msb_proxy.stdio",
+    "LocalBackend": "msb_proxy.backends.local.backend",
+    "MicrosandboxBackend": "msb_proxy.backends.microsandbox.backend",
+    "SshServer": "msb_proxy.server.endpoint",
+    "SshServerOptions": "msb_proxy.server.endpoint",
+    "SshSocketStream": "msb_proxy.transport.stdio",
+    "SshStdioStream": "msb_proxy.transport.stdio",
     "UserError": "msb_proxy.errors",
 }
 
 if TYPE_CHECKING:
-    from .backends.base import Backend, Sandbox
-    from .backends.local import LocalBackend
-    from .backends.microsandbox import MicrosandboxBackend
-    from .errors import UserError
-    from .server import SshServer, SshServerOptions
-    from .stdio import SshSocketStream, SshStdioStream
+    from msb_proxy.backends.base import Backend, Sandbox
+    from msb_proxy.backends.local.backend import LocalBackend
+    from msb_proxy.backends.microsandbox.backend import MicrosandboxBackend
+    from msb_proxy.errors import UserError
+    from msb_proxy.server.endpoint import SshServer, SshServerOptions
+    from msb_proxy.transport.stdio import SshSocketStream, SshStdioStream
 
 
 def __getattr__(name: str) -> Any:

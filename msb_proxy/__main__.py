@@ -1,5 +1,5 @@
 """``python -m msb_proxy`` is the ``msb-proxy`` command."""
 
-from .cli import main
+from msb_proxy.cli.main import main
 
 main()

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from msb_proxy.errors import ConfigError
 
 __all__ = [
     "BACKENDS",

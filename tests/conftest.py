@@ -232,7 +232,7 @@ def warm_servers(runtime_dir: Path) -> list[int]:
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
-                if b"msb_proxy.warm" in argv and any(
+                if b"msb_proxy.cli.warm" in argv and any(
                         arg.startswith(str(runtime_dir).encode()) for arg in argv):
                     found.append(int(entry.name))
     return found

@@ -60,7 +60,7 @@ def test_doctor_passes_on_a_healthy_setup_and_checks_running_sandboxes(
     for check in ("config", "local: root", "local: overlayfs", "local: rootfs", "authorized keys"):
         assert rows[check][0] == "ok", (check, rows[check])
     if shutil.which("cc"):  # make install builds it wherever there is a compiler
-        assert rows["relay"] == ("ok", "C loop (msb_proxy._relay)")
+        assert rows["relay"] == ("ok", "C loop (msb_proxy.fastpath._relay)")
     assert rows[f"{fresh_sandbox}: sftp-server"] == ("ok", "/usr/lib/openssh/sftp-server")
     assert rows[f"{fresh_sandbox}: rsync"] == ("ok", "/usr/bin/rsync")
 

@@ -39,7 +39,7 @@ from microsandbox_standin import (
 )
 
 from msb_proxy.backends.base import ExitStatus, GuestUser, ProcessSpec, PtySpec, SandboxInfo
-from msb_proxy.backends.microsandbox import (
+from msb_proxy.backends.microsandbox.backend import (
     MicrosandboxBackend,
     MicrosandboxProcess,
     MicrosandboxSandbox,
@@ -603,7 +603,7 @@ _CONNECT = """
 import asyncio, json, os, sys, time
 from pathlib import Path
 from microsandbox_standin import StandInSDK
-from msb_proxy.backends.microsandbox import MicrosandboxBackend
+from msb_proxy.backends.microsandbox.backend import MicrosandboxBackend
 from msb_proxy.config import SandboxTemplate
 from msb_proxy.progress import Progress
 from msb_proxy.state import StateDir

@@ -25,12 +25,14 @@ import asyncssh
 import pytest
 from conftest import Env
 
-from msb_proxy import recvpath, relay, sendpath
-from msb_proxy.backends.local import LocalBackend
+from msb_proxy.backends.local.backend import LocalBackend
 from msb_proxy.config import SandboxTemplate
-from msb_proxy.server import SshServer, SshServerOptions
+from msb_proxy.fastpath import receive as recvpath
+from msb_proxy.fastpath import relay
+from msb_proxy.fastpath import send as sendpath
+from msb_proxy.server.endpoint import SshServer, SshServerOptions
 from msb_proxy.state import StateDir
-from msb_proxy.stdio import SshSocketStream, SshStdioStream
+from msb_proxy.transport.stdio import SshSocketStream, SshStdioStream
 
 # 3 MiB of random bytes on stdout, and on stderr a line and their digest as the guest saw it:
 # both channel data types.
@@ -45,8 +47,8 @@ def _serving(monkeypatch: pytest.MonkeyPatch, serve: str) -> bool:
         monkeypatch.setattr(relay, "_native", None)
     elif serve == "pipes" and relay._native is None:
         if shutil.which("cc") is None:
-            pytest.skip("no C compiler here: msb_proxy._relay cannot be built")
-        pytest.fail("msb_proxy._relay is not built (make install builds it)")
+            pytest.skip("no C compiler here: msb_proxy.fastpath._relay cannot be built")
+        pytest.fail("msb_proxy.fastpath._relay is not built (make install builds it)")
     return serve != "tcp"
 
 

@@ -20,14 +20,14 @@ import pytest
 from conftest import Env
 
 from msb_proxy.backends.base import GuestUser
-from msb_proxy.backends.local import LocalBackend, LocalSandbox
+from msb_proxy.backends.links import Link
+from msb_proxy.backends.local.backend import LocalBackend, LocalSandbox
 from msb_proxy.config import SandboxTemplate
 from msb_proxy.errors import SandboxError
-from msb_proxy.helpers import Link
 from msb_proxy.progress import Progress
-from msb_proxy.server import SshServer, SshServerOptions
+from msb_proxy.server.endpoint import SshServer, SshServerOptions
 from msb_proxy.state import StateDir
-from msb_proxy.stdio import SshSocketStream
+from msb_proxy.transport.stdio import SshSocketStream
 
 
 class _NoRelaySandbox(LocalSandbox):

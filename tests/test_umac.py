@@ -8,7 +8,7 @@ import random
 import pytest
 from asyncssh import mac as asyncssh_mac
 
-from msb_proxy import umac
+from msb_proxy.fastpath import umac
 
 ALGORITHMS = [b"umac-64-etm@openssh.com", b"umac-128-etm@openssh.com",
               b"umac-64@openssh.com", b"umac-128@openssh.com"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..config import Config
-from ..state import StateDir
-from .base import Backend
+from msb_proxy.backends.base import Backend
+from msb_proxy.config import Config
+from msb_proxy.state import StateDir
 
 __all__ = ["open_backend"]
 
@@ -13,9 +13,9 @@ def open_backend(config: Config, name: str | None = None) -> Backend:
     """The backend called ``name`` (default: the configured one), imported only when chosen."""
     state = StateDir(config.home)
     if (name or config.backend) == "local":
-        from .local import LocalBackend
+        from msb_proxy.backends.local.backend import LocalBackend
 
         return LocalBackend(state, config.rootfs)
-    from .microsandbox import MicrosandboxBackend
+    from msb_proxy.backends.microsandbox.backend import MicrosandboxBackend
 
     return MicrosandboxBackend(state)

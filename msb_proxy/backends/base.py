@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import asyncio
 
-    from ..config import SandboxTemplate
-    from ..helpers import Link
-    from ..pipes import BatchedWriter
-    from ..progress import Progress
+    from msb_proxy.backends.links import Link
+    from msb_proxy.config import SandboxTemplate
+    from msb_proxy.progress import Progress
+    from msb_proxy.transport.batching import BatchedWriter
 
 __all__ = [
     "Backend",
@@ -153,7 +153,7 @@ class GuestProcess(abc.ABC):
 
     def relay_pipes(self) -> tuple[asyncio.ReadTransport, BatchedWriter] | None:
         """The process's stdout transport and stdin writer when both are plain pipes that
-        :class:`~msb_proxy.relay.Relay` may read and write itself; None (the default) if not."""
+        the fast path's relay may read and write itself; None (the default) if not."""
         return None
 
     @abc.abstractmethod
@@ -247,14 +247,14 @@ class Sandbox(abc.ABC):
         return found or None
 
     async def start_helper(self, user: GuestUser, helper: str) -> Link:
-        """Start guest helper ``helper`` (see :mod:`msb_proxy.helpers`) as ``user``, in their
+        """Start guest helper ``helper`` (see :mod:`msb_proxy.backends.links`) as ``user``, in their
         home, and return the link to it.
 
         The default runs the helper's source with the guest's ``python3`` through
         :meth:`spawn`; a backend with a better way overrides this. Raises
         :class:`~msb_proxy.errors.SandboxError` when the helper cannot be started.
         """
-        from ..helpers import ProcessLink, helper_source
+        from msb_proxy.backends.links import ProcessLink, helper_source
 
         link = ProcessLink()
         spec = ProcessSpec(

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from ..errors import SandboxError
+from msb_proxy.errors import SandboxError
 
 __all__ = ["sandbox_lock"]
 

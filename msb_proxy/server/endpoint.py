@@ -6,8 +6,8 @@
     await server.serve(SshStdioStream())      # one connection; call again for the next
 
 ``prepare`` loads the host key and the authorized keys once; ``serve`` runs one SSH connection
-over any :class:`~msb_proxy.stdio.DuplexStream`. The sandbox is opened while the key exchange
-runs, so its start-up overlaps the handshake; the version banner goes out first.
+over any :class:`~msb_proxy.transport.stdio.DuplexStream`. The sandbox is opened while the key
+exchange runs, so its start-up overlaps the handshake; the version banner goes out first.
 
 Authentication is public key only. The SSH login name is the guest user unless the options name
 one for every connection.
@@ -24,15 +24,18 @@ from typing import Any
 
 import asyncssh
 
-from . import __version__, recvpath, sendpath, umac
-from .backends.base import Backend, GuestUser, Sandbox
-from .config import SandboxTemplate
-from .errors import UnknownUserError, UserError
-from .forward import Tunnels
-from .keys import AuthorizedKeys, load_or_create_host_key
-from .progress import Progress
-from .session import Activity, GuestSession, Login
-from .stdio import DuplexStream
+from msb_proxy import __version__
+from msb_proxy.backends.base import Backend, GuestUser, Sandbox
+from msb_proxy.config import SandboxTemplate
+from msb_proxy.errors import UnknownUserError, UserError
+from msb_proxy.fastpath import receive as recvpath
+from msb_proxy.fastpath import send as sendpath
+from msb_proxy.fastpath import umac
+from msb_proxy.progress import Progress
+from msb_proxy.server.keys import AuthorizedKeys, load_or_create_host_key
+from msb_proxy.server.session import Activity, GuestSession, Login
+from msb_proxy.server.tunnels.forward import Tunnels
+from msb_proxy.transport.stdio import DuplexStream
 
 __all__ = ["SshServer", "SshServerOptions"]
 

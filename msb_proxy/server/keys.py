@@ -19,7 +19,7 @@ from typing import TextIO
 
 import asyncssh
 
-from .state import write_private
+from msb_proxy.state import write_private
 
 __all__ = ["AuthorizedKeys", "load_or_create_host_key"]
 

@@ -21,8 +21,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from . import relay
-from .pipes import FEED_SIZE, BatchedWriter, batch, feed_slices
+from msb_proxy.fastpath import relay
+from msb_proxy.transport.batching import FEED_SIZE, BatchedWriter, batch, feed_slices
 
 __all__ = ["DuplexStream", "SshSocketStream", "SshStdioStream"]
 

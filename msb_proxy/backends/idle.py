@@ -2,7 +2,8 @@
 
 Counted across every msb-proxy process: each connection holds a shared ``flock`` on the
 sandbox's ``.active`` lock file while it lasts and touches ``.last`` when it ends. The connection
-that ends last starts a watcher (``python -m msb_proxy.idle NAME``, one per sandbox at a time)
+that ends last starts a watcher (``python -m msb_proxy.backends.idle NAME``, one per sandbox at a
+time)
 which sleeps until the idle time is up, then stops the sandbox only if it can take that lock
 exclusively (no connection is open) and nothing ended since. Upstream's server stops a sandbox
 when *its own* connection ends, even while others still use it; this does not.
@@ -23,9 +24,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from .backends.base import Sandbox
-from .config import SandboxTemplate
-from .state import StateDir, slug
+from msb_proxy.backends.base import Sandbox
+from msb_proxy.config import SandboxTemplate
+from msb_proxy.state import StateDir, slug
 
 __all__ = ["ConnectionTracker"]
 
@@ -73,7 +74,8 @@ class ConnectionTracker:
 def _start_watcher(name: str, backend: str, environ: Mapping[str, str]) -> None:
     with contextlib.suppress(OSError):
         subprocess.Popen(
-            [sys.executable, "-P", "-m", "msb_proxy.idle", name, backend], env=dict(environ),
+            [sys.executable, "-P", "-m", "msb_proxy.backends.idle", name, backend],
+            env=dict(environ),
             cwd="/",
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
@@ -85,8 +87,8 @@ def watch(name: str, backend_name: str) -> None:
     ``stop_after_idle``. Its environment is the ending connection's."""
     import asyncio
 
-    from .backends import open_backend
-    from .config import load_config
+    from msb_proxy.backends import open_backend
+    from msb_proxy.config import load_config
 
     config = load_config(os.environ, backend=backend_name)
     state = StateDir(config.home)

@@ -5,7 +5,7 @@ the file service running in the guest; many can be in flight at once, so pipelin
 requests are served concurrently. Failures raise :class:`OSError` with the guest's errno and
 message.
 
-The service is the ``files`` guest helper, reached through a :class:`~msb_proxy.helpers.Link`
+The service is the ``files`` guest helper, reached through a :class:`~msb_proxy.backends.links.Link`
 (see :func:`open_files`).
 """
 
@@ -19,8 +19,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .backends.base import GuestUser, Sandbox
-from .helpers import Link, split_frames
+from msb_proxy.backends.base import GuestUser, Sandbox
+from msb_proxy.backends.links import Link, split_frames
 
 __all__ = ["Attrs", "FileServiceClient", "GuestFiles", "open_files"]
 

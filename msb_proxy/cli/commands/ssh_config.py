@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config
-from ..errors import ConfigError, UserError
-from ..state import StateDir
+from msb_proxy.config import Config
+from msb_proxy.errors import ConfigError, UserError
+from msb_proxy.state import StateDir
 
 __all__ = ["SshFiles", "install", "render_block", "run", "uninstall"]
 

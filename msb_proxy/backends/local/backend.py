@@ -35,19 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import terminal
-from ..config import SandboxTemplate
-from ..errors import (
-    BackendUnavailableError,
-    ConfigError,
-    SandboxError,
-    SandboxNotFoundError,
-    UnknownUserError,
-)
-from ..pipes import BatchedWriter, batch
-from ..progress import Progress
-from ..state import StateDir
-from .base import (
+from msb_proxy.backends.base import (
     Backend,
     ExitStatus,
     GuestProcess,
@@ -57,10 +45,22 @@ from .base import (
     Sandbox,
     SandboxInfo,
 )
-from .locking import sandbox_lock
+from msb_proxy.backends.local import terminal
+from msb_proxy.backends.locking import sandbox_lock
+from msb_proxy.config import SandboxTemplate
+from msb_proxy.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    SandboxError,
+    SandboxNotFoundError,
+    UnknownUserError,
+)
+from msb_proxy.progress import Progress
+from msb_proxy.state import StateDir
+from msb_proxy.transport.batching import BatchedWriter, batch
 
 if TYPE_CHECKING:
-    from ..helpers import Link
+    from msb_proxy.backends.links import Link
 
 __all__ = ["LocalBackend", "LocalSandbox"]
 
@@ -184,11 +184,12 @@ class LocalBackend(Backend):
             # it needs of this installation.
             process = subprocess.Popen(
                 # -P and cwd "/": no module from wherever ssh was run can stand in for ours.
-                ["msb-init", "-P", "-m", "msb_proxy.backends.jail"], executable=sys.executable,
+                ["msb-init", "-P", "-m", "msb_proxy.backends.local.jail"],
+                executable=sys.executable,
                 cwd="/",
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                      "MSB_PROXY_JAIL": json.dumps(jail),
-                     "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+                     "PYTHONPATH": str(Path(__file__).resolve().parents[3]),
                      # argv[0] is no path Python could find its standard library from
                      "PYTHONHOME": sys.base_prefix},
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
@@ -340,7 +341,7 @@ class LocalSandbox(Sandbox):
 
     async def start_helper(self, user: GuestUser, helper: str) -> Link:
         """The helper forked from the jail init as ``user``: no Python needed in the guest."""
-        from ..helpers import SocketLink
+        from msb_proxy.backends.links import SocketLink
 
         control = await _connect(self.socket_path)
         try:

@@ -119,16 +119,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ..errors import (
-    BackendUnavailableError,
-    ConfigError,
-    SandboxError,
-    SandboxNotFoundError,
-    UnknownUserError,
-    UserError,
-)
-from ..state import StateDir
-from .base import (
+from msb_proxy.backends.base import (
     Backend,
     ExitStatus,
     GuestProcess,
@@ -139,13 +130,22 @@ from .base import (
     Sandbox,
     SandboxInfo,
 )
-from .locking import sandbox_lock
+from msb_proxy.backends.locking import sandbox_lock
+from msb_proxy.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    SandboxError,
+    SandboxNotFoundError,
+    UnknownUserError,
+    UserError,
+)
+from msb_proxy.state import StateDir
 
 if TYPE_CHECKING:
     import microsandbox
 
-    from ..config import SandboxTemplate
-    from ..progress import Progress
+    from msb_proxy.config import SandboxTemplate
+    from msb_proxy.progress import Progress
 
 __all__ = ["MicrosandboxBackend", "MicrosandboxProcess", "MicrosandboxSandbox"]
 

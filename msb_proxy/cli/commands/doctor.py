@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..backends import open_backend
-from ..config import Config
-from ..errors import UserError
-from ..keys import AuthorizedKeys
-from ..session import SFTP_SERVER_PATHS
-from ..state import StateDir
+from msb_proxy.backends import open_backend
+from msb_proxy.config import Config
+from msb_proxy.errors import UserError
+from msb_proxy.server.keys import AuthorizedKeys
+from msb_proxy.server.session import SFTP_SERVER_PATHS
+from msb_proxy.state import StateDir
 
 __all__ = ["run"]
 
@@ -58,10 +58,10 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
 def _relay() -> Check:
     """Whether the relay's C loop was built (many small files at sshd's speed, not half)."""
-    from .. import relay
+    from msb_proxy.fastpath import relay
 
     if relay._native is not None:
-        return Check("relay", OK, "C loop (msb_proxy._relay)")
+        return Check("relay", OK, "C loop (msb_proxy.fastpath._relay)")
     if os.environ.get("MSB_PROXY_RELAY") == "python":
         return Check("relay", OK, "Python loop (MSB_PROXY_RELAY=python)")
     return Check("relay", WARN, "Python loop: the C one was not built, so many small files "
@@ -128,7 +128,7 @@ def _keys(config: Config) -> Check:
 
 
 def _ssh_config(config: Config) -> Check:
-    from .ssh_config import BEGIN_MARKER, SshFiles
+    from msb_proxy.cli.commands.ssh_config import BEGIN_MARKER, SshFiles
 
     files = SshFiles(config.user_home)
     try:
@@ -160,7 +160,7 @@ async def _sandboxes(config: Config) -> list[Check]:
 
 
 async def _guest_tools(config: Config, name: str) -> list[Check]:
-    from ..progress import Progress
+    from msb_proxy.progress import Progress
 
     template = config.template(name)
     sandbox = await open_backend(config, template.backend).open(name, template,

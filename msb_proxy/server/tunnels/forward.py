@@ -37,10 +37,10 @@ from typing import Any
 
 import asyncssh
 
-from .backends.base import ExitStatus, GuestProcess, GuestUser, ProcessSpec, Sandbox
-from .errors import UserError
-from .guest import relay as protocol
-from .helpers import Link, split_frames
+from msb_proxy.backends.base import ExitStatus, GuestProcess, GuestUser, ProcessSpec, Sandbox
+from msb_proxy.backends.links import Link, split_frames
+from msb_proxy.errors import UserError
+from msb_proxy.guest import tunnels as protocol
 
 __all__ = ["Relay", "RelayStream", "TunnelSession", "open_agent_listener"]
 
@@ -605,7 +605,7 @@ class Tunnels:
                 if self._relay_error is not None:
                     raise self._relay_error
                 try:
-                    link = await self._sandbox.start_helper(self._user, "relay")
+                    link = await self._sandbox.start_helper(self._user, "tunnels")
                 except UserError as exc:
                     self._relay_error = exc
                     raise

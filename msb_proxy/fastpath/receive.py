@@ -34,7 +34,7 @@ from asyncssh.encryption import ETMEncryption
 from asyncssh.logging import SSHLogger
 from asyncssh.misc import DisconnectError
 
-from .pipes import feed_slices
+from msb_proxy.transport.batching import feed_slices
 
 __all__ = ["Receiver", "install"]
 

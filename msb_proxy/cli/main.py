@@ -15,13 +15,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from . import __version__
-from .errors import ConfigError, UserError
+from msb_proxy import __version__
+from msb_proxy.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
     import asyncio
 
-    from .config import Config
+    from msb_proxy.config import Config
 
 __all__ = ["main", "run"]
 
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     arguments = list(sys.argv[1:] if argv is None else argv)
     code: int | None = None
     if arguments[:1] == ["stdio"] and "--debug" not in arguments:
-        from .warm import delegate
+        from msb_proxy.cli.warm import delegate
 
         code = delegate(arguments, os.environ)
     if code is None:
@@ -128,7 +128,7 @@ def run(arguments: Sequence[str]) -> int:
     except SystemExit as exit_:  # --help, --version, or a usage error already printed
         return exit_.code if isinstance(exit_.code, int) else 0
     debug = bool(getattr(args, "debug", False))
-    from .config import load_config
+    from msb_proxy.config import load_config
 
     try:
         try:
@@ -174,20 +174,20 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     import asyncio
     import signal
 
-    from .config import sandbox_name_from_host
+    from msb_proxy.config import sandbox_name_from_host
 
     name = sandbox_name_from_host(host, prefix)
     # Anything printed by accident must not corrupt the protocol on fd 1.
     sys.stdout = sys.stderr
     _setup_logging(config.debug)
 
-    from .backends import open_backend
-    from .idle import ConnectionTracker
-    from .known_hosts import pin
-    from .progress import Progress
-    from .server import SshServer, SshServerOptions
-    from .state import StateDir
-    from .stdio import SshStdioStream
+    from msb_proxy.backends import open_backend
+    from msb_proxy.backends.idle import ConnectionTracker
+    from msb_proxy.progress import Progress
+    from msb_proxy.server.endpoint import SshServer, SshServerOptions
+    from msb_proxy.server.known_hosts import pin
+    from msb_proxy.state import StateDir
+    from msb_proxy.transport.stdio import SshStdioStream
 
     state = StateDir(config.home)
     template = config.template(name)
@@ -224,10 +224,10 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
 def _lifecycle(config: Config, command: str, name: str) -> int:
     import asyncio
 
-    from .config import sandbox_name_from_host
+    from msb_proxy.config import sandbox_name_from_host
 
     name = sandbox_name_from_host(name, None)
-    from .backends import open_backend
+    from msb_proxy.backends import open_backend
 
     backend = open_backend(config)
     if command == "stop":

@@ -17,18 +17,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from .backends.base import ExitStatus, GuestProcess
+from msb_proxy.backends.base import ExitStatus, GuestProcess
 
 __all__ = ["HELPERS", "Link", "LinkReceiver", "ProcessLink", "SocketLink", "helper_source"]
 
-HELPERS = ("files", "relay")
+HELPERS = ("files", "tunnels")
 
 
 def helper_source(name: str) -> str:
     """The Python source of helper ``name`` (one of :data:`HELPERS`)."""
     if name not in HELPERS:
         raise ValueError(f"no guest helper {name!r}")
-    return (Path(__file__).resolve().parent / "guest" / f"{name}.py").read_text()
+    return (Path(__file__).resolve().parents[1] / "guest" / f"{name}.py").read_text()
 
 
 def split_frames(buffer: bytearray) -> Iterator[bytes]:

@@ -1,7 +1,8 @@
 """Native SFTP (version 3 with OpenSSH's extensions), for guests without an ``sftp-server``.
 
 It takes the place of the guest process behind an SFTP subsystem channel: the channel's bytes
-are SFTP packets, each turned into calls on :class:`~msb_proxy.files.GuestFiles`, the file
+are SFTP packets, each turned into calls on
+:class:`~msb_proxy.server.transfers.files.GuestFiles`, the file
 service running in the guest as the login user. So permissions, owners and relative paths
 (from the user's home) are the guest's, as with OpenSSH's own ``sftp-server``, which this
 follows wherever the protocol leaves a choice (argument order of ``SYMLINK``, non-replacing
@@ -28,8 +29,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .backends.base import ExitStatus, GuestProcess, ProcessListener
-from .files import Attrs, GuestFiles
+from msb_proxy.backends.base import ExitStatus, GuestProcess, ProcessListener
+from msb_proxy.server.transfers.files import Attrs, GuestFiles
 
 __all__ = ["NativeSftp"]
 

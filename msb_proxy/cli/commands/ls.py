@@ -12,10 +12,10 @@ import asyncio
 import json
 import sys
 
-from ..backends import open_backend
-from ..backends.base import SandboxInfo
-from ..config import BACKENDS, Config
-from ..errors import UserError
+from msb_proxy.backends import open_backend
+from msb_proxy.backends.base import SandboxInfo
+from msb_proxy.config import BACKENDS, Config
+from msb_proxy.errors import UserError
 
 __all__ = ["run"]
 

@@ -25,7 +25,7 @@ error on either pipe. Since asyncio's epoll is level-triggered, whatever it left
 reported again at the loop's next poll. Nothing is reordered: data goes straight to a pipe only
 when nothing is queued before it there.
 
-The same loop runs in C where ``msb_proxy._relay`` was built (``setup.py``; it needs a C
+The same loop runs in C where ``msb_proxy.fastpath._relay`` was built (``setup.py``; it needs a C
 compiler and Python's headers, and is skipped without them): in Python a message still costs
 ~50 us of CPU, as each of the ~15 calls it takes runs with cold caches; in C it is a few. It
 covers UMAC with a CTR cipher (what OpenSSH clients choose with us) and hands back what it does
@@ -52,17 +52,18 @@ from typing import Any
 import asyncssh
 from asyncssh.logging import SSHLogger
 
-from . import recvpath, sendpath
-from .pipes import BatchedWriter, batch
-from .recvpath import Receiver
-from .umac import CachedKeyUMAC
+from msb_proxy.fastpath import receive as recvpath
+from msb_proxy.fastpath import send as sendpath
+from msb_proxy.fastpath.receive import Receiver
+from msb_proxy.fastpath.umac import CachedKeyUMAC
+from msb_proxy.transport.batching import BatchedWriter, batch
 
 
 def _compiled() -> ModuleType | None:
     if os.environ.get("MSB_PROXY_RELAY") == "python":  # the reference loop, to compare
         return None
     try:
-        from . import _relay
+        from msb_proxy.fastpath import _relay
     except ImportError:  # built without a C compiler: the same loop in Python
         return None
     return _relay

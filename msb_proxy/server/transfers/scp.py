@@ -3,7 +3,8 @@
 OpenSSH's ``scp -O`` runs ``scp -t TARGET`` (upload) or ``scp -f PATH...`` (download) as an
 exec command and speaks the old rcp protocol over the channel. When the guest has an ``scp``
 binary it is run like any command; when it has none, this module takes its place, doing the
-file work through :class:`~msb_proxy.files.GuestFiles` as the login user, so ownership,
+file work through :class:`~msb_proxy.server.transfers.files.GuestFiles` as the login user, so
+ownership,
 permissions and the home directory are the same as they would be with the guest's scp.
 
 Protocol: control lines ``Cmode size name``, ``Dmode 0 name``, ``E``, ``Tmtime 0 atime 0``,
@@ -19,9 +20,9 @@ import shlex
 import stat
 from dataclasses import dataclass, field
 
-from .backends.base import ExitStatus, GuestProcess, ProcessListener
-from .errors import UserError
-from .files import Attrs, GuestFiles
+from msb_proxy.backends.base import ExitStatus, GuestProcess, ProcessListener
+from msb_proxy.errors import UserError
+from msb_proxy.server.transfers.files import Attrs, GuestFiles
 
 __all__ = ["NativeScp", "ScpRequest", "parse_scp_command"]
 

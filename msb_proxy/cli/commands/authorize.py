@@ -19,10 +19,10 @@ from pathlib import Path
 
 import asyncssh
 
-from ..config import Config
-from ..errors import UserError
-from ..keys import AuthorizedKeys
-from ..state import StateDir
+from msb_proxy.config import Config
+from msb_proxy.errors import UserError
+from msb_proxy.server.keys import AuthorizedKeys
+from msb_proxy.state import StateDir
 
 __all__ = ["PublicKeyLine", "authorize", "parse_public_keys", "run"]
 

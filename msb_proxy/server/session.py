@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, cast
 
 import asyncssh
 
-from .backends.base import (
+from msb_proxy.backends.base import (
     ExitStatus,
     GuestProcess,
     GuestUser,
@@ -40,13 +40,13 @@ from .backends.base import (
     PtySpec,
     Sandbox,
 )
-from .errors import UserError
-from .files import open_files
+from msb_proxy.errors import UserError
+from msb_proxy.server.transfers.files import open_files
 
 if TYPE_CHECKING:
-    from .forward import Tunnels
-from .scp import NativeScp, ScpRequest, parse_scp_command
-from .sendpath import write_channel
+    from msb_proxy.server.tunnels.forward import Tunnels
+from msb_proxy.fastpath.send import write_channel
+from msb_proxy.server.transfers.scp import NativeScp, ScpRequest, parse_scp_command
 
 __all__ = ["GuestSession", "Login"]
 
@@ -133,7 +133,7 @@ class Login:
         server = await self.sandbox.find_program(self.user, SFTP_SERVER_PATHS)
         if server is not None:
             return await self.sandbox.spawn(replace(spec, program=server, argv=[server]), listener)
-        from .sftp import NativeSftp
+        from msb_proxy.server.transfers.sftp import NativeSftp
 
         files = await open_files(self.sandbox, self.user)
         home = (self.user.home or "/").encode("utf-8", "surrogateescape")

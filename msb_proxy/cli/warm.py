@@ -46,7 +46,7 @@ def _fingerprint() -> str:
     import hashlib
 
     digest = hashlib.sha256(sys.executable.encode())
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]  # the msb_proxy package
     for path in sorted(root.rglob("*.py")):
         info = path.stat()
         digest.update(f"{path.relative_to(root)}:{info.st_size}:{info.st_mtime_ns}\n".encode())
@@ -125,7 +125,7 @@ def _start_server(path: Path) -> None:
 
     with contextlib.suppress(OSError):
         subprocess.Popen(
-            [sys.executable, "-P", "-m", "msb_proxy.warm", str(path)], cwd="/",
+            [sys.executable, "-P", "-m", "msb_proxy.cli.warm", str(path)], cwd="/",
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
@@ -200,10 +200,18 @@ def _preload() -> None:
 
     import asyncssh  # noqa: F401
 
-    from . import cli, files, scp, server, session, sftp, stdio, umac  # noqa: F401
-    from .backends import base, local  # noqa: F401
+    import msb_proxy.backends.base
+    import msb_proxy.backends.local
+    import msb_proxy.cli.main
+    import msb_proxy.fastpath.umac
+    import msb_proxy.server.endpoint
+    import msb_proxy.server.session
+    import msb_proxy.server.transfers.files
+    import msb_proxy.server.transfers.scp
+    import msb_proxy.server.transfers.sftp
+    import msb_proxy.transport.stdio
 
-    umac.install()  # loads nettle once, for every child
+    msb_proxy.fastpath.umac.install()  # loads nettle once, for every child
 
 
 def _reaped(children: set[int]) -> set[int]:
@@ -270,7 +278,7 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict[str, object]) 
         os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})  # type: ignore[call-overload]
         with contextlib.suppress(OSError):
             os.chdir(str(request["cwd"]))
-        from .cli import run
+        from msb_proxy.cli.main import run
 
         code = run([str(arg) for arg in request["argv"]])  # type: ignore[attr-defined]
     finally:

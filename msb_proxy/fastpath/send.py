@@ -33,7 +33,7 @@ import asyncssh
 from asyncssh.encryption import ETMEncryption
 from asyncssh.logging import SSHLogger
 
-from .umac import JOIN_BELOW, CachedKeyUMAC
+from msb_proxy.fastpath.umac import JOIN_BELOW, CachedKeyUMAC
 
 __all__ = ["fast_state", "install", "seal", "supported", "write_channel"]
 

@@ -1,6 +1,6 @@
 """The local backend's jail init: PID 1 of one sandbox, and the only way into it.
 
-Started by ``backends/local.py`` as ``python -m msb_proxy.backends.jail``, it
+Started by ``backends/local.py`` as ``python -m msb_proxy.backends.local.jail``, it
 
 1. unshares mount, PID, network, IPC, UTS and cgroup namespaces and forks PID 1;
 2. mounts an overlay of the read-only base rootfs and the sandbox's own writable layer, with a
@@ -51,9 +51,9 @@ import time
 import traceback
 from typing import Any, NoReturn
 
+from msb_proxy.backends.local.terminal import apply_modes, set_window_size
 from msb_proxy.guest import files as guest_files
-from msb_proxy.guest import relay as guest_relay
-from msb_proxy.terminal import apply_modes, set_window_size
+from msb_proxy.guest import tunnels as guest_tunnels
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SOCKET_FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
@@ -76,7 +76,7 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(platform.mach
 KEEP_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 29, 31})
 
 MAX_MESSAGE = 4 << 20
-HELPERS = {"files": guest_files.serve, "relay": guest_relay.serve}
+HELPERS = {"files": guest_files.serve, "tunnels": guest_tunnels.serve}
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 HANGUP_GRACE_S = 3.0

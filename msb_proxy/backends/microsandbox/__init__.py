@@ -1,0 +1,7 @@
+"""The ``microsandbox`` backend: sandboxes as microVMs, through the microsandbox SDK."""
+
+from __future__ import annotations
+
+from msb_proxy.backends.microsandbox.backend import MicrosandboxBackend
+
+__all__ = ["MicrosandboxBackend"]
