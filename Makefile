@@ -5,15 +5,34 @@ BIN := $(VENV)/bin
 ROOTFS ?= $(or $(MSB_PROXY_ROOTFS),/var/cache/msb-proxy/rootfs/bookworm-v1)
 export MSB_PROXY_ROOTFS := $(ROOTFS)
 
-.PHONY: help install client-key rootfs demo test lint bench clean
+.PHONY: help install client-key system-deps system-deps-demo rootfs demo test test-nofastpath \
+	lint bench clean
+
+# Debian/Ubuntu packages: demo, test, test-nofastpath and bench install the missing ones first
+# (scripts/install-system-deps: as root; a no-op for any user when all are there; one line naming
+# them otherwise). install and lint need only python3-venv and run as any user. Elsewhere than
+# Debian, install the equivalents of `scripts/install-system-deps --list` and set SYSTEM_DEPS=true.
+SYSTEM_DEPS ?= scripts/install-system-deps
+# install and rootfs once the system packages are in, also under make -j
+PREPARE = +@$(MAKE) --no-print-directory install rootfs
+# The session and transfer suites once more with the fast path (msb_proxy/fastpath) off
+NOFASTPATH_TESTS := tests/test_exec.py tests/test_pty.py tests/test_transfer.py \
+	tests/test_sftp_batch.py tests/test_channels.py tests/test_flow_control.py
 
 help:
-	@echo "make install  create $(VENV) with msb-proxy (editable) and its dev tools"
-	@echo "make rootfs   build the Debian test rootfs once, into $(ROOTFS)"
-	@echo "make demo     ssh, scp and rsync into a local sandbox through the ProxyCommand"
-	@echo "make test     the test suite (real ssh/scp/sftp/rsync against the local backend)"
-	@echo "make lint     ruff and mypy --strict"
-	@echo "make bench    msb-proxy against OpenSSH's sshd on the same jail, ratios printed"
+	@echo "make help              this list"
+	@echo "make install           create $(VENV) with msb-proxy (editable) and its dev tools"
+	@echo "make client-key        an ed25519 key in ~/.ssh for a user without one (part of install)"
+	@echo "make system-deps       the Debian packages the tests and bench need, the missing ones (root)"
+	@echo "make system-deps-demo  the Debian packages the demo needs, the missing ones (root)"
+	@echo "make rootfs            build the Debian test rootfs once, into $(ROOTFS)"
+	@echo "make demo              ssh, scp and rsync into a local sandbox through the ProxyCommand"
+	@echo "make test              the test suite (real ssh/scp/sftp/rsync against the local backend),"
+	@echo "                       then test-nofastpath"
+	@echo "make test-nofastpath   the session and transfer suites with MSB_PROXY_FASTPATH=0"
+	@echo "make lint              ruff and mypy --strict"
+	@echo "make bench             msb-proxy against OpenSSH's sshd on the same jail, ratios printed"
+	@echo "make clean             remove $(VENV) and build and tool caches"
 
 $(BIN)/msb-proxy: pyproject.toml setup.py msb_proxy/fastpath/_relay.c
 	$(PYTHON) -m venv $(VENV)
@@ -34,17 +53,31 @@ client-key:
 rootfs:
 	scripts/build-rootfs "$(ROOTFS)"
 
-demo: install rootfs
+system-deps:
+	$(SYSTEM_DEPS) --test
+
+system-deps-demo:
+	$(SYSTEM_DEPS) --demo
+
+demo: system-deps-demo
+	$(PREPARE)
 	scripts/demo
 
-test: install rootfs
+test: system-deps
+	$(PREPARE)
 	$(BIN)/pytest
+	MSB_PROXY_FASTPATH=0 $(BIN)/pytest $(NOFASTPATH_TESTS)
+
+test-nofastpath: system-deps
+	$(PREPARE)
+	MSB_PROXY_FASTPATH=0 $(BIN)/pytest $(NOFASTPATH_TESTS)
 
 lint: install
 	$(BIN)/ruff check msb_proxy tests bench
 	$(BIN)/mypy
 
-bench: install rootfs
+bench: system-deps
+	$(PREPARE)
 	$(BIN)/python -m bench
 
 clean:
