@@ -171,10 +171,9 @@ def _notes(plan: Plan, busy: float, harness: Harness, workloads: Sequence[Worklo
         "commands the sandbox's init reaped during the run, so both sides include the guest's "
         "`cat`/`head`; 10 ms clock ticks",
         "msb-proxy's relay loop: " + (
-            "C (msb_proxy.fastpath._relay)" if relay._native is not None
-            else "**Python: the C extension was not built (make install builds it)**"
-            if os.environ.get("MSB_PROXY_RELAY") != "python"
-            else "Python (MSB_PROXY_RELAY=python)"),
+            "Python (MSB_PROXY_RELAY=python)" if os.environ.get("MSB_PROXY_RELAY") == "python"
+            else "C (msb_proxy.fastpath._relay)" if relay.compiled_loop() is not None
+            else "**Python: the C extension was not built (make install builds it)**"),
     ]
     mine, theirs = (harness.handshakes.get(side) for side in SIDES)
     if mine and theirs and (mine.cipher, mine.kex) != (theirs.cipher, theirs.kex):

@@ -94,6 +94,8 @@ class Config:
     rootfs: Path = DEFAULT_ROOTFS
     debug: bool = False
     quiet: bool = False
+    fastpath: bool = True
+    relay_loop: str = "c"
     defaults: SandboxTemplate = field(default_factory=SandboxTemplate)
     patterns: tuple[tuple[str, Mapping[str, Any]], ...] = ()
     backend_forced: bool = False
@@ -192,6 +194,7 @@ def load_config(
         defaults = replace(defaults, backend=chosen)
 
     rootfs = environ.get("MSB_PROXY_ROOTFS") or rootfs_text
+    fastpath, relay_loop = _data_path(environ)
     return Config(
         home=home,
         user_home=user_home(environ),
@@ -199,10 +202,24 @@ def load_config(
         rootfs=Path(rootfs).expanduser().absolute() if rootfs else DEFAULT_ROOTFS,
         debug=debug,
         quiet=quiet,
+        fastpath=fastpath,
+        relay_loop=relay_loop,
         defaults=defaults,
         patterns=tuple(patterns),
         backend_forced=chosen is not None,
     )
+
+
+def _data_path(environ: Mapping[str, str]) -> tuple[bool, str]:
+    """``MSB_PROXY_FASTPATH`` (``0``: asyncssh's own data path) and ``MSB_PROXY_RELAY``
+    (``python``: the relay's Python loop instead of its C one), read for every connection."""
+    fastpath = environ.get("MSB_PROXY_FASTPATH", "1").strip().lower()
+    if fastpath not in ("0", "1", "", "no", "yes", "off", "on", "false", "true"):
+        raise ConfigError(f"MSB_PROXY_FASTPATH: expected 0 or 1, not {fastpath!r}")
+    relay_loop = environ.get("MSB_PROXY_RELAY", "c").strip().lower() or "c"
+    if relay_loop not in ("c", "python"):
+        raise ConfigError(f"MSB_PROXY_RELAY: expected c or python, not {relay_loop!r}")
+    return fastpath not in ("0", "no", "off", "false"), relay_loop
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import asyncssh
 import pytest
 from conftest import Env
 
+from msb_proxy import fastpath
 from msb_proxy.backends.local.backend import LocalBackend
 from msb_proxy.config import SandboxTemplate
 from msb_proxy.fastpath import receive as recvpath
@@ -40,15 +41,63 @@ COMMAND = ("head -c 3145728 /dev/urandom | tee /tmp/sent; echo to-stderr >&2; "
            "sha256sum </tmp/sent >&2")
 
 
+class _FastPaths:
+    """The in-process server's connection hooks: fastpath.install, recording every FastPath
+    (one per connection) and the packets its receivers handed to asyncssh."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, relay_loop: str) -> None:
+        self.relay_loop = relay_loop
+        self.paths: list[fastpath.FastPath] = []
+        self.replayed: list[int] = []
+        replay = recvpath.Receiver._replay
+
+        def replaying(receiver: recvpath.Receiver, packet: bytes, encryption: Any,
+                      plain: bytes) -> None:
+            self.replayed.append(plain[1])
+            replay(receiver, packet, encryption, plain)
+
+        monkeypatch.setattr(recvpath.Receiver, "_replay", replaying)
+        monkeypatch.setitem(_RECORDER, "hooks", self)
+
+    def __call__(self, conn: asyncssh.SSHServerConnection) -> fastpath.FastPath:
+        hooks = fastpath.install(conn, relay_loop=self.relay_loop)
+        assert isinstance(hooks, fastpath.FastPath), "the fast path was not installed"
+        self.paths.append(hooks)
+        return hooks
+
+    @property
+    def receivers(self) -> list[recvpath.Receiver]:
+        return [path.receiver for path in self.paths]
+
+    @property
+    def fast(self) -> int:
+        return sum(receiver.fast_packets for receiver in self.receivers)
+
+    @property
+    def relays(self) -> list[relay.Relay]:
+        return [path.relay for path in self.paths if path.relay is not None]
+
+    @property
+    def inline_reads(self) -> int:
+        return sum(each.inline_reads for each in self.relays)
+
+
+_RECORDER: dict[str, _FastPaths] = {}
+
+
+def _recorder(monkeypatch: pytest.MonkeyPatch) -> _FastPaths:
+    """The recorder of this test (made with the C loop when the test did not set one up)."""
+    return _RECORDER.get("hooks") or _FastPaths(monkeypatch, "c")
+
+
 def _serving(monkeypatch: pytest.MonkeyPatch, serve: str) -> bool:
     """Set up serving ``serve`` ("tcp", "pipes": the relay's C loop, "pipes-python": its
     Python loop); whether over pipes."""
-    if serve == "pipes-python":
-        monkeypatch.setattr(relay, "_native", None)
-    elif serve == "pipes" and relay._native is None:
+    if serve == "pipes" and relay.compiled_loop() is None:
         if shutil.which("cc") is None:
             pytest.skip("no C compiler here: msb_proxy.fastpath._relay cannot be built")
         pytest.fail("msb_proxy.fastpath._relay is not built (make install builds it)")
+    _FastPaths(monkeypatch, "python" if serve == "pipes-python" else "c")
     return serve != "tcp"
 
 
@@ -91,7 +140,8 @@ async def _connect(msb: Env, sandbox: str, ciphers: list[str], pipes: bool = Fal
 def _options(msb: Env, sandbox: str) -> SshServerOptions:
     return SshServerOptions(host_key_path=msb.home / f"sendpath-{sandbox}.key",
                             authorized_keys=[msb.key.with_suffix(".pub").read_text()],
-                            template=SandboxTemplate(backend="local"))
+                            template=SandboxTemplate(backend="local"),
+                            connection_hooks=_RECORDER.get("hooks"))
 
 
 @contextlib.asynccontextmanager
@@ -142,7 +192,7 @@ def test_channel_data_is_exact_on_either_path(
     sandbox = f"sendpath-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
     pipes = _serving(monkeypatch, serve)
-    relays = _Relays(monkeypatch)
+    relays = _recorder(monkeypatch)
     sent: list[int] = []
     original = sendpath.seal
 
@@ -169,54 +219,6 @@ def test_channel_data_is_exact_on_either_path(
     assert len(relays.relays) == pipes
 
 
-class _Receivers:
-    """Every Receiver the server installs, and the packet types it handed to asyncssh."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.receivers: list[recvpath.Receiver] = []
-        self.replayed: list[int] = []
-        install, replay = recvpath.install, recvpath.Receiver._replay
-
-        def installing(conn: asyncssh.SSHServerConnection) -> recvpath.Receiver | None:
-            receiver = install(conn)
-            assert receiver is not None, "the receive path was not installed"
-            self.receivers.append(receiver)
-            return receiver
-
-        def replaying(receiver: recvpath.Receiver, packet: bytes, encryption: Any,
-                      plain: bytes) -> None:
-            self.replayed.append(plain[1])
-            replay(receiver, packet, encryption, plain)
-
-        monkeypatch.setattr(recvpath, "install", installing)
-        monkeypatch.setattr(recvpath.Receiver, "_replay", replaying)
-
-    @property
-    def fast(self) -> int:
-        return sum(receiver.fast_packets for receiver in self.receivers)
-
-
-class _Relays:
-    """Every Relay the stdio transports install (the server's; the client has none)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.relays: list[relay.Relay] = []
-        install = relay.install
-
-        def installing(conn: Any, reader: Any, writer: Any) -> relay.Relay | None:
-            installed = install(conn, reader, writer)
-            assert (installed is None) == isinstance(conn, asyncssh.SSHClientConnection)
-            if installed is not None:
-                self.relays.append(installed)
-            return installed
-
-        monkeypatch.setattr(relay, "install", installing)
-
-    @property
-    def inline_reads(self) -> int:
-        return sum(each.inline_reads for each in self.relays)
-
-
 @pytest.mark.parametrize(("cipher", "mac", "fast", "serve"), [
     ("aes128-ctr", "umac-64-etm@openssh.com", True, "tcp"),
     ("aes256-ctr", "hmac-sha2-256-etm@openssh.com", True, "tcp"),  # asyncssh's own MAC object
@@ -240,7 +242,7 @@ def test_client_data_is_exact_across_rekeys(
     sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
     pipes = _serving(monkeypatch, serve)
-    seen = _Receivers(monkeypatch)
+    seen = _recorder(monkeypatch)
     payload = os.urandom(4 << 20)
 
     async def run() -> asyncssh.SSHCompletedProcess:
@@ -278,8 +280,8 @@ def test_small_requests_and_answers_are_exact(
     sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
     pipes = _serving(monkeypatch, serve)
-    seen = _Receivers(monkeypatch)
-    relays = _Relays(monkeypatch)
+    seen = _recorder(monkeypatch)
+    relays = _recorder(monkeypatch)
     files = {f"f{index:03d}": os.urandom(index * 7 % 3000) for index in range(200)}
 
     async def run() -> dict[str, bytes]:
@@ -305,14 +307,14 @@ def test_small_requests_and_answers_are_exact(
         assert relays.relays == []
 
 
-def _relay_test(msb: Env, monkeypatch: pytest.MonkeyPatch, serve: str) -> tuple[str, _Relays]:
+def _relay_test(msb: Env, monkeypatch: pytest.MonkeyPatch, serve: str) -> tuple[str, _FastPaths]:
     """A sandbox for a test of the relay on ``serve``, and the relays its server installs."""
     if msb.backend != "local":
         pytest.skip("serves the local backend in-process")
     sandbox = f"relay-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
     _serving(monkeypatch, serve)
-    return sandbox, _Relays(monkeypatch)
+    return sandbox, _recorder(monkeypatch)
 
 
 # For every line it reads, 100,000 random bytes in one write; at the end their digest on stderr.
@@ -334,15 +336,16 @@ def test_the_relay_keeps_to_windows_and_full_pipes(
     sandbox, relays = _relay_test(msb, monkeypatch, serve)
     payload = os.urandom(8 << 20)
     handed_back: list[tuple[Any, ...]] = []  # what the C loop left to the usual path
-    if relay._native is not None:
-        native = relay._native
+    native = relay.compiled_loop()
+    if serve == "pipes" and native is not None:
 
         def recording(*arguments: Any) -> Any:
             result = native.run(*arguments)
             handed_back.append(result)
             return result
 
-        monkeypatch.setattr(relay, "_native", types.SimpleNamespace(run=recording))
+        loop = types.SimpleNamespace(run=recording)
+        monkeypatch.setattr(relay, "compiled_loop", lambda: loop)
 
     async def run() -> tuple[bytes, bytes, bytes]:
         async with _connect(msb, sandbox, ["aes128-ctr"], True) as conn:
@@ -504,7 +507,7 @@ class _FailOnce:
         return seq != self._seq and bool(self._mac.verify(seq, packet, sig))
 
 
-async def _until_disconnected(msb: Env, sandbox: str, seen: _Receivers,
+async def _until_disconnected(msb: Env, sandbox: str, seen: _FastPaths,
                               act: Callable[[asyncssh.SSHClientConnection, recvpath.Receiver],
                                             Awaitable[object]]) -> tuple[object, object]:
     """Connect, check a command runs, ``act`` on the connection and the server's receiver,
@@ -532,7 +535,7 @@ def test_bad_mac_closes_the_connection_as_asyncssh_does(
         pytest.skip("serves the local backend in-process")
     sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
-    seen = _Receivers(monkeypatch)
+    seen = _recorder(monkeypatch)
 
     async def fail_next_mac(conn: asyncssh.SSHClientConnection,
                             receiver: recvpath.Receiver) -> None:
@@ -557,7 +560,7 @@ def test_a_bad_length_split_across_reads_is_refused_at_once(
         pytest.skip("serves the local backend in-process")
     sandbox = f"recvpath-{uuid.uuid4().hex[:6]}"
     msb.host(sandbox)
-    seen = _Receivers(monkeypatch)
+    seen = _recorder(monkeypatch)
 
     async def split_bad_length(conn: asyncssh.SSHClientConnection,
                                receiver: recvpath.Receiver) -> bytes:

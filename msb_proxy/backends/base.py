@@ -22,17 +22,14 @@ from __future__ import annotations
 import abc
 import signal as _signal
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    import asyncio
-
     from msb_proxy.backends.links import Link
     from msb_proxy.config import SandboxTemplate
     from msb_proxy.progress import Progress
-    from msb_proxy.transport.batching import BatchedWriter
 
 __all__ = [
     "Backend",
@@ -42,6 +39,7 @@ __all__ = [
     "ProcessListener",
     "ProcessSpec",
     "PtySpec",
+    "RawPipes",
     "Sandbox",
     "SandboxInfo",
 ]
@@ -145,15 +143,33 @@ class ProcessListener(Protocol):
         """
 
 
+@dataclass(frozen=True)
+class RawPipes:
+    """A process's stdin and stdout as plain pipe descriptors, for code that serves them itself
+    between turns of the event loop (msb-proxy's fast path, ``msb_proxy/fastpath/relay.py``).
+
+    ``stdout`` is the non-blocking read end the backend watches with the running event loop;
+    the reader may ``read`` it only when that loop's poller reports it readable, and leaves end
+    of file and errors to the backend. ``stdin`` is the write end (-1 once stdin is closed);
+    it may be written only while ``stdin_queued`` is 0, and whatever a write does not take goes
+    to :meth:`GuestProcess.write_stdin`, so the order stays the same.
+    """
+
+    stdout: int
+    stdin: int
+    stdin_queued: int
+
+
 class GuestProcess(abc.ABC):
     """A process running in the guest, started by :meth:`Sandbox.spawn`."""
 
-    #: Called after each read of the process's stdout has been delivered (see relay.py).
-    after_read: Callable[[], None] | None = None
+    def raw_pipes(self) -> RawPipes | None:
+        """The process's pipes as they are now (see :class:`RawPipes`), when both are plain
+        pipes of this host and stdout is still open; None otherwise.
 
-    def relay_pipes(self) -> tuple[asyncio.ReadTransport, BatchedWriter] | None:
-        """The process's stdout transport and stdin writer when both are plain pipes that
-        the fast path's relay may read and write itself; None (the default) if not."""
+        Called for every read a fast path serves, so it must be cheap. The default (None) means
+        every byte goes through :meth:`write_stdin` and :meth:`ProcessListener.output_received`.
+        """
         return None
 
     @abc.abstractmethod

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from msb_proxy.config import Config
+    from msb_proxy.server.hooks import HooksFactory
 
 __all__ = ["main", "run"]
 
@@ -195,7 +196,8 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
             config.user_home / ".microsandbox" / "ssh" / "authorized_keys",
             *sorted((config.user_home / ".ssh").glob("*.pub"))]
     options = SshServerOptions(host_key_path=state.host_key(name), authorized_keys_paths=keys,
-                               template=template, progress=Progress(quiet=config.quiet))
+                               template=template, progress=Progress(quiet=config.quiet),
+                               connection_hooks=_data_path(config))
 
     def report(error: UserError) -> None:
         error.reported = True  # type: ignore[attr-defined]
@@ -219,6 +221,17 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     with ConnectionTracker(state, name, template, os.environ) as tracker:
         asyncio.run(serve(tracker))
     return 0
+
+
+def _data_path(config: Config) -> HooksFactory | None:
+    """The fast path for every connection, unless MSB_PROXY_FASTPATH=0 turned it off."""
+    if not config.fastpath:
+        return None
+    import functools
+
+    from msb_proxy import fastpath
+
+    return functools.partial(fastpath.install, relay_loop=config.relay_loop)
 
 
 def _lifecycle(config: Config, command: str, name: str) -> int:

@@ -203,6 +203,7 @@ def _preload() -> None:
     import msb_proxy.backends.base
     import msb_proxy.backends.local
     import msb_proxy.cli.main
+    import msb_proxy.fastpath
     import msb_proxy.fastpath.umac
     import msb_proxy.server.endpoint
     import msb_proxy.server.session
@@ -211,7 +212,7 @@ def _preload() -> None:
     import msb_proxy.server.transfers.sftp
     import msb_proxy.transport.stdio
 
-    msb_proxy.fastpath.umac.install()  # loads nettle once, for every child
+    msb_proxy.fastpath.umac.load()  # nettle loaded once, for every child
 
 
 def _reaped(children: set[int]) -> set[int]:

@@ -19,7 +19,11 @@ compression, another cipher mode, debug logging on, asyncssh in the middle of a 
 waiting on an asynchronous handler) all input goes straight to asyncssh.
 
 This relies on asyncssh internals (its receive state and the cipher and MAC of its
-encryption); :func:`install` checks they are there and otherwise leaves asyncssh alone.
+encryption), which :mod:`msb_proxy.fastpath.gate` checks before any is touched. If anything of
+ours still fails on a packet, the receiver hands that packet and everything after it to
+asyncssh, in order (a packet it had already decrypted as the plaintext, as above), and tells
+its owner, which takes the fast path off the connection: never a lost byte, never an
+``internal_error`` for a fault of ours.
 """
 
 from __future__ import annotations
@@ -28,43 +32,21 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncssh
-from asyncssh.channel import SSHChannel
-from asyncssh.connection import SSHConnection
-from asyncssh.encryption import ETMEncryption
-from asyncssh.logging import SSHLogger
-from asyncssh.misc import DisconnectError
 
+from msb_proxy.fastpath import gate
 from msb_proxy.transport.batching import feed_slices
 
-__all__ = ["Receiver", "install"]
+__all__ = ["Receiver"]
 
 _MIN_PADDING = 4  # RFC 4253 6: at least four bytes of padding
 _CHANNEL_DATA = asyncssh.MSG_CHANNEL_DATA
 _DATA_HEADER = 10  # padding length, type, recipient channel, data length
-_STATE = ("_inpbuf", "_recv_handler", "_recv_encryption", "_recv_seq", "_recv_macsize",
-          "_recv_blocksize", "_max_recv_pktlen", "_auth_complete", "_kex_complete",
-          "_decompressor", "_transport", "_channels", "_keepalive_interval",
-          "_reset_keepalive_timer", "_send_disconnect", "_force_close", "internal_error")
-_CHANNEL_METHODS = ("_accept_data", "_packet_handlers")  # on the class; the rest per channel
-_RECV_PKTHDR = getattr(SSHConnection, "_recv_pkthdr", None)
-PROCESS_DATA = getattr(SSHChannel, "_packet_handlers", {}).get(_CHANNEL_DATA)
-
-
-def install(conn: asyncssh.SSHServerConnection) -> Receiver | None:
-    """Answer ``conn.data_received`` with a :class:`Receiver` (an instance attribute)."""
-    if (_RECV_PKTHDR is None or PROCESS_DATA is None
-            or not all(hasattr(conn, name) for name in _STATE)
-            or not all(hasattr(SSHChannel, name) for name in _CHANNEL_METHODS)):
-        return None
-    receiver = Receiver(conn)
-    conn.data_received = receiver.feed  # type: ignore[method-assign,assignment]
-    return receiver
 
 
 class _Decrypted:
     """Stands in for a connection's encryption for one packet already decrypted."""
 
-    def __init__(self, conn: Any, encryption: ETMEncryption, plain: bytes) -> None:
+    def __init__(self, conn: Any, encryption: Any, plain: bytes) -> None:
         self._conn = conn
         self._encryption = encryption
         self._plain = plain
@@ -84,23 +66,99 @@ class Receiver:
 
     Invariant: what it holds back (``_held``) is the start of a packet that asyncssh has not
     seen, and asyncssh has nothing buffered; so any input can go to asyncssh at any time,
-    ``_held`` first.
+    ``_held`` first. :meth:`feed` is installed as the connection's ``data_received``;
+    ``failed(reason)`` is called once if our code fails, after which it only passes input on.
     """
 
-    takes_any_size = True  # stdio.py hands it whole reads, not asyncssh-sized slices
+    takes_any_size = True  # the stdio transport hands it whole reads, not asyncssh-sized slices
 
-    def __init__(self, conn: asyncssh.SSHServerConnection) -> None:
+    def __init__(self, conn: asyncssh.SSHServerConnection,
+                 failed: Callable[[str], None]) -> None:
         self._conn: Any = conn
         self._receive = conn.data_received  # asyncssh's own
+        self._failed = failed
+        self._broken = False
         self._held = b""
+        self._checked: set[type] = set()  # channel and encryption types gate.py accepted
+        self._refused: set[type] = set()
+        # Where the input stands while a feed runs, for handing the rest back on a fault: the
+        # buffer being taken, how much of it asyncssh has or we have handled, what follows it,
+        # and the packet decrypted but not yet handled (start, end, encryption, plaintext).
+        self._buf = b""
+        self._done = 0
+        self._tail = b""
+        self._decrypted: tuple[int, int, Any, bytes] | None = None
+        self._in_asyncssh = False
         self.fast_packets = 0  # how many packets took the short path (for the tests)
-        # Set by relay.Relay around a feed: (channel, sink, flush). That channel's data goes
+        # Set by the relay around a feed: (channel, sink, flush). That channel's data goes
         # to sink() instead of its _accept_data, and flush() runs before any packet goes to
         # asyncssh, so nothing asyncssh does with the channel overtakes data sunk before it.
         self.direct: tuple[Any, Callable[[bytes], object], Callable[[], object]] | None = None
 
+    def install(self) -> None:
+        """Answer the connection's ``data_received`` (an instance attribute)."""
+        self._conn.data_received = self.feed
+
+    def uninstall(self) -> None:
+        """Give ``data_received`` back to asyncssh; held input goes to it now."""
+        if self._conn.__dict__.get("data_received") == self.feed:
+            del self._conn.data_received
+        self._broken = True
+        if self._held:
+            held, self._held = self._held, b""
+            self._receive(held)
+
     def feed(self, data: bytes) -> None:
         """The connection's ``data_received``."""
+        if self._broken:
+            self._receive(data)
+            return
+        try:
+            self._feed(data)
+        except asyncssh.DisconnectError as exc:  # asyncssh's own, as its _recv_data does
+            self._end(exc)
+        except Exception as exc:
+            if self._in_asyncssh:  # raised by asyncssh's handling of a packet, not by us
+                self._end(None)
+            else:
+                self._recover(exc)
+        finally:
+            self._buf = self._tail = b""
+            self._decrypted = None
+            self._in_asyncssh = False
+
+    def _end(self, exc: asyncssh.DisconnectError | None) -> None:
+        """End the connection as asyncssh's receive loop does when handling a packet fails."""
+        conn = self._conn
+        self._held = b""
+        if exc is None:
+            conn.internal_error()
+        else:
+            conn._send_disconnect(exc.code, exc.reason, exc.lang)
+            conn._force_close(exc)
+
+    def _recover(self, exc: Exception) -> None:
+        """Our code failed mid-feed: everything not yet handled goes to asyncssh, in order."""
+        decrypted, self._decrypted = self._decrypted, None
+        rest_from = self._done
+        self._broken = True
+        if self.direct is not None:
+            self.direct[2]()
+        if decrypted is not None:  # its cipher has moved on: asyncssh gets the plaintext
+            start, end, encryption, plain = decrypted
+            try:
+                self._replay(self._buf[start:end], encryption, plain)
+            except Exception:  # the stand-in itself failed: the stream cannot be resumed
+                self._failed(f"{type(exc).__name__}: {exc}")
+                self._conn.internal_error()
+                return
+            rest_from = end
+        rest = self._buf[rest_from:] + self._tail
+        self._failed(f"{type(exc).__name__}: {exc}")
+        if rest:
+            feed_slices(self._receive, rest)
+
+    def _feed(self, data: bytes) -> None:
         conn = self._conn
         if not self._ready(conn):
             if self._held:
@@ -109,26 +167,22 @@ class Receiver:
             return
         if conn._keepalive_interval:
             conn._reset_keepalive_timer()
-        try:
-            pos = 0
-            if self._held:
-                held, pos = self._top_up(data)
-                if held is None:
-                    return
-                self._held = b""
-                if self._run(held, 0) is None:
-                    self._pass(data, pos)
-                    return
-            end = self._run(data, pos)
-            if end is not None and end < len(data):
-                self._held = data[end:]
-        except DisconnectError as exc:  # what asyncssh's _recv_data does with errors
+        pos = 0
+        if self._held:
+            held, pos = self._top_up(data)
+            if held is None:
+                return
             self._held = b""
-            conn._send_disconnect(exc.code, exc.reason, exc.lang)
-            conn._force_close(exc)
-        except Exception:  # asyncssh reports it and closes the connection
-            self._held = b""
-            conn.internal_error()
+            self._tail = data[pos:]
+            if self._run(held, 0) is None:
+                self._tail = b""
+                self._pass(data, pos)
+                return
+            self._tail = b""
+        end = self._run(data, pos)
+        if end is not None and end < len(data):
+            self._held = data[end:]
+            self._done = len(data)
 
     def _top_up(self, data: bytes) -> tuple[bytes | None, int]:
         """Complete the held packet from ``data``: (the packet, bytes of ``data`` used), or
@@ -158,16 +212,33 @@ class Receiver:
         conn = self._conn
         return bool(conn._recv_blocksize <= length <= conn._max_recv_pktlen)
 
-    @staticmethod
-    def _ready(conn: Any) -> bool:
+    def ready(self) -> bool:
+        """Whether the next packet may take the short path (see :meth:`_ready`)."""
+        return not self._broken and self._ready(self._conn)
+
+    def _ready(self, conn: Any) -> bool:
         """Whether the next packet may take the short path: asyncssh between packets, and the
         connection established with an EtM cipher, nothing more to it."""
+        encryption = conn._recv_encryption
         handler = conn._recv_handler
-        return (type(conn._recv_encryption) is ETMEncryption and not conn._inpbuf
-                and getattr(handler, "__func__", None) is _RECV_PKTHDR
+        return (type(encryption) is gate.ETM_ENCRYPTION and not conn._inpbuf
+                and getattr(handler, "__func__", None) is gate.RECV_PKTHDR
                 and conn._auth_complete and conn._kex_complete
                 and conn._decompressor is None and conn._transport is not None
-                and SSHLogger._debug_level < 2)
+                and self._accepts(encryption, gate.encryption_refusal))
+
+    def _accepts(self, obj: object, refusal: Callable[[Any], str | None]) -> bool:
+        """Whether gate.py accepts objects of ``obj``'s type (asked once per type)."""
+        kind = type(obj)
+        if kind in self._checked:
+            return True
+        if kind in self._refused:
+            return False
+        if refusal(obj) is None:
+            self._checked.add(kind)
+            return True
+        self._refused.add(kind)
+        return False
 
     def _run(self, buf: bytes, pos: int) -> int | None:
         """Take the packets of ``buf`` from ``pos``: where an incomplete one starts, or None
@@ -177,6 +248,7 @@ class Receiver:
         channels = conn._channels
         direct = self.direct
         direct_chan: Any = direct[0] if direct is not None else None
+        self._buf, self._done = buf, pos
         while pos < size:
             if size - pos < 4:
                 return pos
@@ -198,6 +270,7 @@ class Receiver:
             ciphertext = buf[pos + 4:body_end]
             plain = decryptor.update(ciphertext) if decryptor else cipher.decrypt(ciphertext)
             start, pos = pos, end
+            self._decrypted = (start, end, encryption, plain)
             # CHANNEL_DATA that asyncssh would accept as is goes to its channel here: its
             # padding as the RFC has it, the data filling the payload, a channel open for
             # data with the window for it, handled by asyncssh's own data handler.
@@ -207,29 +280,43 @@ class Receiver:
                     and data_end > _DATA_HEADER
                     and int.from_bytes(plain[6:10], "big") == data_end - _DATA_HEADER):
                 chan: Any = channels.get(int.from_bytes(plain[2:6], "big"))
-                if (chan is not None and chan._recv_state == "open"
+                if (chan is not None and self._accepts(chan, gate.channel_refusal)
+                        and chan._recv_state == "open"
                         and data_end - _DATA_HEADER <= chan._recv_window
-                        and chan._packet_handlers.get(_CHANNEL_DATA) is PROCESS_DATA):
+                        and chan._packet_handlers.get(_CHANNEL_DATA) is gate.PROCESS_DATA):
+                    sink = (chan is direct_chan and chan._send_state == "open"
+                            and not chan._recv_paused)
+                    payload = plain[_DATA_HEADER:data_end]
+                    # From here the packet is handled: asyncssh's state moves past it.
+                    self._decrypted = None
+                    self._done = end
                     conn._recv_seq = (seq + 1) & 0xFFFFFFFF
                     conn._auth_final = True  # as asyncssh marks any packet past authentication
                     self.fast_packets += 1
-                    if (chan is direct_chan and chan._send_state == "open"
-                            and not chan._recv_paused):
-                        chan._recv_window -= data_end - _DATA_HEADER  # as _accept_data does
-                        direct[1](plain[_DATA_HEADER:data_end])  # type: ignore[index]
+                    if sink:
+                        chan._recv_window -= len(payload)  # as _accept_data does
+                        direct[1](payload)  # type: ignore[index]
                     else:
-                        chan._accept_data(plain[_DATA_HEADER:data_end])
+                        self._in_asyncssh = True
+                        chan._accept_data(payload)
+                        self._in_asyncssh = False
                     continue
             if direct is not None:
                 direct[2]()
+            self._decrypted = None
+            self._done = end
             self._replay(buf[start:end], encryption, plain)
             if not self._ready(conn):
                 self._pass(buf, pos)
                 return None
         return pos
 
-    def _replay(self, packet: bytes, encryption: ETMEncryption, plain: bytes) -> None:
-        """asyncssh's own handling of ``packet``, whose plaintext is ``plain``."""
+    def replay(self, packet: bytes, encryption: Any, plain: bytes) -> None:
+        """asyncssh's own handling of ``packet``, whose plaintext is ``plain`` (the relay's C
+        loop decrypted it)."""
+        self._replay(packet, encryption, plain)
+
+    def _replay(self, packet: bytes, encryption: Any, plain: bytes) -> None:
         conn = self._conn
         stand_in = _Decrypted(conn, encryption, plain)
         conn._recv_encryption = stand_in
@@ -242,4 +329,6 @@ class Receiver:
     def _pass(self, data: bytes, pos: int) -> None:
         if self.direct is not None:
             self.direct[2]()
+        self._done = len(data)  # asyncssh has it all from here
+        self._tail = b""
         feed_slices(self._receive, data, pos)

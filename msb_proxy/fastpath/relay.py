@@ -14,10 +14,11 @@ guest's stdout it keeps polling asyncio's own epoll descriptor itself, and as lo
 descriptor ready is one of those two it handles the read in place:
 
 * from the client, the packets of a complete read that are ``CHANNEL_DATA`` for the relayed
-  channel (MAC checked and decrypted by :class:`recvpath.Receiver`, window accounted as asyncssh
-  does) go to the guest's stdin in one write; any other packet goes to asyncssh as ever;
+  channel (MAC checked and decrypted by :class:`~msb_proxy.fastpath.receive.Receiver`, window
+  accounted as asyncssh does) go to the guest's stdin in one write; any other packet goes to
+  asyncssh as ever;
 * from the guest, a read that fits the channel's window and packet size goes out as one packet
-  sealed by :func:`sendpath.seal`; anything else through the session as ever.
+  sealed by :func:`~msb_proxy.fastpath.send.seal`; anything else through the session as ever.
 
 It gives the loop back whenever anything else wants it: another descriptor ready, a timer due,
 a callback scheduled (every write that did not go straight out schedules one), a hang-up or an
@@ -36,126 +37,121 @@ nettle context of :class:`umac.CachedKeyUMAC`, so nothing needs re-synchronising
 ~70 us (usual path), ~50 us (this loop in Python), a few us in C; wall time 0.83x sshd's down,
 0.95x up.
 
-Only the stdio transport (real pipes) and a local backend's non-terminal process offer their
-descriptors; everything else, and every state this does not cover, stays on the usual path.
+Only the stdio transport (real pipes, :class:`~msb_proxy.transport.stdio.ClientPipes`) and a
+process whose backend hands out plain pipes (:class:`~msb_proxy.backends.base.RawPipes`, the
+local backend's non-terminal processes) can be relayed; everything else, and every state this
+does not cover, stays on the usual path. End of file and errors on either pipe are left to the
+transport that owns it: the relay gives the loop back and the loop's next poll reports them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import select
 import struct
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import asyncssh
-from asyncssh.logging import SSHLogger
 
-from msb_proxy.fastpath import receive as recvpath
-from msb_proxy.fastpath import send as sendpath
+from msb_proxy.backends.base import GuestProcess, RawPipes
+from msb_proxy.fastpath import gate, send
 from msb_proxy.fastpath.receive import Receiver
+from msb_proxy.fastpath.send import Sender
 from msb_proxy.fastpath.umac import CachedKeyUMAC
-from msb_proxy.transport.batching import BatchedWriter, batch
+from msb_proxy.server.hooks import RelayedSession
+from msb_proxy.transport.batching import batch
+from msb_proxy.transport.stdio import ClientPipes
 
-
-def _compiled() -> ModuleType | None:
-    if os.environ.get("MSB_PROXY_RELAY") == "python":  # the reference loop, to compare
-        return None
-    try:
-        from msb_proxy.fastpath import _relay
-    except ImportError:  # built without a C compiler: the same loop in Python
-        return None
-    return _relay
-
-
-_native = _compiled()
-
-__all__ = ["Relay", "install"]
+__all__ = ["Relay", "compiled_loop"]
 
 READ_SIZE = 1 << 20
 _UINT32 = struct.Struct(">I").pack
 _EPOLLIN = select.EPOLLIN
 _CHANNEL_DATA = asyncssh.MSG_CHANNEL_DATA
 _WINDOW_ADJUST = asyncssh.MSG_CHANNEL_WINDOW_ADJUST
-# _relay.run's reasons to stop: those that need a transport's own read, and those after
-# which the relay may go on (it stopped to hand something back, not for the loop).
-_CLIENT_READ, _GUEST_READ = 1, 2
+# _relay.run's reasons to stop: those after which the relay may go on (it stopped to hand
+# something back, not for the loop).
 _GO_ON = frozenset((3, 4))
 
 
-def _writable(transport: Any) -> bool:
-    """Whether the C loop may write to ``transport``'s pipe itself: nothing queued there."""
-    return (hasattr(transport, "_fileno") and not transport.is_closing()
-            and not transport.get_write_buffer_size())
-
-
-def install(conn: Any, reader: Any, writer: BatchedWriter) -> Relay | None:
-    """A relay for ``conn`` served on the pipe transports ``reader`` (the client's input) and
-    ``writer`` (its output), when asyncio, asyncssh and the receiver are as it expects."""
-    loop: Any = asyncio.get_running_loop()
-    receiver = getattr(conn.data_received, "__self__", None)
-    epoll = getattr(getattr(loop, "_selector", None), "_selector", None)
-    if (not isinstance(receiver, Receiver) or not sendpath.supported(conn)
-            or type(epoll) is not select.epoll
-            or not all(hasattr(loop, name) for name in ("_ready", "_scheduled", "_stopping"))
-            or not all(hasattr(reader, name) for name in ("_fileno", "_read_ready"))):
+def compiled_loop() -> ModuleType | None:
+    """The C loop (``_relay.c``), or None where it was not built (no C compiler)."""
+    try:
+        from msb_proxy.fastpath import _relay
+    except ImportError:
         return None
-    relay = Relay(loop, conn, receiver, reader, writer)
-    conn._msb_relay = relay
-    return relay
+    return _relay
 
 
 class Relay:
-    """The short path for one connection; one guest process at a time is relayed."""
+    """The short path for one connection; one guest process at a time is relayed.
 
-    def __init__(self, loop: Any, conn: Any, receiver: Receiver, reader: Any,
-                 writer: BatchedWriter) -> None:
+    ``client`` is the connection's pipe transport (:class:`ClientPipes` and the methods beside
+    it); ``native`` the C loop, or None for the Python one; ``failed(reason)`` is called when
+    our code fails, and the owner then stops the relay.
+    """
+
+    def __init__(self, conn: Any, *, loop: Any, receiver: Receiver, sender: Sender,
+                 client: Any, native: ModuleType | None,
+                 failed: Callable[[str], None]) -> None:
         self._loop = loop
         self._conn = conn
         self._receiver = receiver
-        self._client = reader
-        self._out = writer
+        self._sender = sender
+        self._client = client
+        self._native = native
+        self._failed = failed
         self._running = False
-        self._session: Any = None
+        self._session: RelayedSession | None = None
         self._chan: Any = None
-        self._guest: Any = None  # the process's stdout transport
-        self._stdin: BatchedWriter | None = None
+        self._process: GuestProcess | None = None
         self._payloads: list[bytes] = []
         self._backlog = b""  # client bytes the C loop handed back, from a packet's start
         self.inline_reads = 0  # reads handled here (for the tests)
 
-    def attach(self, session: Any, chan: Any, stdout: Any, stdin: BatchedWriter) -> bool:
-        """Relay ``chan``, carried by a process with these pipes; False if another is."""
-        if self._session is not None or not all(
-                hasattr(stdout, name) for name in ("_fileno", "_closing", "_read_ready")):
+    @property
+    def attached(self) -> bool:
+        return self._session is not None
+
+    def attach(self, session: RelayedSession, chan: Any, process: GuestProcess) -> bool:
+        """Relay ``chan``, carried by ``process``; False if another is, or it has no pipes."""
+        if self._session is not None or process.raw_pipes() is None:
             return False
         if chan._encoding is not None or chan._packet_handlers.get(_CHANNEL_DATA) is None:
             return False
-        self._session, self._chan, self._guest, self._stdin = session, chan, stdout, stdin
+        self._session, self._chan, self._process = session, chan, process
         return True
 
-    def detach(self, session: Any) -> None:
-        if self._session is session:
-            self._session = self._chan = self._guest = self._stdin = None
+    def detach(self, session: RelayedSession | None = None) -> None:
+        """Stop relaying ``session`` (any session when None)."""
+        if session is None or self._session is session:
+            self._session = self._chan = self._process = None
 
     def run(self) -> None:
         """Serve the two pipes here until anything else needs the loop (see the module)."""
-        guest = self._guest
-        if self._running or guest is None or SSHLogger._debug_level >= 2:
+        process = self._process
+        if self._running or process is None:
             return
         self._running = True
         try:
-            while self._guest is guest:  # detached when a packet handed back closed it
-                if _native is not None:
-                    arguments = self._native_arguments()
+            while self._process is process:  # detached when a packet handed back closed it
+                guest = process.raw_pipes()
+                client = self._client.pipes()
+                if guest is None or client is None:
+                    return
+                if self._native is not None:
+                    arguments = self._native_arguments(guest, client)
                     if arguments is not None:
                         if not self._run_native(arguments):
                             return
                         continue
                 self._feed_backlog()
-                if not self._step(guest):
+                if not self._step(guest, client):
                     return
+        except Exception as exc:  # ours: the owner takes the fast path off this connection
+            self._failed(f"{type(exc).__name__}: {exc}")
         finally:
             self._running = False
             self._feed_backlog()
@@ -165,16 +161,14 @@ class Relay:
             backlog, self._backlog = self._backlog, b""
             batch(self._receiver.feed, backlog)
 
-    def _step(self, guest: Any) -> bool:
+    def _step(self, guest: RawPipes, client: ClientPipes) -> bool:
         """Wait for and handle one read of either pipe; False to give the loop back."""
         loop = self._loop
-        client = self._client
-        if (loop._ready or loop._stopping or self._guest is not guest or guest._closing
-                or client._closing):
+        if loop._ready or loop._stopping:
             return False
         scheduled = loop._scheduled
         if scheduled:
-            timeout = scheduled[0]._when - loop.time()
+            timeout = scheduled[0].when() - loop.time()
             if timeout <= 0:
                 return False
         else:
@@ -185,22 +179,22 @@ class Relay:
         fd, mask = events[0]
         if mask != _EPOLLIN:
             return False
-        if fd == guest._fileno:
+        if fd == guest.stdout:
             return self._from_guest(fd)
-        if fd == client._fileno:
-            return self._from_client(fd)
+        if fd == client.read_fd:
+            return self._from_client(fd, guest)
         return False
 
     # ---- the same loop in C
-    def _native_arguments(self) -> tuple[Any, ...] | None:
+    def _native_arguments(self, guest: RawPipes, client: ClientPipes) -> tuple[Any, ...] | None:
         """What _relay.run takes, when the state is one it covers: UMAC and a CTR cipher
         both ways, nothing queued towards the client, the channel open that way. Channel data
         from the client is taken only while the channel is open that way too, not paused, and
         nothing is queued for the guest's stdin; otherwise the C loop hands it back."""
         conn, chan, receiver, loop = self._conn, self._chan, self._receiver, self._loop
-        session, stdin, out = self._session, self._stdin, self._out
-        if (loop._ready or loop._stopping or self._guest._closing or self._client._closing
-                or not receiver._ready(conn) or not sendpath.fast_state(conn)):
+        session, out = self._session, self._client
+        if (loop._ready or loop._stopping or session is None or not receiver.ready()
+                or not self._sender.ready()):
             return None
         inbound, outbound = conn._recv_encryption, conn._send_encryption
         decryptor = getattr(inbound._cipher, "_decryptor", None)
@@ -208,22 +202,18 @@ class Relay:
         if (type(inbound._mac) is not CachedKeyUMAC or type(outbound._mac) is not CachedKeyUMAC
                 or decryptor is None or encryptor is None):
             return None
-        to_client: Any = out.transport
-        if (out._pending or not _writable(to_client) or chan._send_state != "open"
-                or chan._send_buf or chan._send_paused or chan._send_chan is None
-                or session._closed
-                or chan._packet_handlers.get(_CHANNEL_DATA) is not recvpath.PROCESS_DATA):
+        if (out.queued() or chan._send_state != "open" or chan._send_buf or chan._send_paused
+                or chan._send_chan is None or session.closed
+                or chan._packet_handlers.get(_CHANNEL_DATA) is not gate.PROCESS_DATA):
             return None
-        to_guest: Any = stdin.transport if stdin is not None else None
         take_data = (chan._recv_state == "open" and not chan._recv_paused
-                     and not chan._recv_buf and self._stdin_open()
-                     and not to_guest.get_write_buffer_size() and hasattr(to_guest, "_fileno"))
+                     and not chan._recv_buf and guest.stdin >= 0 and not guest.stdin_queued)
         scheduled = loop._scheduled
         held = receiver._held or self._backlog  # never both: see _run_native
         receiver._held = self._backlog = b""
         return (
-            (loop._selector._selector.fileno(), self._client._fileno, to_client._fileno,
-             to_guest._fileno if take_data else -1, self._guest._fileno),
+            (loop._selector._selector.fileno(), client.read_fd, client.write_fd,
+             guest.stdin if take_data else -1, guest.stdout),
             (decryptor.update, *inbound._mac.native, inbound._mac.next_seq, conn._recv_seq),
             (encryptor.update, *outbound._mac.native, outbound._mac.next_seq,
              conn._send_seq),
@@ -232,7 +222,7 @@ class Relay:
              chan._recv_window, chan._init_recv_window, chan._send_window, chan._send_pktsize,
              conn._rekey_bytes - conn._rekey_bytes_sent,
              float(conn._rekey_time) if conn._rekey_seconds else 0.0,
-             float(scheduled[0]._when) if scheduled else 0.0),
+             float(scheduled[0].when()) if scheduled else 0.0),
             held,
         )
 
@@ -240,12 +230,17 @@ class Relay:
         """One run of the C loop, then what it hands back, the usual way and in order;
         whether the relay may go on (the C loop stopped only to hand something back)."""
         conn, chan, receiver = self._conn, self._chan, self._receiver
-        session, stdin, guest = self._session, self._stdin, self._guest
+        session, process = self._session, self._process
         inbound, outbound = conn._recv_encryption, conn._send_encryption
-        assert _native is not None
+        assert self._native is not None and session is not None and process is not None
         try:
-            result = _native.run(*arguments)
-        except Exception:  # the state is past saving: as asyncssh ends a connection on a bug
+            result = self._native.run(*arguments)
+        except TypeError as exc:  # refused its arguments before reading anything: give the
+            receiver._held = arguments[-1]  # held bytes back; the Python loop takes over
+            self._native = None
+            self._failed(f"the C loop refused its arguments: {exc}")
+            return False
+        except Exception:  # past saving (bytes read inside it): as asyncssh ends on a bug
             conn.internal_error()
             return False
         reason, state, to_client, to_guest, packet, plain, client_rest, guest_rest = result
@@ -263,12 +258,11 @@ class Relay:
             if conn._keepalive_interval:
                 conn._reset_keepalive_timer()
         if to_client:
-            self._out.transport.write(to_client)
-        if to_guest:
-            assert stdin is not None  # taken only with a stdin to write to
-            stdin.transport.write(to_guest)
+            self._client.write_now(to_client)
+        if to_guest:  # taken only with a stdin to write to
+            self._write_stdin(process, to_guest)
         if packet is not None:
-            batch(receiver._replay, packet, inbound, plain)
+            batch(receiver.replay, packet, inbound, plain)
         if client_rest and packet is not None:  # from the packet after it: the next C run
             self._backlog = client_rest  # takes it if it can, else the receiver (run())
         elif client_rest:  # bytes the C loop could not take (a bad MAC or length, or the
@@ -276,14 +270,10 @@ class Relay:
         if guest_rest:
             batch(session.output_received, guest_rest, False)
         self._adjust_window()
-        if reason == _CLIENT_READ:
-            self._client._read_ready()  # end of file or an error, as the transport handles it
-        elif reason == _GUEST_READ:
-            guest._read_ready()
-        return reason in _GO_ON
+        return bool(reason in _GO_ON)
 
     # ---- client -> guest
-    def _from_client(self, fd: int) -> bool:
+    def _from_client(self, fd: int, guest: RawPipes) -> bool:
         try:
             data = os.read(fd, READ_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -291,11 +281,11 @@ class Relay:
         except OSError:
             return False  # the transport's own read meets it again and reports it
         if not data:
-            self._client._read_ready()  # end of file, as the transport handles it
-            return False
+            return False  # end of file: the transport's own read meets it
         self.inline_reads += 1
         receiver = self._receiver
-        if not self._stdin_open():
+        session = self._session
+        if session is None or session.closed or guest.stdin < 0 or guest.stdin_queued:
             batch(receiver.feed, data)
             return True
         receiver.direct = (self._chan, self._payloads.append, self._deliver)
@@ -306,13 +296,6 @@ class Relay:
         self._deliver()
         return True
 
-    def _stdin_open(self) -> bool:
-        """Whether channel data may be written to the guest's stdin transport now: the
-        process started, the session open, nothing waiting in our writer before it."""
-        session, stdin = self._session, self._stdin
-        return (session._process is not None and not session._closed and stdin is not None
-                and not stdin._pending and not stdin.transport.is_closing())
-
     def _deliver(self) -> None:
         """Write the channel data collected to the guest's stdin, then the window adjust
         asyncssh would send (it sends one once half the window is used)."""
@@ -321,9 +304,23 @@ class Relay:
             return
         data = payloads[0] if len(payloads) == 1 else b"".join(payloads)
         payloads.clear()
-        assert self._stdin is not None
-        self._stdin.transport.write(data)
+        if self._process is not None:
+            self._write_stdin(self._process, data)
         self._adjust_window()
+
+    @staticmethod
+    def _write_stdin(process: GuestProcess, data: bytes) -> None:
+        """Write ``data`` to the process's stdin pipe, what it does not take through the
+        backend's own writer (which then keeps it in order before anything later)."""
+        pipes = process.raw_pipes()
+        written = 0
+        if pipes is not None and pipes.stdin >= 0 and not pipes.stdin_queued:
+            try:
+                written = os.write(pipes.stdin, data)
+            except OSError:  # full, or the guest closed it: the backend's writer handles it
+                written = 0
+        if written < len(data):
+            process.write_stdin(data[written:] if written else data)
 
     def _adjust_window(self) -> None:
         chan = self._chan  # asyncssh adjusts when it delivers data, so never while paused
@@ -342,20 +339,25 @@ class Relay:
         except OSError:
             return False
         if not data:
-            self._guest._read_ready()  # end of file, as the transport handles it
-            return False
+            return False  # end of file: the backend's own read meets it
         self.inline_reads += 1
-        chan = self._chan
+        chan, conn, out, session = self._chan, self._conn, self._client, self._session
+        assert session is not None
         size = len(data)
-        conn = self._conn
-        out = self._out
         if (size <= chan._send_window and size <= chan._send_pktsize
                 and chan._send_state == "open" and not chan._send_buf
-                and not chan._send_paused and not self._session._closed
-                and not out._pending and sendpath.fast_state(conn)):
+                and not chan._send_paused and not session.closed
+                and not out.batched() and self._sender.ready()):
+            try:
+                packet = send.seal(conn, _CHANNEL_DATA, (_UINT32(chan._send_chan), _UINT32(size),
+                                                    data))
+            except Exception as exc:  # nothing was sent: the data goes the usual way
+                self._failed(f"{type(exc).__name__}: {exc}")
+                batch(session.output_received, data, False)
+                return False
             chan._send_window -= size
-            out.transport.write(b"".join(sendpath.seal(
-                conn, _CHANNEL_DATA, (_UINT32(chan._send_chan), _UINT32(size), data))))
+            out.write_now(b"".join(packet))
+            self._sender.sealed += 1
             return True
-        batch(self._session.output_received, data, False)
+        batch(session.output_received, data, False)
         return True

@@ -5,7 +5,7 @@ fields, add the padding, encrypt, prefix the length, append the MAC) and formats
 line for it even when packet logging is off. At 32 KiB per packet (the most an OpenSSH client
 accepts) that is where a download spends much of its time outside the cipher. For
 ``CHANNEL_DATA`` and ``CHANNEL_EXTENDED_DATA`` on an established connection with an
-encrypt-then-MAC cipher (what OpenSSH clients choose with us) :func:`install` builds the
+encrypt-then-MAC cipher (what OpenSSH clients choose with us) :class:`Sender` builds the
 packet in one join, encrypts it, MACs the length and ciphertext without joining them, and hands
 the three pieces to the transport, which writes them together; every other packet, and every
 state this does not cover (key exchange under way or due, compression, other cipher modes,
@@ -19,7 +19,9 @@ countermeasure to an attack on CBC ciphers, which we never offer; OpenSSH's sshd
 it, and it doubles the packets on every transfer.
 
 This relies on asyncssh internals (the connection's send state, the cipher and MAC of its
-encryption); :func:`install` checks they are there and otherwise leaves the fast path off.
+encryption), which :mod:`msb_proxy.fastpath.gate` checks before any is touched; a packet our
+code fails to build goes out through asyncssh's own ``send_packet`` and takes the fast path off
+the connection.
 """
 
 from __future__ import annotations
@@ -27,94 +29,132 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh
-from asyncssh.encryption import ETMEncryption
-from asyncssh.logging import SSHLogger
 
+from msb_proxy.fastpath import gate
 from msb_proxy.fastpath.umac import JOIN_BELOW, CachedKeyUMAC
 
-__all__ = ["fast_state", "install", "seal", "supported", "write_channel"]
+__all__ = ["Sender", "fast_state", "seal"]
 
 _EMPTY_STRING = b"\0\0\0\0"
 _DATA = frozenset((asyncssh.MSG_CHANNEL_DATA, asyncssh.MSG_CHANNEL_EXTENDED_DATA))
-_STATE = ("_send_encryption", "_send_seq", "_send_blocksize", "_send_enchdrlen",
-          "_rekey_bytes_sent", "_rekey_bytes", "_rekey_seconds", "_rekey_time",
-          "_kex_complete", "_auth_complete", "_compressor", "_transport")
 _UINT32 = struct.Struct(">I").pack
 _BYTES = [bytes((value,)) for value in range(256)]
 
 
-def install(conn: asyncssh.SSHServerConnection) -> None:
-    """Answer ``conn.send_packet`` with our path first (an instance attribute)."""
-    send_packet = conn.send_packet
-    fast = supported(conn)
-    state: Any = conn
+class Sender:
+    """The send side of one connection: its ``send_packet``, and channel writes."""
 
-    def send_data(pkttype: int, args: tuple[bytes, ...]) -> bool:
-        """Send a data packet on the short path, if the connection's state allows."""
-        if fast and fast_state(state):
-            state._transport.writelines(seal(state, pkttype, args))
-            return True
-        return False
+    def __init__(self, conn: asyncssh.SSHServerConnection,
+                 failed: Callable[[str], None]) -> None:
+        self._conn: Any = conn
+        self._send_packet = conn.send_packet  # asyncssh's own
+        self._failed = failed
+        self._broken = False
+        self._encryptions: set[type] = set()  # encryption types gate.py accepted
+        self._channels: set[type] = set()  # channel types gate.py accepted
+        self.sealed = 0  # data packets sent on the short path (for the tests)
 
-    def send(pkttype: int, *args: bytes, handler: Any = None) -> None:
+    def install(self) -> None:
+        """Answer the connection's ``send_packet`` (an instance attribute)."""
+        self._conn.send_packet = self.send
+
+    def uninstall(self) -> None:
+        self._broken = True
+        if self._conn.__dict__.get("send_packet") == self.send:
+            del self._conn.send_packet
+
+    def ready(self) -> bool:
+        """Whether a data packet may be sealed here now (see :func:`fast_state`)."""
+        conn = self._conn
+        if self._broken or not fast_state(conn):
+            return False
+        kind = type(conn._send_encryption)
+        if kind not in self._encryptions:
+            if gate.encryption_refusal(conn._send_encryption) is not None:
+                return False
+            self._encryptions.add(kind)
+        return True
+
+    def send(self, pkttype: int, *args: bytes, handler: Any = None) -> None:
+        """The connection's ``send_packet``."""
         if pkttype == asyncssh.MSG_IGNORE and args == (_EMPTY_STRING,):
             return
-        if pkttype in _DATA and send_data(pkttype, args):
+        if pkttype in _DATA and self.send_data(pkttype, args):
             return
-        send_packet(pkttype, *args, handler=handler)
+        self._send_packet(pkttype, *args, handler=handler)
 
-    conn.send_packet = send  # type: ignore[method-assign]
-    state._msb_send_data = send_data
+    def send_data(self, pkttype: int, args: tuple[bytes, ...]) -> bool:
+        """Send a data packet on the short path, if the connection's state allows."""
+        if not self.ready():
+            return False
+        try:
+            parts = seal(self._conn, pkttype, args)
+        except Exception as exc:  # nothing was sent: asyncssh sends it
+            self._failed(f"{type(exc).__name__}: {exc}")
+            return False
+        self._conn._transport.writelines(parts)
+        self.sealed += 1
+        return True
 
+    def write_channel(self, chan: Any, data: bytes, datatype: int | None) -> None:
+        """``chan.write(data, datatype)``, with asyncssh's channel bookkeeping done inline
+        when the data goes out as one packet at once (nothing queued before it, window and
+        packet size allow): its log line, buffer copy and flush loop cost more than the packet
+        on small writes. Everything else goes through ``chan.write``."""
+        size = len(data)
+        if (size and not self._broken and self._channel_ok(chan)
+                and chan._send_state == "open" and not chan._send_buf
+                and size <= chan._send_window and size <= chan._send_pktsize
+                and chan._encoding is None and not chan._send_paused
+                and chan._send_chan is not None
+                and (datatype is None or datatype in chan._write_datatypes)):
+            header = _UINT32(chan._send_chan)
+            if datatype is None:
+                args: tuple[bytes, ...] = (header, _UINT32(size), data)
+                pkttype = asyncssh.MSG_CHANNEL_DATA
+            else:
+                args = (header, _UINT32(datatype), _UINT32(size), data)
+                pkttype = asyncssh.MSG_CHANNEL_EXTENDED_DATA
+            chan._send_window -= size
+            if not self.send_data(pkttype, args):
+                self._send_packet(pkttype, b"".join(args), handler=chan)
+            return
+        chan.write(data, datatype)
 
-def supported(conn: Any) -> bool:
-    """Whether ``conn`` has the asyncssh send state this module works with."""
-    return all(hasattr(conn, name) for name in _STATE)
+    def _channel_ok(self, chan: Any) -> bool:
+        kind = type(chan)
+        if kind in self._channels:
+            return True
+        if gate.channel_refusal(chan) is not None:
+            return False
+        self._channels.add(kind)
+        return True
 
 
 def fast_state(conn: Any) -> bool:
     """Whether a data packet may be sealed by :func:`seal` now: an established connection
-    with an encrypt-then-MAC cipher, no key exchange due, no compression, no packet logging."""
-    return (type(conn._send_encryption) is ETMEncryption and conn._kex_complete
+    with an encrypt-then-MAC cipher, no key exchange due, no compression."""
+    return (type(conn._send_encryption) is gate.ETM_ENCRYPTION and conn._kex_complete
             and conn._auth_complete and conn._compressor is None
             and conn._rekey_bytes_sent < conn._rekey_bytes
             and not (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)
-            and SSHLogger._debug_level < 3 and conn._transport is not None)
-
-
-def write_channel(chan: Any, data: bytes, datatype: int | None = None) -> None:
-    """``chan.write(data, datatype)``, with asyncssh's channel bookkeeping done inline when
-    the data goes out as one packet at once (nothing queued before it, window and packet size
-    allow): its log line, buffer copy and flush loop cost more than the packet on small
-    writes. Everything else goes through ``chan.write``."""
-    size = len(data)
-    send_data = getattr(chan._conn, "_msb_send_data", None)
-    if (send_data is not None and size and chan._send_state == "open" and not chan._send_buf
-            and size <= chan._send_window and size <= chan._send_pktsize
-            and chan._encoding is None and not chan._send_paused
-            and chan._send_chan is not None and SSHLogger._debug_level < 2
-            and (datatype is None or datatype in chan._write_datatypes)):
-        header = _UINT32(chan._send_chan)
-        if datatype is None:
-            args: tuple[bytes, ...] = (header, _UINT32(size), data)
-            pkttype = asyncssh.MSG_CHANNEL_DATA
-        else:
-            args = (header, _UINT32(datatype), _UINT32(size), data)
-            pkttype = asyncssh.MSG_CHANNEL_EXTENDED_DATA
-        chan._send_window -= size
-        if not send_data(pkttype, args):
-            chan._conn.send_packet(pkttype, b"".join(args), handler=chan)
-        return
-    chan.write(data, datatype)
+            and conn._transport is not None)
 
 
 def seal(conn: Any, pkttype: int, args: tuple[bytes, ...]) -> tuple[bytes, bytes, bytes]:
     """The packet asyncssh's ``send_packet`` would send, as (length, ciphertext, MAC), with
-    fewer copies; the connection's send state moves past it. :func:`fast_state` must hold."""
+    fewer copies; the connection's send state moves past it. :func:`fast_state` must hold.
+
+    Everything that can fail comes before the cipher is used, so a failure leaves the state as
+    it was and the packet can still go out through asyncssh."""
     encryption = conn._send_encryption
+    mac = encryption._mac
+    cipher = encryption._cipher
+    seq = conn._send_seq
     length = 1 + sum(map(len, args))  # the payload: type byte and fields
     blocksize = conn._send_blocksize
     padding = -(conn._send_enchdrlen + length) % blocksize
@@ -122,11 +162,8 @@ def seal(conn: Any, pkttype: int, args: tuple[bytes, ...]) -> tuple[bytes, bytes
         padding += blocksize
     plain = b"".join((_BYTES[padding], _BYTES[pkttype], *args, _random(padding)))
     header = _UINT32(len(plain))
-    seq = conn._send_seq
-    cipher = encryption._cipher
     encryptor = getattr(cipher, "_encryptor", None)  # made by its first encrypt()
     ciphertext = encryptor.update(plain) if encryptor else cipher.encrypt(plain)
-    mac = encryption._mac
     if len(ciphertext) > JOIN_BELOW and isinstance(mac, CachedKeyUMAC):
         tag = mac.sign_parts(seq, header, ciphertext)
     else:

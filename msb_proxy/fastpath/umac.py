@@ -8,9 +8,11 @@ is what OpenSSH does. Per packet it is then three nettle calls, which halves the
 small packet (the per-packet work that decides small-file transfers, ``git`` and interactive
 use) and trims bulk transfers.
 
-:func:`install` swaps our handler into asyncssh's MAC table for the UMAC algorithms, once per
-process; when nettle or those entries are missing it leaves asyncssh's own, which compute the
-same MAC (the tests check the two agree byte for byte).
+:func:`attach` gives one connection this MAC: asyncssh's table of MAC algorithms gets, once per
+process, a dispatcher for the UMAC entries that makes ours during that connection's key changes
+and asyncssh's own for every other connection. When nettle or those entries are missing it
+leaves asyncssh's own, which compute the same MAC (the tests check the two agree byte for
+byte).
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import ctypes
 import ctypes.util
 import hmac
 import struct
+import threading
 from typing import Any
 
-__all__ = ["JOIN_BELOW", "CachedKeyUMAC", "install"]
+from msb_proxy.fastpath import gate
+
+__all__ = ["JOIN_BELOW", "CachedKeyUMAC", "attach", "detach", "load"]
 
 _CONTEXT_SIZE = 4096  # nettle's umac128_ctx is about 2.5 KiB; asyncssh allots the same 4 KiB
 _PACK_SEQ = struct.Struct(">Q").pack
@@ -112,19 +117,37 @@ class CachedKeyUMAC:
         return hmac.compare_digest(self.sign(seq, packet), sig)
 
 
-def install() -> bool:
-    """Use :class:`CachedKeyUMAC` for asyncssh's UMAC algorithms; whether it is in use."""
+class _Keying(threading.local):
+    """Per thread (each runs its own event loop): how deep a key change of a connection with
+    the fast path is running; only then do asyncssh's UMAC entries make a CachedKeyUMAC."""
+
+    depth = 0
+
+
+_keying = _Keying()
+
+
+def _dispatcher(original: Any, library: ctypes.CDLL, prefix: str) -> Any:
+    """A MAC handler for asyncssh's table: ours during a key change of a connection
+    :func:`attach` was called for, asyncssh's own for every other connection."""
+
+    def make(key: bytes, hash_size: int, *args: Any) -> Any:
+        if _keying.depth:
+            return CachedKeyUMAC(key, hash_size, library, prefix)
+        return original(key, hash_size, *args)
+
+    return make
+
+
+def _install_table() -> bool:
+    """Put the dispatchers in asyncssh's MAC table, once per process; whether they are."""
     global _installed
     if _installed:
         return True
+    table = gate.MAC_HANDLERS
     library = _nettle()
-    try:
-        from asyncssh import mac as asyncssh_mac
-
-        table: dict[bytes, tuple[Any, int, tuple[Any, ...]]] = asyncssh_mac._mac_handler
-    except (ImportError, AttributeError):
-        return False
-    if library is None or not all(name in table for name in _ALGORITHMS):
+    if library is None or not isinstance(table, dict) or not all(
+            name in table for name in _ALGORITHMS):
         return False
     for name, (prefix, tag_size) in _ALGORITHMS.items():
         _, hash_size, _ = table[name]
@@ -134,7 +157,39 @@ def install() -> bool:
                    for part in ("set_key", "set_nonce", "update", "digest")):
             return False
     for name, (prefix, _) in _ALGORITHMS.items():
-        _, hash_size, _ = table[name]
-        table[name] = (CachedKeyUMAC, hash_size, (library, prefix))
+        handler, hash_size, args = table[name]
+        table[name] = (_dispatcher(handler, library, prefix), hash_size, args)
     _installed = True
     return True
+
+
+def attach(conn: Any) -> bool:
+    """Have ``conn``'s key changes make CachedKeyUMAC for UMAC; whether they will.
+
+    asyncssh makes both directions' MAC objects in ``send_newkeys``; a wrapper on this one
+    connection marks that call, so other connections keep asyncssh's own UMAC."""
+    if not _install_table() or not callable(getattr(conn, "send_newkeys", None)):
+        return False
+    original = conn.send_newkeys
+
+    def send_newkeys(k: bytes, h: bytes) -> None:
+        _keying.depth += 1
+        try:
+            original(k, h)
+        finally:
+            _keying.depth -= 1
+
+    conn.send_newkeys = send_newkeys
+    return True
+
+
+def detach(conn: Any) -> None:
+    """Later key changes of ``conn`` make asyncssh's own UMAC (the current one stays: it
+    computes the same tags)."""
+    if "send_newkeys" in vars(conn):
+        del conn.send_newkeys
+
+
+def load() -> None:
+    """Load nettle and fill the table now (the warm server does, once, for its children)."""
+    _install_table()

@@ -41,12 +41,12 @@ from msb_proxy.backends.base import (
     Sandbox,
 )
 from msb_proxy.errors import UserError
+from msb_proxy.server.hooks import ConnectionHooks
 from msb_proxy.server.transfers.files import open_files
+from msb_proxy.server.transfers.scp import NativeScp, ScpRequest, parse_scp_command
 
 if TYPE_CHECKING:
     from msb_proxy.server.tunnels.forward import Tunnels
-from msb_proxy.fastpath.send import write_channel
-from msb_proxy.server.transfers.scp import NativeScp, ScpRequest, parse_scp_command
 
 __all__ = ["GuestSession", "Login"]
 
@@ -103,6 +103,7 @@ class Login:
     env: Mapping[str, str] = field(default_factory=dict)
     activity: Activity = field(default_factory=Activity)
     tunnels: Tunnels | None = None
+    hooks: ConnectionHooks = field(default_factory=ConnectionHooks)
 
     def environment(self, client_env: Mapping[str, str], term: str | None) -> dict[str, str]:
         """The environment sshd would give a session of this user (see module docstring)."""
@@ -259,10 +260,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._pending_signals.clear()
         if self._pending_resize is not None:
             process.resize(*self._pending_resize)
-        relay = getattr(self._chan._conn, "_msb_relay", None)
-        pipes = process.relay_pipes()
-        if relay is not None and pipes is not None and relay.attach(self, self._chan, *pipes):
-            process.after_read = relay.run
+        self._login.hooks.process_started(self, self._chan, process)
 
     def _fail(self, message: str) -> None:
         if self._chan is not None and not self._closed:
@@ -316,33 +314,41 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if self._process is not None:
             self._process.resume_output()
 
+    @property
+    def closed(self) -> bool:
+        """Whether the channel has closed (see :class:`~msb_proxy.server.hooks.RelayedSession`)."""
+        return self._closed
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._relay_done()
+        self._process_done()
         self._login.activity.closed()
         if self._process is not None and not self._exited:
             self._process.hangup()
         elif self._starting is not None and not self._starting.done():
             pass  # _start hangs the process up as soon as it exists
 
-    def _relay_done(self) -> None:
-        relay = getattr(self._chan._conn, "_msb_relay", None) if self._chan is not None else None
-        if relay is not None:
-            relay.detach(self)
+    def _process_done(self) -> None:
+        if self._process is not None:
+            self._login.hooks.process_ended(self)
 
     # ---- ProcessListener
     def output_received(self, data: bytes, stderr: bool) -> None:
         if self._chan is None or self._closed:
             return
         chan, datatype = self._chan, asyncssh.EXTENDED_DATA_STDERR if stderr else None
+        hooks = self._login.hooks
         if len(data) <= CHANNEL_WRITE_SIZE:
-            write_channel(chan, data, datatype)
-            return
-        # asyncssh sends from the front of each written buffer and shifts the rest down after
-        # every packet: packet-sized writes keep a 1 MiB read from costing 16 MiB of copying.
-        view = memoryview(data)
-        for start in range(0, len(data), CHANNEL_WRITE_SIZE):
-            write_channel(chan, cast(bytes, view[start:start + CHANNEL_WRITE_SIZE]), datatype)
+            hooks.write_channel(chan, data, datatype)
+        else:
+            # asyncssh sends from the front of each written buffer and shifts the rest down
+            # after every packet: packet-sized writes keep a 1 MiB read from costing 16 MiB of
+            # copying.
+            view = memoryview(data)
+            for start in range(0, len(data), CHANNEL_WRITE_SIZE):
+                hooks.write_channel(chan, cast(bytes, view[start:start + CHANNEL_WRITE_SIZE]),
+                                    datatype)
+        hooks.output_delivered()
 
     def stdin_paused(self) -> None:
         self._stdin_paused = True
@@ -356,7 +362,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     def process_exited(self, status: ExitStatus) -> None:
         self._exited = True
-        self._relay_done()
+        self._process_done()
         if self._chan is None or self._closed:
             return
         if status.signal is not None:

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["FEED_SIZE", "BatchedWriter", "batch", "feed_slices"]
+__all__ = ["FEED_SIZE", "BatchedWriter", "after_batch", "batch", "feed_slices"]
 
 FEED_SIZE = 32 * 1024
 
@@ -33,6 +33,7 @@ class _Batches(threading.local):
 
     def __init__(self) -> None:
         self.dirty: list[BatchedWriter] = []
+        self.after: list[Callable[[], object]] = []
 
 
 _batches = _Batches()
@@ -46,8 +47,23 @@ def batch(callback: Callable[..., object], *args: Any) -> None:
         callback(*args)
     finally:
         batches.depth -= 1
-        if not batches.depth and batches.dirty:
-            _flush_dirty(batches.dirty)
+        if not batches.depth:
+            if batches.dirty:
+                _flush_dirty(batches.dirty)
+            if batches.after:
+                after, batches.after = batches.after, []
+                for each in after:
+                    each()
+
+
+def after_batch(callback: Callable[[], object]) -> None:
+    """Call ``callback()`` once the running :func:`batch` has returned and flushed what it
+    wrote (at once when none is running); once per batch however often it is asked."""
+    batches = _batches
+    if not batches.depth:
+        callback()
+    elif callback not in batches.after:
+        batches.after.append(callback)
 
 
 def feed_slices(receive: Callable[[bytes], None], data: bytes, start: int = 0) -> None:
@@ -128,6 +144,11 @@ class BatchedWriter:
 
     def is_closing(self) -> bool:
         return self.transport.is_closing()
+
+    @property
+    def pending_size(self) -> int:
+        """Bytes collected and not yet handed to the transport."""
+        return self._pending_size
 
     def get_write_buffer_size(self) -> int:
         return self._pending_size + self.transport.get_write_buffer_size()

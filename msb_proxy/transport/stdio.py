@@ -19,12 +19,12 @@ import select
 import socket
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from msb_proxy.fastpath import relay
 from msb_proxy.transport.batching import FEED_SIZE, BatchedWriter, batch, feed_slices
 
-__all__ = ["DuplexStream", "SshSocketStream", "SshStdioStream"]
+__all__ = ["ClientPipes", "DuplexStream", "SshSocketStream", "SshStdioStream"]
 
 _F_SETPIPE_SZ = 1031
 _PIPE_SIZE = 1 << 20
@@ -77,11 +77,24 @@ class SshSocketStream:
         return await loop.connect_accepted_socket(protocol_factory, self._sock)
 
 
+@dataclass(frozen=True)
+class ClientPipes:
+    """The two descriptors of a pipe-pair transport, for code that serves them itself between
+    turns of the event loop (the fast path's relay): it reads ``read_fd`` only when the loop's
+    poller says so, and writes ``write_fd`` only while :meth:`_PipePairTransport.queued` is 0."""
+
+    read_fd: int
+    write_fd: int
+
+
 class _PipePairTransport(asyncio.Transport):
     """One duplex transport over a read pipe and a write pipe.
 
     The protocol's ``connection_made`` runs before the read pipe is watched, so the first bytes
     the client sends (its version string) cannot reach a protocol that is not ready for them.
+
+    ``after_read``, when set, is called after each read of the client's pipe has been handed to
+    the protocol and what that wrote has been flushed: the hook a fast path attaches to.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol) -> None:
@@ -92,7 +105,8 @@ class _PipePairTransport(asyncio.Transport):
         self._writer: BatchedWriter | None = None
         self._closing = False
         self._lost = False
-        self.relay: relay.Relay | None = None
+        self._pipes: ClientPipes | None = None
+        self.after_read: Callable[[], None] | None = None
 
     async def attach(self, read_fd: int, write_fd: int) -> None:
         for fd in (read_fd, write_fd):  # bulk transfers: fewer, larger reads and writes
@@ -112,7 +126,9 @@ class _PipePairTransport(asyncio.Transport):
             )
             if hasattr(self._reader, "max_size"):
                 self._reader.max_size = _PIPE_SIZE  # read it whole
-            self.relay = relay.install(self._protocol, self._reader, self._writer)
+            if isinstance(self._writer.transport, asyncio.WriteTransport) and not isinstance(
+                    self._writer.transport, _BlockingWriter):
+                self._pipes = ClientPipes(read_fd, write_fd)
         else:
             self._reader = _ThreadReader(self._loop, read_fd, _ReadSide(self))
 
@@ -172,6 +188,28 @@ class _PipePairTransport(asyncio.Transport):
     def is_reading(self) -> bool:
         return self._reader is not None and self._reader.is_reading()
 
+    # ---- for a fast path (see ClientPipes)
+    def pipes(self) -> ClientPipes | None:
+        """Both descriptors when both are pollable pipes and open; None otherwise."""
+        if self._pipes is None or self._closing or self._lost:
+            return None
+        return self._pipes
+
+    def queued(self) -> int:
+        """Bytes written to this transport that have not reached the pipe yet."""
+        return self.get_write_buffer_size()
+
+    def batched(self) -> int:
+        """Of those, the bytes still collected by the write batching (not yet handed to the
+        pipe's own transport, whose queue keeps the order of what :meth:`write_now` adds)."""
+        return self._writer.pending_size if self._writer is not None else 0
+
+    def write_now(self, data: bytes) -> None:
+        """Write ``data`` past the batching, behind what the pipe's transport holds: call only
+        while :meth:`batched` is 0, or the order on the wire breaks."""
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.transport.write(data)
+
     # ---- from the two sides
     def _lose(self, exc: Exception | None) -> None:
         if not self._lost:
@@ -190,8 +228,9 @@ class _ReadSide(asyncio.Protocol):
             batch(receive, data)
         else:
             batch(feed_slices, receive, data)
-        if self._owner.relay is not None:
-            self._owner.relay.run()
+        after_read = self._owner.after_read
+        if after_read is not None:
+            after_read()
 
     def eof_received(self) -> bool:
         self._owner._lose(None)

@@ -42,6 +42,7 @@ from msb_proxy.backends.base import (
     GuestUser,
     ProcessListener,
     ProcessSpec,
+    RawPipes,
     Sandbox,
     SandboxInfo,
 )
@@ -393,6 +394,7 @@ class LocalProcess(GuestProcess):
                  pty: bool) -> None:
         self._control = control
         self._fds = fds
+        self._stdout_fd = self._stdin_fd = -1  # the pipes raw_pipes() hands out (no PTY)
         self._listener = listener
         self._pty = pty
         self._loop = asyncio.get_running_loop()
@@ -412,6 +414,7 @@ class LocalProcess(GuestProcess):
         else:
             writer_fd, stdout_fd, stderr_fd = self._fds
             readers = [(stdout_fd, False), (stderr_fd, True)]
+        self._stdout_fd, self._stdin_fd = readers[0][0], writer_fd
         for fd, is_stderr in readers:
             transport, _ = await self._loop.connect_read_pipe(
                 lambda e=is_stderr: _OutputReader(self, e),  # type: ignore[misc]
@@ -429,10 +432,13 @@ class LocalProcess(GuestProcess):
         self._loop.add_reader(self._control.fileno(), self._on_control)
 
     # ---- GuestProcess
-    def relay_pipes(self) -> tuple[asyncio.ReadTransport, BatchedWriter] | None:
-        if self._pty or not self._readers or self._stdin is None:
+    def raw_pipes(self) -> RawPipes | None:
+        stdin = self._stdin
+        if self._pty or not self._readers or stdin is None or self._readers[0].is_closing():
             return None
-        return self._readers[0], self._stdin
+        if stdin.is_closing():
+            return RawPipes(self._stdout_fd, -1, 0)
+        return RawPipes(self._stdout_fd, self._stdin_fd, stdin.get_write_buffer_size())
 
     def write_stdin(self, data: bytes) -> None:
         if self._stdin is not None and not self._stdin.is_closing():
@@ -546,8 +552,6 @@ class _OutputReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         batch(self._process._listener.output_received, data, self._is_stderr)
-        if not self._is_stderr and self._process.after_read is not None:
-            self._process.after_read()
 
     def eof_received(self) -> bool:
         return False

@@ -42,7 +42,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     checks = [Check("config", FAIL, str(problem)) if problem is not None else
               Check("config", OK, f"{config.config_file}" if config.config_file.exists() else
                     f"{config.config_file} (absent: built-in defaults)")]
-    checks += [*_backend(config), _relay(), _keys(config), _ssh_config(config)]
+    checks += [*_backend(config), _relay(config), _keys(config), _ssh_config(config)]
     checks += asyncio.run(_sandboxes(config))
     width = max(len(check.what) for check in checks)
     print(f"{'CHECK'.ljust(width)}  STATUS  DETAIL")
@@ -56,14 +56,21 @@ def run(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _relay() -> Check:
-    """Whether the relay's C loop was built (many small files at sshd's speed, not half)."""
-    from msb_proxy.fastpath import relay
+def _relay(config: Config) -> Check:
+    """Whether the fast path runs and its relay's C loop was built (many small files at sshd's
+    speed, not half)."""
+    from msb_proxy.fastpath import gate, relay
 
-    if relay._native is not None:
-        return Check("relay", OK, "C loop (msb_proxy.fastpath._relay)")
-    if os.environ.get("MSB_PROXY_RELAY") == "python":
+    if not config.fastpath:
+        return Check("relay", OK, "fast path off (MSB_PROXY_FASTPATH=0): asyncssh's own path")
+    refusal = gate.version_refusal()
+    if refusal is not None:
+        return Check("relay", WARN, f"fast path off: {refusal}; transfers use asyncssh's own "
+                     "path (correct, slower); install the asyncssh msb-proxy pins")
+    if config.relay_loop == "python":
         return Check("relay", OK, "Python loop (MSB_PROXY_RELAY=python)")
+    if relay.compiled_loop() is not None:
+        return Check("relay", OK, "C loop (msb_proxy.fastpath._relay)")
     return Check("relay", WARN, "Python loop: the C one was not built, so many small files "
                  "transfer slower; apt-get install gcc python3-dev, then reinstall msb-proxy")
 
