@@ -33,7 +33,6 @@ enum {
     HANDED = 4,       /* stopped to hand back a packet, bytes, or what a pipe did not take */
 };
 
-#define IGNORE 2
 #define CHANNEL_DATA 94
 #define WINDOW_ADJUST 93
 #define DATA_HEADER 10      /* padding length, type, recipient, data length */
@@ -279,16 +278,7 @@ static int take_packets(Relay *relay, Pending *pending)
             pos += end;
             continue;
         }
-        if (plain[1] == IGNORE && padding >= 4 && data_end >= 6
-                && get32(plain + 2) == (uint32_t)(data_end - 6)) {
-            /* What asyncssh does with one (its string read, nothing after it). The asyncssh
-             * client sends one before every write. */
-            Py_DECREF(plain_object);
-            relay->in.seq += 1;
-            relay->packets_in += 1;
-            pos += end;
-            continue;
-        }
+        /* Anything else, MSG_IGNORE included, goes to asyncssh as the Python loop sends it. */
         pending->packet = PyBytes_FromStringAndSize((const char *)start, (Py_ssize_t)end);
         pending->plain = plain_object;
         if (pending->packet == NULL)
