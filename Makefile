@@ -30,7 +30,7 @@ help:
 	@echo "make test              the test suite (real ssh/scp/sftp/rsync against the local backend),"
 	@echo "                       then test-nofastpath"
 	@echo "make test-nofastpath   the session and transfer suites with MSB_PROXY_FASTPATH=0"
-	@echo "make lint              ruff and mypy --strict"
+	@echo "make lint              ruff, mypy --strict and the layering (import contracts, private names)"
 	@echo "make bench             msb-proxy against OpenSSH's sshd on the same jail, ratios printed"
 	@echo "make clean             remove $(VENV) and build and tool caches"
 
@@ -73,8 +73,11 @@ test-nofastpath: system-deps
 	MSB_PROXY_FASTPATH=0 $(BIN)/pytest $(NOFASTPATH_TESTS)
 
 lint: install
-	$(BIN)/ruff check msb_proxy tests bench
+	$(BIN)/ruff check msb_proxy tests bench scripts/check-private-names
 	$(BIN)/mypy
+	$(BIN)/mypy scripts/check-private-names
+	$(BIN)/lint-imports --no-cache  # the layering: pyproject.toml's [tool.importlinter]
+	$(BIN)/python scripts/check-private-names  # only msb_proxy/fastpath touches private names
 
 bench: system-deps
 	$(PREPARE)
