@@ -22,6 +22,15 @@ tables whose glob patterns select sandbox names::
 A sandbox's template is ``[defaults]``, then every matching pattern table in file order, each
 overriding the keys it sets. Every value is checked when the file is read; a bad one is a
 one-line error naming the file, the table, the key and the form it must take.
+
+Every table takes the common keys (``backend``, ``env``, ``user``, ``create``,
+``stop_after_idle``, ``accept_env``, ``keepalive``, ``inactivity_timeout``) and the options of
+its backend (``image``, ``cpus`` ...: the backend class's ``options``, see
+``msb_proxy.backends.base``). A table's backend is the one it names, else the one ``[defaults]``
+names, else the one the flag or the environment chooses, else ``microsandbox``; a key that
+backend does not take is refused, naming the backends that do. When the tables a sandbox merges
+still hand its backend an option it does not take (flag or environment choosing another backend
+than the file's tables, say), using that sandbox is refused the same way.
 """
 
 from __future__ import annotations
@@ -35,22 +44,35 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from msb_proxy.backends.registry import (
+    backend_class,
+    backend_names,
+    backends_taking,
+    known_backend,
+)
 from msb_proxy.errors import ConfigError
 
 __all__ = [
-    "BACKENDS",
+    "DEFAULT_BACKEND",
     "DEFAULT_ROOTFS",
+    "IMAGE_OPTION",
     "NETWORKS",
+    "NETWORK_OPTION",
+    "VOLUMES_OPTION",
     "Config",
+    "Option",
+    "PatternTable",
     "SandboxTemplate",
     "default_home",
     "load_config",
     "parse_duration",
+    "parse_positive_int",
+    "parse_size_mib",
+    "parse_string",
     "sandbox_name_from_host",
     "user_home",
 ]
 
-BACKENDS = ("microsandbox", "local")
 NETWORKS = ("none", "public", "private", "host")
 DEFAULT_BACKEND = "microsandbox"
 DEFAULT_ROOTFS = Path("/var/cache/msb-proxy/rootfs/bookworm-v1")
@@ -59,29 +81,48 @@ DEFAULT_INACTIVITY_S = 600.0
 
 
 @dataclass(frozen=True)
+class Option:
+    """A key a table of the config file may set.
+
+    ``parse`` turns the file's value into the one used, raising ``ValueError`` or ``TypeError``
+    when it cannot; ``form`` ends the error "KEY must be ..."; ``default`` is what a backend
+    gets when no table sets one of its options (see ``Backend.option``).
+    """
+
+    parse: Callable[[object], object]
+    form: str
+    default: object = None
+
+
+@dataclass(frozen=True)
 class SandboxTemplate:
     """How to create and run one sandbox; see the module docstring for where it comes from.
 
-    ``image`` is an OCI reference or a root file system directory (for the local backend only a
-    directory will do; unset, it uses the configured rootfs). ``user`` is the guest user for
-    SSH logins whose name is not a user of the guest. ``stop_after_idle`` and the timeouts are
-    seconds, 0 meaning never.
+    ``user`` is the guest user for SSH logins whose name is not a user of the guest; ``env`` is
+    given to every session. ``stop_after_idle`` and the timeouts are seconds, 0 meaning never.
+    ``options`` holds the values of ``backend``'s own options, by key, as they parse; a key
+    no table set is absent (``Backend.option`` gives its default).
     """
 
     backend: str = DEFAULT_BACKEND
-    image: str | None = None
-    cpus: int | None = None
-    memory_mib: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
-    workdir: str | None = None
-    volumes: tuple[str, ...] = ()
-    network: str | None = None
     user: str | None = None
     create: bool = True
     stop_after_idle: float = 0.0
     accept_env: tuple[str, ...] = ()
     keepalive: float = 0.0
     inactivity_timeout: float = DEFAULT_INACTIVITY_S
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PatternTable:
+    """A ``[sandbox."PATTERN"]`` table as it parsed: its common values by template field and its
+    backend's options by key."""
+
+    pattern: str
+    values: Mapping[str, Any]
+    options: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -97,8 +138,8 @@ class Config:
     fastpath: bool = True
     relay_loop: str = "c"
     defaults: SandboxTemplate = field(default_factory=SandboxTemplate)
-    patterns: tuple[tuple[str, Mapping[str, Any]], ...] = ()
-    backend_forced: bool = False
+    patterns: tuple[PatternTable, ...] = ()
+    backend_source: str | None = None  # "--backend" or "MSB_PROXY_BACKEND", when one chose it
 
     @property
     def config_file(self) -> Path:
@@ -108,17 +149,40 @@ class Config:
     def accept_env(self) -> tuple[str, ...]:
         return self.defaults.accept_env
 
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Every backend a sandbox may get from this config."""
+        if self.backend_source is not None:
+            return (self.backend,)
+        named = (table.values["backend"] for table in self.patterns if "backend" in table.values)
+        return tuple(dict.fromkeys([self.defaults.backend, *named]))
+
     def template(self, name: str) -> SandboxTemplate:
         """The template of sandbox ``name``: defaults, then matching pattern tables in order.
 
-        A backend chosen by flag or environment wins over the file's.
+        A backend chosen by flag or environment wins over the file's. Raises
+        :class:`ConfigError` when an option the tables set is not one of that backend's.
         """
-        template = self.defaults
-        for pattern, values in self.patterns:
-            if fnmatch.fnmatchcase(name, pattern):
-                template = replace(template, **values)
-        if self.backend_forced:
-            template = replace(template, backend=self.backend)
+        values: dict[str, Any] = {}
+        options = dict(self.defaults.options)
+        origins = dict.fromkeys(options, "defaults")
+        for table in self.patterns:
+            if fnmatch.fnmatchcase(name, table.pattern):
+                values.update(table.values)
+                options.update(table.options)
+                origins.update(dict.fromkeys(table.options, f'sandbox."{table.pattern}"'))
+        if self.backend_source is not None:
+            values["backend"] = self.backend
+        template = replace(self.defaults, **values, options=options)
+        taken = backend_class(template.backend).options if options else {}
+        for key, origin in origins.items():
+            if key not in taken:
+                chosen = f" (chosen by {self.backend_source})" if self.backend_source else ""
+                raise ConfigError(
+                    f"{self.config_file}: {origin}.{key} is not an option of the "
+                    f"{template.backend} backend, which sandbox {name!r} uses{chosen}, but of "
+                    f"{', '.join(backends_taking(key))}: remove it, or choose that backend "
+                    f"for {name!r}")
         return template
 
 
@@ -160,6 +224,10 @@ def load_config(
     home = home.absolute()
     path = home / "config.toml"
     document = _read(path) if use_file else {}
+    chosen = backend or environ.get("MSB_PROXY_BACKEND")
+    source = None if chosen is None else "--backend" if backend else "MSB_PROXY_BACKEND"
+    if chosen is not None and source is not None:
+        known_backend(chosen, source)
 
     defaults_table = document.pop("defaults", {})
     if not isinstance(defaults_table, dict):
@@ -167,7 +235,9 @@ def load_config(
     rootfs_text = defaults_table.pop("rootfs", None)
     if rootfs_text is not None and not (isinstance(rootfs_text, str) and rootfs_text):
         raise ConfigError(f"{path}: defaults.rootfs must be a string naming a directory")
-    defaults = SandboxTemplate(**_template_values(defaults_table, f"{path}: defaults"))
+    inherited = chosen or DEFAULT_BACKEND
+    values, options = _read_table(defaults_table, f"{path}: defaults", inherited)
+    defaults = SandboxTemplate(**{"backend": inherited, **values}, options=options)
 
     sandboxes = document.pop("sandbox", {})
     if not isinstance(sandboxes, dict):
@@ -179,18 +249,14 @@ def load_config(
             raise ConfigError(f"{where} must be a table")
         if not pattern:
             raise ConfigError(f"{where}: the pattern must not be empty")
-        patterns.append((pattern, _template_values(table, where)))
+        values, options = _read_table(table, where, defaults.backend)
+        patterns.append(PatternTable(pattern, values, options))
     if document:
         unknown = next(iter(document))
         raise ConfigError(f"{path}: unknown table or key {unknown!r}; expected [defaults] and "
                           '[sandbox."PATTERN"] tables')
 
-    chosen = backend or environ.get("MSB_PROXY_BACKEND")
     if chosen is not None:
-        source = "--backend" if backend else "MSB_PROXY_BACKEND"
-        if chosen not in BACKENDS:
-            raise ConfigError(
-                f"{source}: unknown backend {chosen!r}; expected one of {', '.join(BACKENDS)}")
         defaults = replace(defaults, backend=chosen)
 
     rootfs = environ.get("MSB_PROXY_ROOTFS") or rootfs_text
@@ -206,7 +272,7 @@ def load_config(
         relay_loop=relay_loop,
         defaults=defaults,
         patterns=tuple(patterns),
-        backend_forced=chosen is not None,
+        backend_source=source,
     )
 
 
@@ -262,7 +328,8 @@ def parse_duration(value: object) -> float:
     raise ValueError(value)
 
 
-def _memory_mib(value: object) -> int:
+def parse_size_mib(value: object) -> int:
+    """MiB from a positive integer or a size such as ``"512MiB"``, ``"2GiB"``, ``"2G"``."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     if isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
@@ -273,13 +340,14 @@ def _memory_mib(value: object) -> int:
     raise ValueError(value)
 
 
-def _positive_int(value: object) -> int:
+def parse_positive_int(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     raise ValueError(value)
 
 
-def _string(value: object) -> str:
+def parse_string(value: object) -> str:
+    """A string that is not empty."""
     if isinstance(value, str) and value:
         return value
     raise ValueError(value)
@@ -292,8 +360,8 @@ def _boolean(value: object) -> bool:
 
 
 def _backend(value: object) -> str:
-    if value in BACKENDS:
-        return str(value)
+    if isinstance(value, str) and value in backend_names():
+        return value
     raise ValueError(value)
 
 
@@ -327,40 +395,69 @@ def _volumes(value: object) -> tuple[str, ...]:
     return volumes
 
 
-# key -> (template field, parser, the form it must take)
-_KEYS: dict[str, tuple[str, Callable[[object], object], str]] = {
-    "backend": ("backend", _backend, "one of " + ", ".join(BACKENDS)),
-    "image": ("image", _string, "an OCI image reference or a root file system directory"),
-    "cpus": ("cpus", _positive_int, "a positive integer"),
-    "memory": ("memory_mib", _memory_mib, 'MiB as an integer, or a size such as "2GiB"'),
-    "env": ("env", _env, 'a table of variables, e.g. { APP_ENV = "dev" }'),
-    "workdir": ("workdir", _string, "a guest directory"),
-    "volumes": ("volumes", _volumes, 'a list of "/host/dir:/guest/dir[:ro]"'),
-    "network": ("network", _network, "one of " + ", ".join(NETWORKS)),
-    "user": ("user", _string, "a guest user name"),
-    "create": ("create", _boolean, "true or false"),
-    "stop_after_idle": ("stop_after_idle", parse_duration,
-                        'a duration such as "90s", "10m", "1h" or seconds (0: never)'),
-    "accept_env": ("accept_env", _strings, 'a list of variable patterns such as ["MY_*"]'),
-    "keepalive": ("keepalive", parse_duration,
-                  'a duration such as "30s" or seconds (0: no keepalive)'),
-    "inactivity_timeout": ("inactivity_timeout", parse_duration,
-                           'a duration such as "10m" or seconds (0: never)'),
-}
+# Options more than one backend takes, spelled once so that they read the same in each.
+IMAGE_OPTION = Option(parse_string, "an OCI image reference or a root file system directory")
+VOLUMES_OPTION = Option(_volumes, 'a list of "/host/dir:/guest/dir[:ro]"', default=())
+NETWORK_OPTION = Option(_network, "one of " + ", ".join(NETWORKS))
 
 
-def _template_values(table: Mapping[str, object], where: str) -> dict[str, Any]:
+def _common_keys() -> dict[str, Option]:
+    """The keys every table takes, whatever its backend, named as the template's fields (made
+    per call: the form of ``backend`` lists the registry's names as they are now)."""
+    return {
+        "backend": Option(_backend, "one of " + ", ".join(backend_names())),
+        "env": Option(_env, 'a table of variables, e.g. { APP_ENV = "dev" }'),
+        "user": Option(parse_string, "a guest user name"),
+        "create": Option(_boolean, "true or false"),
+        "stop_after_idle": Option(
+            parse_duration, 'a duration such as "90s", "10m", "1h" or seconds (0: never)'),
+        "accept_env": Option(_strings, 'a list of variable patterns such as ["MY_*"]'),
+        "keepalive": Option(parse_duration,
+                            'a duration such as "30s" or seconds (0: no keepalive)'),
+        "inactivity_timeout": Option(parse_duration,
+                                     'a duration such as "10m" or seconds (0: never)'),
+    }
+
+
+def _read_table(table: Mapping[str, object], where: str, inherited: str
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``table``'s common values by template field, and its backend's options by key, parsed.
+
+    Its backend is the one it names, else ``inherited``. Only a table with keys of a backend
+    imports that backend's class; only a key that backend does not take imports the others.
+    """
+    common = _common_keys()
     values: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in _KEYS:
+    if "backend" in table:
+        values["backend"] = _parse(common["backend"], table["backend"], where, "backend")
+    backend = values.get("backend", inherited)
+    own = [key for key in table if key not in common]
+    taken = backend_class(backend).options if own else {}
+    for key in own:
+        if key not in taken and not backends_taking(key):
             raise ConfigError(f"{where}.{key} is not a known key; expected one of "
-                              f"{', '.join(_KEYS)}")
-        attribute, parse, form = _KEYS[key]
-        try:
-            values[attribute] = parse(value)
-        except (ValueError, TypeError):
-            raise ConfigError(f"{where}.{key} must be {form} (got {value!r})") from None
-    return values
+                              f"{', '.join([*common, *taken])}")
+    options: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in common:
+            values[key] = _parse(common[key], value, where, key)
+        elif key in taken:
+            options[key] = _parse(taken[key], value, where, key)
+        else:
+            takers = backends_taking(key)
+            # A bad value is named first: it is wrong whichever backend the table ends up with.
+            _parse(backend_class(takers[0]).options[key], value, where, key)
+            raise ConfigError(f"{where}.{key} is not an option of the {backend} backend but of "
+                              f"{', '.join(takers)}: remove it, or set backend = "
+                              f'"{takers[0]}" in that table')
+    return values, options
+
+
+def _parse(option: Option, value: object, where: str, key: str) -> Any:
+    try:
+        return option.parse(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{where}.{key} must be {option.form} (got {value!r})") from None
 
 
 def sandbox_name_from_host(host: str, prefix: str | None) -> str:

@@ -38,7 +38,14 @@ from microsandbox_standin import (
     StandInSDK,
 )
 
-from msb_proxy.backends.base import ExitStatus, GuestUser, ProcessSpec, PtySpec, SandboxInfo
+from msb_proxy.backends.base import (
+    ExitStatus,
+    GuestUser,
+    ProcessSpec,
+    PtySpec,
+    SandboxInfo,
+    SandboxState,
+)
 from msb_proxy.backends.microsandbox.backend import (
     MicrosandboxBackend,
     MicrosandboxProcess,
@@ -63,7 +70,7 @@ ROOT = GuestUser(name="root", uid=0, gid=0, home="/root", shell="/bin/sh")
 LOCAL_HINT = "use the local backend instead: --backend local or MSB_PROXY_BACKEND=local"
 MIB = 1 << 20
 IMAGE = "alpine:3.20"
-TEMPLATE = SandboxTemplate(image=IMAGE)
+TEMPLATE = SandboxTemplate(options={"image": IMAGE})
 READY = re.compile(r"msb-proxy: sandbox '(\w+)' ready in \d+\.\d s")
 PASSWD = """\
 root:x:0:0:root:/root:/bin/bash
@@ -311,7 +318,7 @@ def test_open_creates_a_missing_sandbox_from_its_template(
 def test_open_refuses_to_create_a_sandbox_its_template_does_not_allow(
         backend: MicrosandboxBackend, standin: StandInSDK, home: StateDir) -> None:
     with pytest.raises(SandboxNotFoundError) as caught:
-        open_sandbox(backend, "web", SandboxTemplate(image=IMAGE, create=False))
+        open_sandbox(backend, "web", SandboxTemplate(create=False, options={"image": IMAGE}))
     assert str(caught.value) == (
         "there is no sandbox 'web' and its template does not allow creating it; "
         f"set create = true for it in {home.home}/config.toml")
@@ -344,10 +351,9 @@ def test_template_options_reach_create_with_progress(
         network: str | None, policy: dict[str, Any] | None) -> None:
     (tmp_path / "work").mkdir()
     (tmp_path / "data").mkdir()
-    template = SandboxTemplate(
-        image=IMAGE, cpus=2, memory_mib=1536, env={"APP_ENV": "dev", "EMPTY": ""},
-        workdir="/srv/app", network=network,
-        volumes=(f"{tmp_path}/work:/work", f"{tmp_path}/data:/data:ro"))
+    template = SandboxTemplate(env={"APP_ENV": "dev", "EMPTY": ""}, options={
+        "image": IMAGE, "cpus": 2, "memory": 1536, "workdir": "/srv/app", "network": network,
+        "volumes": (f"{tmp_path}/work:/work", f"{tmp_path}/data:/data:ro")})
     open_sandbox(backend, "web", template)
     [create] = standin.calls("create")
     assert create == {
@@ -376,7 +382,7 @@ def test_unset_template_options_are_left_to_the_sdk(
 def test_a_directory_image_is_bound_as_the_root_file_system_without_a_pull(
         backend: MicrosandboxBackend, standin: StandInSDK, guest_root: Path) -> None:
     shown = Shown()
-    sandbox = open_sandbox(backend, "web", SandboxTemplate(image=str(guest_root)),
+    sandbox = open_sandbox(backend, "web", SandboxTemplate(options={"image": str(guest_root)}),
                            shown.progress)
     assert sandbox.started is True
     [create] = standin.calls("create")
@@ -387,7 +393,7 @@ def test_a_directory_image_is_bound_as_the_root_file_system_without_a_pull(
 
 def test_a_volume_whose_host_directory_is_missing_is_named(
         backend: MicrosandboxBackend, standin: StandInSDK, tmp_path: Path) -> None:
-    template = SandboxTemplate(image=IMAGE, volumes=(f"{tmp_path}/gone:/data",))
+    template = SandboxTemplate(options={"image": IMAGE, "volumes": (f"{tmp_path}/gone:/data",)})
     with pytest.raises(ConfigError) as caught:
         open_sandbox(backend, "web", template)
     assert str(caught.value) == (
@@ -399,7 +405,7 @@ def test_a_template_the_sdk_refuses_is_a_config_error(
         backend: MicrosandboxBackend, standin: StandInSDK, home: StateDir,
         tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
-        open_sandbox(backend, "web", SandboxTemplate(image=f"{tmp_path}/no-rootfs"))
+        open_sandbox(backend, "web", SandboxTemplate(options={"image": f"{tmp_path}/no-rootfs"}))
     assert str(caught.value) == (
         "sandbox 'web': the microsandbox SDK refuses its template (rootfs bind path does not "
         f"exist: {tmp_path}/no-rootfs); fix it in {home.home}/config.toml")
@@ -446,7 +452,7 @@ def test_pull_progress_counts_layers_when_the_registry_gives_no_sizes(
         backend: MicrosandboxBackend, standin: StandInSDK, guest_root: Path) -> None:
     standin.add_image("busybox:1", guest_root, layers=(MIB, MIB), sizes_known=False)
     shown = Shown()
-    open_sandbox(backend, "web", SandboxTemplate(image="busybox:1"), shown.progress)
+    open_sandbox(backend, "web", SandboxTemplate(options={"image": "busybox:1"}), shown.progress)
     assert [line for line in shown.lines() if "pulling" in line] == [
         "msb-proxy: pulling image busybox:1: 0%",
         "msb-proxy: pulling image busybox:1: 50%",
@@ -474,7 +480,7 @@ def test_quiet_progress_shows_nothing_at_all(backend: MicrosandboxBackend,
 def test_an_image_that_cannot_be_pulled_is_named(
         backend: MicrosandboxBackend, standin: StandInSDK, home: StateDir) -> None:
     with pytest.raises(SandboxError) as caught:
-        open_sandbox(backend, "web", SandboxTemplate(image="nope:1"))
+        open_sandbox(backend, "web", SandboxTemplate(options={"image": "nope:1"}))
     assert str(caught.value) == (
         "cannot pull image 'nope:1' for sandbox 'web' (failed to pull image nope:1: manifest "
         "unknown: the registry has no image nope:1); check the image name and the network, "
@@ -615,7 +621,8 @@ while not (barrier / "go").exists():
     time.sleep(0.001)
 
 async def connect():
-    sandbox = await backend.open("race", SandboxTemplate(image=sys.argv[4]), Progress(quiet=True))
+    template = SandboxTemplate(options={"image": sys.argv[4]})
+    sandbox = await backend.open("race", template, Progress(quiet=True))
     user = await sandbox.lookup_user("alice")
     return {"started": sandbox.started, "run_id": sandbox.run_id, "uid": user.uid}
 
@@ -699,10 +706,10 @@ def test_list_gives_every_sandbox_across_pages(
     standin.add_sandbox("web", guest_root, SandboxStatus.CRASHED)
     standin.set_page_size(2)
     assert run(backend.list()) == [
-        SandboxInfo(name="api", state="running", backend="microsandbox"),
-        SandboxInfo(name="cache", state="paused", backend="microsandbox"),
-        SandboxInfo(name="db", state="stopped", backend="microsandbox"),
-        SandboxInfo(name="web", state="crashed", backend="microsandbox"),
+        SandboxInfo(name="api", state=SandboxState.RUNNING, backend="microsandbox"),
+        SandboxInfo(name="cache", state=SandboxState.PAUSED, backend="microsandbox"),
+        SandboxInfo(name="db", state=SandboxState.STOPPED, backend="microsandbox"),
+        SandboxInfo(name="web", state=SandboxState.CRASHED, backend="microsandbox"),
     ]
 
 

@@ -149,16 +149,20 @@ def test_valid_forms_of_every_key_are_accepted(private: Env) -> None:
     configure(private, (
         '[defaults]\nbackend = "local"\ncreate = true\nstop_after_idle = "1h30m"\n'
         'keepalive = 30\ninactivity_timeout = "10m"\naccept_env = ["MY_*"]\n\n'
-        '[sandbox."all-*"]\ncpus = 2\nmemory = "2GiB"\nenv = { A = "1" }\nworkdir = "/root"\n'
-        'network = "none"\nuser = "dev"\nstop_after_idle = 0\n'))
+        '[sandbox."all-*"]\nenv = { A = "1" }\nnetwork = "none"\nuser = "dev"\n'
+        'stop_after_idle = 0\n\n'
+        '[sandbox."vm-*"]\nbackend = "microsandbox"\ncpus = 2\nmemory = "2GiB"\n'
+        'workdir = "/root"\n'))
     run = private.ssh("all-1", "echo $A", user="ghost")
     assert (run.returncode, run.out, run.err) == (0, "1\n", "")
 
 
 # ---- validation
 
-_KEYS = ("backend, image, cpus, memory, env, workdir, volumes, network, user, create, "
-         "stop_after_idle, accept_env, keepalive, inactivity_timeout")
+# The keys a table takes: the common ones, then its backend's.
+_KEYS = ("backend, env, user, create, stop_after_idle, accept_env, keepalive, inactivity_timeout, "
+         + {"local": "image, volumes, network",
+            "microsandbox": "image, cpus, memory, workdir, volumes, network"}[TEST_BACKEND])
 
 BAD_CONFIGS = {
     "bad-duration": (

@@ -14,7 +14,26 @@ calls (write stdin, close stdin, resize, signal) and reports back through a
   :meth:`ProcessListener.stdin_resumed` once it has drained.
 
 Two implementations sit beside this file: ``local`` (a Linux namespace jail over a rootfs
-directory) and ``microsandbox`` (the microsandbox SDK). Neither is imported by anything above.
+directory) and ``microsandbox`` (the microsandbox SDK). Neither is imported by anything above:
+``registry`` names them, and imports a backend's module only when it is chosen.
+
+Adding a backend ``NAME`` is one module and one registry line:
+
+1. ``msb_proxy/backends/NAME.py`` (a package ``NAME/`` once it needs more files) holds a
+   :class:`Backend` subclass, with its :class:`Sandbox` and :class:`GuestProcess`. Its module
+   imports nothing slow: every ``msb-proxy`` that chooses the backend imports it, before the SSH
+   banner; a runtime's SDK is imported on first use.
+2. ``registry.BACKENDS`` gets ``"NAME": "msb_proxy.backends.NAME:NameBackend"``. From then on
+   ``--backend NAME``, ``MSB_PROXY_BACKEND=NAME`` and ``backend = "NAME"`` in the config file
+   choose it, ``ls`` lists its sandboxes, ``doctor`` runs its checks, the config file takes its
+   template options and the warm server preloads what it names.
+
+What the class declares, besides the sandbox methods of :class:`Backend`: ``name`` (its registry
+name, shown by ``ls``); ``options``, the template keys it takes beyond the common ones; the class
+methods ``from_config`` (how the CLI makes one) and ``checks`` (its rows of ``doctor``); and
+``preload``, the modules the warm server imports for it. Each is documented where
+:class:`Backend` declares it: when it is used, what it must be or return and what that means,
+whether it may be a coroutine, and what the default does.
 """
 
 from __future__ import annotations
@@ -24,15 +43,18 @@ import signal as _signal
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from msb_proxy.backends.links import Link
-    from msb_proxy.config import SandboxTemplate
+    from msb_proxy.config import Config, Option, SandboxTemplate
     from msb_proxy.progress import Progress
 
 __all__ = [
     "Backend",
+    "Check",
+    "CheckStatus",
     "ExitStatus",
     "GuestProcess",
     "GuestUser",
@@ -42,6 +64,7 @@ __all__ = [
     "RawPipes",
     "Sandbox",
     "SandboxInfo",
+    "SandboxState",
 ]
 
 
@@ -320,19 +343,93 @@ class _Collector:
             self.done.set_result(status)
 
 
+class SandboxState(StrEnum):
+    """What a sandbox is doing; each value is the word ``msb-proxy ls`` shows for it.
+
+    The local backend reports only ``RUNNING`` and ``STOPPED``; microsandbox reports all of them,
+    in its own words (``DRAINING`` is its "stopping": finishing work before the VM stops).
+    """
+
+    CREATED = "created"  # made, never started
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+
 @dataclass(frozen=True)
 class SandboxInfo:
-    """One line of ``msb-proxy ls``: ``state`` is ``running``, ``stopped``, ``paused`` ..."""
+    """One line of ``msb-proxy ls``."""
 
     name: str
-    state: str
+    state: SandboxState
     backend: str
+
+
+class CheckStatus(StrEnum):
+    """How a ``doctor`` check came out: ``FAIL`` (something essential is missing) makes
+    ``doctor`` exit 1; ``WARN`` works, with less."""
+
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of ``msb-proxy doctor``: what was checked, how it came out, and ``detail``: what
+    was found, or what to do about it."""
+
+    what: str
+    status: CheckStatus
+    detail: str
 
 
 class Backend(abc.ABC):
     """A kind of sandbox runtime: finds, creates, starts and stops sandboxes by name."""
 
+    #: The name ``registry.BACKENDS`` gives the backend; ``ls`` shows it as the BACKEND.
     name: str
+
+    #: The template keys this backend takes besides the common ones (``create``, ``env``,
+    #: ``user`` ...; see :mod:`msb_proxy.config`), by key. Read when the config file is loaded:
+    #: each value is parsed by its option, and a table whose backend does not take one of its
+    #: keys is refused, naming the backends that do. Default: no keys of its own.
+    options: ClassVar[Mapping[str, Option]] = {}
+
+    #: Modules the warm server imports for this backend, besides the backend's own module, so
+    #: that the connections it forks find them loaded; one that cannot be imported is skipped.
+    #: Default: none.
+    preload: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config: Config) -> Backend:
+        """Return the backend, set up from ``config``.
+
+        Called by :func:`~msb_proxy.backends.registry.open_backend` whenever a command needs
+        the backend (``stdio``, ``stop``, ``rm``, ``ls``, ``doctor``, the idle watcher); it
+        must return fast and start nothing (no SDK import, no runtime). Not a coroutine. There
+        is no default.
+        """
+
+    @classmethod
+    def checks(cls, config: Config) -> list[Check]:
+        """Return the rows ``msb-proxy doctor`` prints about this backend on this host.
+
+        Called by ``doctor`` for the configured backend, before it lists sandboxes; ``what``
+        is a short noun (``root``, ``KVM``), printed after the backend's name, and a
+        :attr:`CheckStatus.FAIL` row should say how to fix it or which backend to use
+        instead. Not a coroutine, and it must not start anything. The default checks nothing.
+        """
+        return []
+
+    @classmethod
+    def option(cls, template: SandboxTemplate, key: str) -> Any:
+        """The value ``template`` gives ``key`` of :attr:`options`, else that option's default."""
+        return template.options.get(key, cls.options[key].default)
 
     @abc.abstractmethod
     async def open(self, name: str, template: SandboxTemplate, progress: Progress) -> Sandbox:
@@ -348,8 +445,8 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def state_of(self, name: str) -> str | None:
-        """The state of sandbox ``name`` as :class:`SandboxInfo` spells it; None if missing."""
+    async def state_of(self, name: str) -> SandboxState | None:
+        """The state of sandbox ``name``; None if there is no such sandbox."""
 
     @abc.abstractmethod
     async def current_run(self, name: str) -> str | None:

@@ -87,7 +87,7 @@ def watch(name: str, backend_name: str) -> None:
     ``stop_after_idle``. Its environment is the ending connection's."""
     import asyncio
 
-    from msb_proxy.backends import open_backend
+    from msb_proxy.backends.registry import open_backend
     from msb_proxy.config import load_config
 
     config = load_config(os.environ, backend=backend_name)

@@ -40,10 +40,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from msb_proxy.backends.registry import backend_names
+    from msb_proxy.config import DEFAULT_BACKEND
+
     common = _Parser(add_help=False)
-    common.add_argument("--backend", choices=("microsandbox", "local"),
+    # Not argparse's choices: load_config names a wrong one as it does a wrong MSB_PROXY_BACKEND.
+    common.add_argument("--backend", metavar="{" + ",".join(backend_names()) + "}",
                         help="sandbox runtime (default: config file, $MSB_PROXY_BACKEND, "
-                             "else microsandbox)")
+                             f"else {DEFAULT_BACKEND})")
     common.add_argument("--debug", action="store_true",
                         help="log the SSH protocol and show tracebacks on stderr")
 
@@ -182,8 +186,8 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     sys.stdout = sys.stderr
     _setup_logging(config.debug)
 
-    from msb_proxy.backends import open_backend
     from msb_proxy.backends.idle import ConnectionTracker
+    from msb_proxy.backends.registry import open_backend
     from msb_proxy.progress import Progress
     from msb_proxy.server.endpoint import SshServer, SshServerOptions
     from msb_proxy.server.known_hosts import pin
@@ -240,7 +244,7 @@ def _lifecycle(config: Config, command: str, name: str) -> int:
     from msb_proxy.config import sandbox_name_from_host
 
     name = sandbox_name_from_host(name, None)
-    from msb_proxy.backends import open_backend
+    from msb_proxy.backends.registry import open_backend
 
     backend = open_backend(config)
     if command == "stop":

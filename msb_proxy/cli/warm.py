@@ -200,8 +200,6 @@ def _preload() -> None:
 
     import asyncssh  # noqa: F401
 
-    import msb_proxy.backends.base
-    import msb_proxy.backends.local
     import msb_proxy.cli.main
     import msb_proxy.fastpath
     import msb_proxy.fastpath.umac
@@ -211,8 +209,15 @@ def _preload() -> None:
     import msb_proxy.server.transfers.scp
     import msb_proxy.server.transfers.sftp
     import msb_proxy.transport.stdio
+    from msb_proxy.backends.registry import preload
+    from msb_proxy.config import load_config
+    from msb_proxy.errors import UserError
 
     msb_proxy.fastpath.umac.load()  # nettle loaded once, for every child
+    # The backends this user's config chooses (the environment is the first connection's); a
+    # config that does not load fails each connection anyway, with the reason.
+    with contextlib.suppress(UserError):
+        preload(load_config(os.environ))
 
 
 def _reaped(children: set[int]) -> set[int]:

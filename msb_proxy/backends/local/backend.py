@@ -31,12 +31,14 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from msb_proxy.backends.base import (
     Backend,
+    Check,
+    CheckStatus,
     ExitStatus,
     GuestProcess,
     GuestUser,
@@ -45,10 +47,18 @@ from msb_proxy.backends.base import (
     RawPipes,
     Sandbox,
     SandboxInfo,
+    SandboxState,
 )
 from msb_proxy.backends.local import terminal
 from msb_proxy.backends.locking import sandbox_lock
-from msb_proxy.config import SandboxTemplate
+from msb_proxy.config import (
+    IMAGE_OPTION,
+    NETWORK_OPTION,
+    VOLUMES_OPTION,
+    Config,
+    Option,
+    SandboxTemplate,
+)
 from msb_proxy.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -85,15 +95,43 @@ class LocalBackend(Backend):
 
     On connect: a running jail is used; a stopped (or crashed) one is started; a missing one is
     created from its template when the template allows it. A jail another connection is
-    bringing up is waited for (the per-sandbox lock), at most ``LOCK_WAIT_S``. ``cpus`` and
-    ``memory`` of a template are not enforced here (there are no cgroups to hold them).
+    bringing up is waited for (the per-sandbox lock), at most ``LOCK_WAIT_S``. Its template
+    options: ``image``, a root file system directory (default: ``rootfs``); ``volumes``;
+    ``network``, which can only be ``none``. There are no cgroups to hold ``cpus`` or
+    ``memory``, so the config file refuses those for it.
     """
 
     name = "local"
+    options: ClassVar[Mapping[str, Option]] = {
+        "image": IMAGE_OPTION, "volumes": VOLUMES_OPTION, "network": NETWORK_OPTION}
 
     def __init__(self, state: StateDir, rootfs: Path) -> None:
         self.state = state
         self.rootfs = rootfs
+
+    @classmethod
+    def from_config(cls, config: Config) -> LocalBackend:
+        return cls(StateDir(config.home), config.rootfs)
+
+    @classmethod
+    def checks(cls, config: Config) -> list[Check]:
+        """Root, overlayfs and the base rootfs."""
+        root = os.geteuid() == 0
+        overlay = _has_overlay()
+        rootfs = config.rootfs
+        usable = _is_rootfs(rootfs)
+        return [
+            Check("root", CheckStatus.OK if root else CheckStatus.FAIL,
+                  "running as root" if root else
+                  "the local backend mounts and creates namespaces: run msb-proxy as root"),
+            Check("overlayfs", CheckStatus.OK if overlay else CheckStatus.FAIL,
+                  "the kernel has overlayfs" if overlay else
+                  "the kernel lacks overlayfs: load it with 'modprobe overlay'"),
+            Check("rootfs", CheckStatus.OK if usable else CheckStatus.FAIL,
+                  str(rootfs) if usable else
+                  f"no root file system at {rootfs}: build one with 'make rootfs' or set "
+                  "MSB_PROXY_ROOTFS"),
+        ]
 
     def _lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         hint = f"see {self.state.sandbox_dir(name) / 'init.log'}"
@@ -106,19 +144,20 @@ class LocalBackend(Backend):
             )
 
     def _base_rootfs(self, name: str, template: SandboxTemplate) -> Path:
-        if template.network not in (None, "none"):
+        network = self.option(template, "network")
+        if network not in (None, "none"):
             raise ConfigError(
                 f"sandbox {name!r}: the local backend gives a sandbox its own loopback and no "
-                f"other network; network = {template.network!r} needs the microsandbox backend"
+                f"other network; network = {network!r} needs the microsandbox backend"
             )
-        image = template.image
+        image = self.option(template, "image")
         if image is not None and not image.startswith("/"):
             raise ConfigError(
                 f"sandbox {name!r}: the local backend boots a root file system directory, not "
                 f"the image {image!r}; set image to a directory or use the microsandbox backend"
             )
         rootfs = Path(image) if image is not None else self.rootfs
-        if not (rootfs / "bin").exists() and not (rootfs / "usr" / "bin").is_dir():
+        if not _is_rootfs(rootfs):
             raise BackendUnavailableError(
                 f"no rootfs at {rootfs}; build one with 'make rootfs' or point "
                 "MSB_PROXY_ROOTFS (or image in the config file) at a root file system directory"
@@ -130,6 +169,7 @@ class LocalBackend(Backend):
         self._check_host()
         directory = self.state.sandbox_dir(name)
         socket_path = directory / "init.sock"
+        volumes = self.option(template, "volumes")
         async with self._lock(name):
             protocol = await _ping(socket_path)
             started = protocol is None
@@ -142,19 +182,19 @@ class LocalBackend(Backend):
                             f"creating it; set create = true for it in {self.state.config_file}"
                         )
                     rootfs = self._base_rootfs(name, template)
-                    _check_volumes(name, template.volumes)
+                    _check_volumes(name, volumes)
                     progress.step(f"creating sandbox {name!r} from {rootfs} ...")
                     settings = self._create(name, directory, rootfs)
                     try:
-                        await self._start(name, directory, settings, template.volumes)
+                        await self._start(name, directory, settings, volumes)
                     except BaseException:
                         # A sandbox that never started is not left half made.
                         shutil.rmtree(directory, ignore_errors=True)
                         raise
                 else:
                     progress.step(f"starting sandbox {name!r} ...")
-                    _check_volumes(name, template.volumes)
-                    await self._start(name, directory, settings, template.volumes)
+                    _check_volumes(name, volumes)
+                    await self._start(name, directory, settings, volumes)
             elif protocol != PROTOCOL:
                 raise SandboxError(
                     f"sandbox {name!r} runs a jail from another msb-proxy version; restart it "
@@ -218,11 +258,11 @@ class LocalBackend(Backend):
             reason = text.removeprefix("error: ") or "the jail init exited"
             raise SandboxError(f"cannot start sandbox {name!r}: {reason}")
 
-    async def state_of(self, name: str) -> str | None:
+    async def state_of(self, name: str) -> SandboxState | None:
         directory = self.state.sandbox_dir(name)
         if _read_settings(directory) is None:
             return None
-        return "running" if await _ping(directory / "init.sock") is not None else "stopped"
+        return await _state(directory)
 
     async def current_run(self, name: str) -> str | None:
         directory = self.state.sandbox_dir(name)
@@ -235,9 +275,8 @@ class LocalBackend(Backend):
         for directory in sorted((self.state.home / "sandboxes").glob("*")):
             settings = _read_settings(directory)
             if settings is not None:
-                running = await _ping(directory / "init.sock") is not None
                 found.append(SandboxInfo(name=settings["name"], backend=self.name,
-                                         state="running" if running else "stopped"))
+                                         state=await _state(directory)))
         return found
 
     async def stop(self, name: str) -> bool:
@@ -277,6 +316,24 @@ class LocalBackend(Backend):
                     raise SandboxError(f"{mount_point} is still mounted; not deleting {name!r}")
             shutil.rmtree(directory)
         return True
+
+
+async def _state(directory: Path) -> SandboxState:
+    """A jail answers on its socket while it runs; one that died is just stopped (its writable
+    layer is all it has, and the next connection starts it again)."""
+    running = await _ping(directory / "init.sock") is not None
+    return SandboxState.RUNNING if running else SandboxState.STOPPED
+
+
+def _is_rootfs(path: Path) -> bool:
+    return (path / "bin").exists() or (path / "usr" / "bin").is_dir()
+
+
+def _has_overlay() -> bool:
+    try:
+        return "overlay" in Path("/proc/filesystems").read_text().split()
+    except OSError:
+        return False
 
 
 def _check_volumes(name: str, volumes: Sequence[str]) -> None:

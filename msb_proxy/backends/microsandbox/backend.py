@@ -115,12 +115,14 @@ import shlex
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from msb_proxy.backends.base import (
     Backend,
+    Check,
+    CheckStatus,
     ExitStatus,
     GuestProcess,
     GuestUser,
@@ -129,8 +131,20 @@ from msb_proxy.backends.base import (
     PtySpec,
     Sandbox,
     SandboxInfo,
+    SandboxState,
 )
 from msb_proxy.backends.locking import sandbox_lock
+from msb_proxy.config import (
+    IMAGE_OPTION,
+    NETWORK_OPTION,
+    VOLUMES_OPTION,
+    Config,
+    Option,
+    SandboxTemplate,
+    parse_positive_int,
+    parse_size_mib,
+    parse_string,
+)
 from msb_proxy.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -144,7 +158,6 @@ from msb_proxy.state import StateDir
 if TYPE_CHECKING:
     import microsandbox
 
-    from msb_proxy.config import SandboxTemplate
     from msb_proxy.progress import Progress
 
 __all__ = ["MicrosandboxBackend", "MicrosandboxProcess", "MicrosandboxSandbox"]
@@ -161,10 +174,11 @@ WAIT_S = 60.0  # for a sandbox some other tool is starting or stopping
 LOCK_WAIT_S = 900.0  # for another msb-proxy creating the sandbox: a big image takes a while
 STATUS_POLL_S = 0.1
 DECIDE_ATTEMPTS = 3
-# Statuses in which a sandbox has a VM to stop.
-_LIVE_STATUSES = frozenset({"running", "starting", "paused", "draining"})
-# Statuses that end by themselves, and what the sandbox is doing meanwhile.
-_SETTLING_STATUSES = {"starting": "starting", "draining": "stopping"}
+# States in which a sandbox has a VM to stop.
+_LIVE_STATES = frozenset({SandboxState.RUNNING, SandboxState.STARTING, SandboxState.PAUSED,
+                          SandboxState.DRAINING})
+# States that end by themselves, and what the sandbox is doing meanwhile.
+_SETTLING_STATES = {SandboxState.STARTING: "starting", SandboxState.DRAINING: "stopping"}
 # Messages by which the runtime says it cannot boot a VM on this host.
 _CANNOT_BOOT = ("/dev/kvm", "KVM_EXIT_INTERNAL_ERROR", "before agent relay became available",
                 "virtualization is not available")
@@ -245,18 +259,23 @@ def _seconds(value: float) -> str:
     return f"{value:g} s"
 
 
-def _stuck_message(name: str, status: str, waited: float) -> str:
+def _stuck_message(name: str, state: SandboxState, waited: float) -> str:
     command = shlex.quote(name)
     force = f"stop it with 'msb stop --force {command}' and connect again"
-    if status == "starting":
+    if state is SandboxState.STARTING:
         return (f"sandbox {name!r} is still starting after {_seconds(waited)}; see "
                 f"'msb logs {command}', or {force}")
     return f"sandbox {name!r} is still stopping after {_seconds(waited)}; {force}"
 
 
+def _state(handle: microsandbox.SandboxHandle) -> SandboxState:
+    """The SDK's status of the sandbox, in the words of :class:`SandboxState`, which are its."""
+    return SandboxState(str(handle.status.value))
+
+
 def _run_id(handle: microsandbox.SandboxHandle) -> str | None:
     """The id of the run of a running sandbox (see the module docstring), else None."""
-    if str(handle.status.value) != "running":
+    if _state(handle) is not SandboxState.RUNNING:
         return None
     return f"{handle.id}@{handle.updated_at!r}"
 
@@ -271,6 +290,18 @@ class MicrosandboxBackend(Backend):
     """
 
     name = "microsandbox"
+    # Each is given to Sandbox.create_with_progress when the sandbox is created (unset: the
+    # SDK's default; see the module docstring).
+    options: ClassVar[Mapping[str, Option]] = {
+        "image": IMAGE_OPTION,
+        "cpus": Option(parse_positive_int, "a positive integer"),
+        "memory": Option(parse_size_mib, 'MiB as an integer, or a size such as "2GiB"'),
+        "workdir": Option(parse_string, "a guest directory"),
+        "volumes": VOLUMES_OPTION,
+        "network": NETWORK_OPTION,
+    }
+    # Importing the SDK starts no thread, so the connections the warm server forks can share it.
+    preload = ("microsandbox",)
 
     def __init__(self, state: StateDir, sdk: ModuleType | None = None, *,
                  wait_s: float = WAIT_S, lock_wait_s: float = LOCK_WAIT_S) -> None:
@@ -278,6 +309,31 @@ class MicrosandboxBackend(Backend):
         self._sdk = sdk
         self._wait_s = wait_s
         self._lock_wait_s = lock_wait_s
+
+    @classmethod
+    def from_config(cls, config: Config) -> MicrosandboxBackend:
+        return cls(StateDir(config.home))
+
+    @classmethod
+    def checks(cls, config: Config) -> list[Check]:
+        """The SDK, its runtime and KVM."""
+        try:
+            import microsandbox
+        except ImportError:
+            return [Check("SDK", CheckStatus.FAIL, "the microsandbox package is not installed: "
+                          "pip install microsandbox")]
+        installed = bool(microsandbox.is_runtime_installed())
+        kvm = "/dev/kvm"
+        usable = os.path.exists(kvm) and os.access(kvm, os.R_OK | os.W_OK)
+        return [
+            Check("runtime", CheckStatus.OK if installed else CheckStatus.FAIL,
+                  "installed" if installed else
+                  "not installed: run 'msb install' (or use --backend local)"),
+            Check("KVM", CheckStatus.OK if usable else CheckStatus.FAIL,
+                  "/dev/kvm is usable (whether VMs boot shows on the first start)" if usable else
+                  "/dev/kvm is missing or not accessible: microVMs cannot run here; use "
+                  "--backend local"),
+        ]
 
     @property
     def sdk(self) -> ModuleType:
@@ -307,7 +363,7 @@ class MicrosandboxBackend(Backend):
                 sandbox, started = await self._bring_up(name, template, progress)
                 run_id = _run_id(await self._api.get(name))
             except sdk.MicrosandboxError as exc:
-                raise self._error(exc, name, template.image) from None
+                raise self._error(exc, name, self.option(template, "image")) from None
         # Shown only after a step was: a sandbox that was simply running says nothing.
         progress.done(f"sandbox {name!r} ready")
         return MicrosandboxSandbox(name, sandbox, sdk, run_id=run_id or "", started=started)
@@ -331,10 +387,10 @@ class MicrosandboxBackend(Backend):
                     continue  # another tool made it meanwhile: use that one
             try:
                 handle = await self._settled(name, handle, progress)
-                status = str(handle.status.value)
-                if status == "running":
+                state = _state(handle)
+                if state is SandboxState.RUNNING:
                     return await handle.connect(), False
-                if status == "paused":
+                if state is SandboxState.PAUSED:
                     progress.step(f"resuming sandbox {name!r} ...")
                     await handle.resume()
                     return await handle.connect(), True
@@ -349,14 +405,14 @@ class MicrosandboxBackend(Backend):
     async def _settled(self, name: str, handle: microsandbox.SandboxHandle,
                        progress: Progress) -> microsandbox.SandboxHandle:
         """``handle`` once its sandbox has finished starting or stopping, within ``wait_s``."""
-        status = str(handle.status.value)
-        if status not in _SETTLING_STATUSES:
+        state = _state(handle)
+        if state not in _SETTLING_STATES:
             return handle
-        progress.step(f"waiting for sandbox {name!r} to finish {_SETTLING_STATUSES[status]} ...")
+        progress.step(f"waiting for sandbox {name!r} to finish {_SETTLING_STATES[state]} ...")
         deadline = time.monotonic() + self._wait_s
-        while (status := str(handle.status.value)) in _SETTLING_STATUSES:
+        while (state := _state(handle)) in _SETTLING_STATES:
             if time.monotonic() >= deadline:
-                raise SandboxError(_stuck_message(name, status, self._wait_s))
+                raise SandboxError(_stuck_message(name, state, self._wait_s))
             await asyncio.sleep(STATUS_POLL_S)
             handle = await handle.refresh()
         return handle
@@ -365,7 +421,7 @@ class MicrosandboxBackend(Backend):
                       progress: Progress) -> microsandbox.Sandbox:
         """Create and boot sandbox ``name`` from ``template``, showing the image pull."""
         sdk = self.sdk
-        reference = template.image
+        reference = self.option(template, "image")
         if reference is None:
             raise ConfigError(
                 f"there is no sandbox {name!r} and its template names no image to create it "
@@ -373,12 +429,13 @@ class MicrosandboxBackend(Backend):
                 f"system directory) for it in {self.state.config_file}")
         images: type[microsandbox.Image] = sdk.Image
         image = images.bind(reference) if reference.startswith("/") else images.oci(reference)
-        volumes = self._volumes(name, template.volumes)
+        volumes = self._volumes(name, self.option(template, "volumes"))
         progress.step(f"creating sandbox {name!r} from {reference} ...")
         session = self._api.create_with_progress(
-            name, image=image, cpus=template.cpus, memory=template.memory_mib,
-            env=dict(template.env) or None, workdir=template.workdir, volumes=volumes or None,
-            network=self._network(template.network), detached=True)
+            name, image=image, cpus=self.option(template, "cpus"),
+            memory=self.option(template, "memory"), env=dict(template.env) or None,
+            workdir=self.option(template, "workdir"), volumes=volumes or None,
+            network=self._network(self.option(template, "network")), detached=True)
         meter = _PullMeter(f"pulling image {reference}", progress, sdk)
         async with session:
             async for event in session.progress:
@@ -416,9 +473,9 @@ class MicrosandboxBackend(Backend):
         return sandbox_lock(self.state.lock_file(name), name, self._lock_wait_s,
                             f"see 'msb logs {shlex.quote(name)}'", on_wait)
 
-    async def state_of(self, name: str) -> str | None:
+    async def state_of(self, name: str) -> SandboxState | None:
         handle = await self._find(name)
-        return None if handle is None else str(handle.status.value)
+        return None if handle is None else _state(handle)
 
     async def current_run(self, name: str) -> str | None:
         handle = await self._find(name)
@@ -438,7 +495,7 @@ class MicrosandboxBackend(Backend):
         async with self._lock(name):
             try:
                 handle = await self._api.get(name)
-                if handle.status.value not in _LIVE_STATUSES:
+                if _state(handle) not in _LIVE_STATES:
                     return False
                 await handle.stop()
             except sdk.SandboxNotFoundError:
@@ -454,7 +511,7 @@ class MicrosandboxBackend(Backend):
         async with self._lock(name):
             try:
                 handle = await self._api.get(name)
-                if handle.status.value in _LIVE_STATUSES:
+                if _state(handle) in _LIVE_STATES:
                     with contextlib.suppress(sdk.SandboxNotRunningError):
                         await handle.stop()
                 await self._api.remove(name)
@@ -494,7 +551,7 @@ class MicrosandboxBackend(Backend):
                 handles.extend(page.sandboxes)
         except sdk.MicrosandboxError as exc:
             raise self._error(exc, None) from None
-        return [SandboxInfo(name=handle.name, state=str(handle.status.value), backend=self.name)
+        return [SandboxInfo(name=handle.name, state=_state(handle), backend=self.name)
                 for handle in handles]
 
 

@@ -1,23 +1,22 @@
 """``msb-proxy doctor``: is everything msb-proxy needs in place? A table, and what to do.
 
-Checks the configured backend (root, overlayfs and the rootfs for ``local``; the SDK, its
-runtime and KVM for ``microsandbox``), whether the relay's C loop was built, the config file,
-the keys that may log in, the ssh_config block, and, in every running sandbox, the guest tools
-that features rely on. Each row is ``ok``, ``warn`` (works, with less) or ``FAIL`` (something
-essential is missing); any ``FAIL`` makes the exit status 1. Stopped sandboxes are not started
-to be checked."""
+Checks the configured backend (its class's ``checks``: root, overlayfs and the rootfs for
+``local``, the SDK, its runtime and KVM for ``microsandbox``), whether the relay's C loop was
+built, the config file, the keys that may log in, the ssh_config block, and, in every running
+sandbox, the guest tools that features rely on. Each row is ``ok``, ``warn`` (works, with less)
+or ``FAIL`` (something essential is missing); any ``FAIL`` makes the exit status 1. Stopped
+sandboxes are not started to be checked."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import replace
 
-from msb_proxy.backends import open_backend
+from msb_proxy.backends.base import Check, CheckStatus, SandboxState
+from msb_proxy.backends.registry import backend_class, open_backend
 from msb_proxy.config import Config
 from msb_proxy.errors import UserError
 from msb_proxy.server.keys import AuthorizedKeys
@@ -26,15 +25,8 @@ from msb_proxy.state import StateDir
 
 __all__ = ["run"]
 
-OK, WARN, FAIL = "ok", "warn", "FAIL"
+OK, WARN, FAIL = CheckStatus.OK, CheckStatus.WARN, CheckStatus.FAIL
 BIN = ("/usr/local/bin", "/usr/bin", "/bin")
-
-
-@dataclass(frozen=True)
-class Check:
-    what: str
-    status: str
-    detail: str
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
@@ -76,47 +68,9 @@ def _relay(config: Config) -> Check:
 
 
 def _backend(config: Config) -> list[Check]:
-    if config.backend == "local":
-        checks = [
-            Check("local: root", OK if os.geteuid() == 0 else FAIL,
-                  "running as root" if os.geteuid() == 0 else
-                  "the local backend mounts and creates namespaces: run msb-proxy as root"),
-            Check("local: overlayfs", OK if _has_overlay() else FAIL,
-                  "the kernel has overlayfs" if _has_overlay() else
-                  "the kernel lacks overlayfs: load it with 'modprobe overlay'"),
-        ]
-        rootfs = config.rootfs
-        usable = (rootfs / "usr" / "bin").is_dir() or (rootfs / "bin").exists()
-        checks.append(Check("local: rootfs", OK if usable else FAIL,
-                            str(rootfs) if usable else
-                            f"no root file system at {rootfs}: build one with 'make rootfs' or "
-                            "set MSB_PROXY_ROOTFS"))
-        return checks
-    checks = []
-    try:
-        import microsandbox
-
-        installed = bool(microsandbox.is_runtime_installed())
-    except ImportError:
-        return [Check("microsandbox: SDK", FAIL, "the microsandbox package is not installed: "
-                      "pip install microsandbox")]
-    checks.append(Check("microsandbox: runtime", OK if installed else FAIL,
-                        "installed" if installed else
-                        "not installed: run 'msb install' (or use --backend local)"))
-    kvm = Path("/dev/kvm")
-    usable = kvm.exists() and os.access(kvm, os.R_OK | os.W_OK)
-    checks.append(Check("microsandbox: KVM", OK if usable else FAIL,
-                        "/dev/kvm is usable (whether VMs boot shows on the first start)"
-                        if usable else "/dev/kvm is missing or not accessible: microVMs cannot "
-                        "run here; use --backend local"))
-    return checks
-
-
-def _has_overlay() -> bool:
-    try:
-        return "overlay" in Path("/proc/filesystems").read_text().split()
-    except OSError:
-        return False
+    """The configured backend's own checks, each named after the backend."""
+    return [replace(check, what=f"{config.backend}: {check.what}")
+            for check in backend_class(config.backend).checks(config)]
 
 
 def _keys(config: Config) -> Check:
@@ -156,7 +110,7 @@ async def _sandboxes(config: Config) -> list[Check]:
         return [Check("sandboxes", WARN, f"cannot list them: {exc}")]
     checks = []
     for info in found:
-        if info.state != "running":
+        if info.state is not SandboxState.RUNNING:
             checks.append(Check(f"{info.name}: tools", OK, f"{info.state}; not checked"))
             continue
         try:

@@ -1,8 +1,8 @@
 """``msb-proxy ls [--json]``: the sandboxes, their state, backend and the alias to ssh to.
 
-Lists the local backend's sandboxes (under ``MSB_PROXY_HOME``) and microsandbox's (through its
-SDK, when it is installed), or only the backend ``--backend`` names. ``--json`` prints a list of
-objects with ``name``, ``state``, ``backend`` and ``alias``.
+Lists the sandboxes of every backend in the registry (one that cannot list them, such as
+microsandbox without its SDK, is named in a warning), or only of the backend ``--backend``
+names. ``--json`` prints a list of objects with ``name``, ``state``, ``backend`` and ``alias``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import asyncio
 import json
 import sys
 
-from msb_proxy.backends import open_backend
 from msb_proxy.backends.base import SandboxInfo
-from msb_proxy.config import BACKENDS, Config
+from msb_proxy.backends.registry import backend_names, open_backend
+from msb_proxy.config import Config
 from msb_proxy.errors import UserError
 
 __all__ = ["run"]
@@ -23,7 +23,7 @@ ALIAS_PREFIX = "msb-"  # what 'msb-proxy config' uses unless told otherwise
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
-    names = [args.backend] if args.backend else list(BACKENDS)
+    names = [args.backend] if args.backend else backend_names()
     found: list[SandboxInfo] = []
     for name in names:
         try:
@@ -32,7 +32,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
             if args.backend:  # asked for this one: its failure is the answer
                 raise
             print(f"msb-proxy: warning: {name} sandboxes not listed: {exc}", file=sys.stderr)
-    rows = [{"name": info.name, "state": info.state, "backend": info.backend,
+    rows = [{"name": info.name, "state": info.state.value, "backend": info.backend,
              "alias": f"{ALIAS_PREFIX}{info.name}"} for info in found]
     if args.json:
         print(json.dumps(rows, indent=2))
