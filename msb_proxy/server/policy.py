@@ -4,7 +4,7 @@ Public key only (the keys of :class:`~msb_proxy.server.keys.AuthorizedKeys`); th
 resolved in the guest before any key is checked, so a sandbox that cannot be opened ends the
 connection with its reason. Session channels become
 :class:`~msb_proxy.server.session.GuestSession`; forwarding requests go to the connection's
-:class:`~msb_proxy.server.tunnels.forward.Tunnels`; X11 and anything else is refused.
+:class:`~msb_proxy.server.tunnels.Tunnels`; X11 and anything else is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from msb_proxy.server.hooks import ConnectionHooks
 from msb_proxy.server.keys import AuthorizedKeys
 from msb_proxy.server.options import SshServerOptions
 from msb_proxy.server.session import Activity, GuestSession, Login
-from msb_proxy.server.tunnels.forward import Tunnels
+from msb_proxy.server.tunnels import Tunnels
 
 __all__ = ["ConnectionPolicy"]
 

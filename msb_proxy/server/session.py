@@ -46,7 +46,7 @@ from msb_proxy.server.transfers.files import open_files
 from msb_proxy.server.transfers.scp import NativeScp, ScpRequest, parse_scp_command
 
 if TYPE_CHECKING:
-    from msb_proxy.server.tunnels.forward import Tunnels
+    from msb_proxy.server.tunnels import Tunnels
 
 __all__ = ["GuestSession", "Login"]
 

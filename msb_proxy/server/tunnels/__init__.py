@@ -1,0 +1,140 @@
+"""Tunnels: ``-L``, ``-D``, ``-R``, unix sockets both ways, and agent forwarding, in the guest.
+
+:class:`Tunnels` answers a connection's forwarding requests and picks what carries each:
+
+* ``direct-tcpip`` to an IP address: a socket of the sandbox's network namespace when the
+  backend can hand one out (:mod:`.sockets`), so the data path has no guest process in it, as
+  with sshd.
+* Everything else goes through one guest tunnel helper per connection (``guest/tunnels.py``,
+  started on the first tunnel, as the login user; :mod:`.mux` is our end of it):
+  ``direct-tcpip`` to a name and ``direct-streamlocal@openssh.com`` are connections it makes
+  from inside the sandbox; ``tcpip-forward`` and ``streamlocal-forward@openssh.com`` are
+  listeners it opens there (:mod:`.listeners`); agent forwarding is a unix listener there too
+  (:mod:`.agent`).
+* Where the guest has no Python to run the helper (a backend other than the local one), ``-L``
+  and ``-D`` fall back to one ``socat``, ``nc`` or ``bash /dev/tcp`` process per channel
+  (:mod:`.processes`); ``-R`` and agent forwarding then report what the sandbox lacks.
+
+Every channel is a :class:`~.channel.TunnelSession` in front of one of those. A connection to a
+refused or unreachable target fails the channel open with the ``connect failed`` reason code
+and the system's text, as sshd does, without holding up the connection's other channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable
+
+import asyncssh
+
+from msb_proxy.backends.base import GuestUser, Sandbox
+from msb_proxy.errors import UserError
+from msb_proxy.server.tunnels.agent import open_agent_listener
+from msb_proxy.server.tunnels.channel import (
+    CONNECT_FAILED,
+    GuestEnd,
+    TunnelSession,
+    channel_open_error,
+)
+from msb_proxy.server.tunnels.listeners import GuestListener, listen_in_guest
+from msb_proxy.server.tunnels.mux import TunnelMux
+from msb_proxy.server.tunnels.processes import connect_with_tool
+from msb_proxy.server.tunnels.sockets import connect_direct
+
+__all__ = ["Tunnels"]
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class Tunnels:
+    """Every tunnel of one SSH connection, and the guest tunnel helper they share."""
+
+    def __init__(self, sandbox: Sandbox, user: GuestUser,
+                 conn: asyncssh.SSHServerConnection, opened: Callable[[], None],
+                 closed: Callable[[], None]) -> None:
+        self._sandbox = sandbox
+        self._user = user
+        self._conn = conn
+        self._opened = opened
+        self._closed = closed
+        self._mux: TunnelMux | None = None
+        self._mux_error: UserError | None = None
+        self._starting = asyncio.Lock()
+        self._direct = True  # try sockets of the sandbox's namespace before the helper
+        self.agent_path: str | None = None
+
+    async def mux(self) -> TunnelMux:
+        """The connection's guest tunnel helper, started on first use."""
+        async with self._starting:
+            if self._mux is None or self._mux.lost is not None:
+                if self._mux_error is not None:
+                    raise self._mux_error
+                try:
+                    link = await self._sandbox.start_helper(self._user, "tunnels")
+                except UserError as exc:
+                    self._mux_error = exc
+                    raise
+                self._mux = TunnelMux(link)
+            return self._mux
+
+    def close(self) -> None:
+        if self._mux is not None:
+            self._mux.close()
+
+    def _session(self, guest: GuestEnd) -> TunnelSession:
+        self._opened()
+        return TunnelSession(guest, on_close=self._closed)
+
+    # ---- direct-tcpip, direct-streamlocal@openssh.com
+    async def connect(self, host: str | None, port: int,
+                      path: str | None = None) -> TunnelSession:
+        # An address: a socket of the sandbox's namespace. A name: the helper, for the guest
+        # resolves it.
+        if path is None and host is not None and self._direct and _is_address(host):
+            direct = await connect_direct(self._sandbox, host, port)
+            if direct is not None:
+                return self._session(direct)
+            self._direct = False  # the backend hands out no sockets: stop asking
+        try:
+            mux = await self.mux()
+        except UserError:
+            if path is not None or host is None:
+                raise asyncssh.ChannelOpenError(
+                    CONNECT_FAILED, f"sandbox {self._sandbox.name!r} cannot run the relay unix "
+                                    "sockets need (it has no python3)") from None
+            return self._session(await connect_with_tool(self._sandbox, self._user, host, port))
+        try:
+            stream = await mux.connect(host, port, path)
+        except OSError as exc:
+            raise channel_open_error(exc) from None
+        return self._session(stream)
+
+    # ---- tcpip-forward, streamlocal-forward@openssh.com
+    async def listen(self, host: str | None, port: int,
+                     path: str | None = None) -> GuestListener | None:
+        """A listener in the guest; None when the guest refused it (asyncssh: "failed")."""
+        mux = await self.mux()
+        return await listen_in_guest(mux, self._conn, self._session, host=host, port=port,
+                                     path=path)
+
+    # ---- auth-agent-req@openssh.com
+    async def start_agent(self) -> bool:
+        """Make the guest socket sessions find the client's agent at (``SSH_AUTH_SOCK``)."""
+        if self.agent_path is not None:
+            return True
+        create_channel = getattr(self._conn, "create_agent_channel", None)
+        if create_channel is None:
+            return False
+        try:
+            mux = await self.mux()
+            self.agent_path = await open_agent_listener(mux, create_channel, self._session)
+        except (UserError, OSError):
+            return False
+        return True

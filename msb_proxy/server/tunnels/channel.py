@@ -1,0 +1,114 @@
+"""The SSH end of every tunnel channel: :class:`TunnelSession`, and :class:`GuestEnd`, what it
+asks of whatever carries the connection inside the sandbox.
+
+Every forwarding channel (``direct-tcpip``, ``direct-streamlocal@openssh.com``, the
+``forwarded-*`` channels of ``-R``, ``auth-agent@openssh.com``) is one :class:`TunnelSession`
+in front of one guest end: a stream of the tunnel helper (:mod:`.mux`), a socket of the
+sandbox's network namespace (:mod:`.sockets`) or a guest process (:mod:`.processes`). The
+session is written once so that each guest end deals only in plain calls, and flow control
+between the channel and the guest end works the same for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import asyncssh
+
+from msb_proxy.errors import UserError
+
+__all__ = ["CONNECT_FAILED", "HIGH_WATER", "GuestEnd", "TunnelSession", "channel_open_error"]
+
+CONNECT_FAILED = asyncssh.OPEN_CONNECT_FAILED
+#: What a channel or a guest end buffers before the other side is told to stop sending.
+HIGH_WATER = 256 * 1024
+TunnelChannel = asyncssh.SSHTCPChannel[bytes] | asyncssh.SSHUNIXChannel[bytes]
+
+
+class GuestEnd(Protocol):
+    """The guest side of one tunnel channel, as :class:`TunnelSession` drives it."""
+
+    def attach(self, session: TunnelSession) -> None:
+        """The channel is open: deliver to ``session`` from now on (and what came before)."""
+
+    def send(self, data: bytes) -> None:
+        """Channel data from the client, for the guest."""
+
+    def send_eof(self) -> None:
+        """The client half-closed the channel."""
+
+    def close(self) -> None:
+        """The channel is closed: end the connection in the guest."""
+
+    def channel_paused(self) -> None:
+        """The channel's send buffer is full: stop reading from the guest."""
+
+    def channel_resumed(self) -> None:
+        """The channel's send buffer has drained: read from the guest again."""
+
+
+class TunnelSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes]):
+    """An SSH forwarding channel carried by a :class:`GuestEnd`; ``on_close`` is called once
+    when the channel goes."""
+
+    def __init__(self, guest: GuestEnd, on_close: Callable[[], None] | None = None) -> None:
+        self._guest = guest
+        self._chan: TunnelChannel | None = None
+        self._on_close = on_close
+        self._input_paused = False
+
+    def connection_made(self, chan: TunnelChannel) -> None:
+        self._chan = chan
+        chan.set_write_buffer_limits(high=HIGH_WATER)
+        self._guest.attach(self)
+
+    # ---- from the client
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._guest.send(data)
+
+    def eof_received(self) -> bool:
+        self._guest.send_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self._guest.channel_paused()
+
+    def resume_writing(self) -> None:
+        self._guest.channel_resumed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guest.close()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+    # ---- from the guest
+    def write(self, data: bytes) -> None:
+        if self._chan is not None and not self._chan.is_closing():
+            self._chan.write(data)
+
+    def write_eof(self) -> None:
+        if self._chan is not None and not self._chan.is_closing():
+            self._chan.write_eof()
+
+    def close(self) -> None:
+        if self._chan is not None:
+            self._chan.close()
+
+    def pause_input(self) -> None:
+        if self._chan is not None and not self._input_paused:
+            self._input_paused = True
+            self._chan.pause_reading()
+
+    def resume_input(self) -> None:
+        if self._chan is not None and self._input_paused:
+            self._input_paused = False
+            self._chan.resume_reading()
+
+
+def channel_open_error(exc: OSError | UserError) -> asyncssh.ChannelOpenError:
+    """The open failure sshd sends for a connection that could not be made: the reason code
+    (which the client prints as "connect failed") and the system's text."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return asyncssh.ChannelOpenError(CONNECT_FAILED, reason)

@@ -1,0 +1,69 @@
+"""``-R`` listeners: ``tcpip-forward`` and ``streamlocal-forward@openssh.com`` requests become
+listeners the tunnel helper opens inside the guest.
+
+Each connection one accepts comes back to the client as a ``forwarded-tcpip`` or
+``forwarded-streamlocal@openssh.com`` channel. :class:`GuestListener` is such a listener in the
+shape asyncssh's forwarding code expects, which closes it on ``cancel-tcpip-forward`` and at
+the end of the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import asyncssh
+
+from msb_proxy.server.tunnels.channel import GuestEnd, TunnelSession
+from msb_proxy.server.tunnels.mux import MuxStream, TunnelMux
+
+__all__ = ["GuestListener", "listen_in_guest"]
+
+
+class GuestListener(asyncssh.SSHListener):
+    """A ``-R`` listener inside the guest, as asyncssh's forwarding code expects one."""
+
+    def __init__(self, mux: TunnelMux, ident: int, port: int) -> None:
+        super().__init__()
+        self._mux = mux
+        self._ident = ident
+        self._port = port
+        self._closed = asyncio.Event()
+
+    def get_port(self) -> int:
+        return self._port
+
+    def close(self) -> None:
+        self._mux.unlisten(self._ident)
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+async def listen_in_guest(mux: TunnelMux, conn: asyncssh.SSHServerConnection,
+                          session: Callable[[GuestEnd], TunnelSession], *, host: str | None,
+                          port: int, path: str | None) -> GuestListener | None:
+    """Listen in the guest on ``host``:``port`` (or unix ``path``) and forward each connection
+    to the client over a channel whose session ``session`` makes; None when the guest refused
+    the listener (asyncssh then fails the request)."""
+    # As sshd with GatewayPorts no: -R listens on the guest's loopback.
+    bind_host = None if path is not None else "127.0.0.1" if host in ("", "*", "localhost",
+                                                                      "0.0.0.0") else host
+    listen_port = 0
+
+    async def accept(stream: MuxStream, peer_host: str, peer_port: int) -> None:
+        try:
+            if path is not None:
+                await conn.create_unix_connection(lambda: session(stream), path)
+            else:
+                await conn.create_connection(lambda: session(stream), host or "", listen_port,
+                                             peer_host, peer_port)
+        except (asyncssh.ChannelOpenError, OSError):
+            stream.close()
+
+    try:
+        ident, listen_port = await mux.listen(accept, host=bind_host, port=port, path=path)
+    except OSError:
+        return None
+    return GuestListener(mux, ident, listen_port)
