@@ -575,3 +575,74 @@ def test_a_bad_length_split_across_reads_is_refused_at_once(
     assert held == b""
     assert isinstance(why, asyncssh.DisconnectError)
     assert why.code == asyncssh.DISC_PROTOCOL_ERROR
+
+
+def _failing(original: Callable[..., Any], after: int,
+             when: Callable[..., bool] = lambda *args: True) -> Callable[..., Any]:
+    """``original``, raising RuntimeError at the ``after``-th call for which ``when`` holds."""
+    calls = [0]
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if when(*args):
+            calls[0] += 1
+            if calls[0] == after:
+                raise RuntimeError("a fault injected by the test")
+        return original(*args, **kwargs)
+
+    return call
+
+
+def _is_channel(_gate: object, obj: object) -> bool:
+    return isinstance(obj, asyncssh.SSHServerChannel)
+
+
+FAULTS = {  # where a fault of ours strikes: (object, attribute, after how many calls, when)
+    "receive, before decrypting": (recvpath.Receiver, "_valid", 40, None),
+    "receive, after decrypting": (fastpath.gate.Accepts, "__call__", 1, _is_channel),
+    "send, sealing a packet": (sendpath, "seal", 5, None),
+    "relay, polling": (relay.Relay, "_step", 3, None),
+    "relay, entering the C loop": (relay.Relay, "_native_arguments", 3, None),
+}
+
+
+@pytest.mark.parametrize("serve", ["tcp", "pipes", "pipes-python"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_fault_in_the_fast_path_hands_everything_to_asyncssh_in_order(
+    msb: Env, monkeypatch: pytest.MonkeyPatch, fault: str, serve: str
+) -> None:
+    """Our code raising anywhere on the fast path, mid-transfer: the bytes in flight go to
+    asyncssh's own path in order (a packet already decrypted as its plaintext), the fast path
+    is off for that connection only, and the transfer and the next command are exact."""
+    if msb.backend != "local":
+        pytest.skip("serves the local backend in-process")
+    owner, attribute, after, when = FAULTS[fault]
+    if fault.startswith("relay") and serve == "tcp":
+        pytest.skip("no relay over TCP")
+    if attribute == "_native_arguments" and serve != "pipes":
+        pytest.skip("the C loop serves only pipes")
+    if attribute in ("seal", "_step") and serve == "pipes":
+        pytest.skip("the C loop seals and polls there (faults entering it: the C-loop case)")
+    sandbox = f"fault-{uuid.uuid4().hex[:6]}"
+    msb.host(sandbox)
+    pipes = _serving(monkeypatch, serve)
+    seen = _recorder(monkeypatch)
+    original = getattr(owner, attribute)
+    monkeypatch.setattr(owner, attribute, _failing(original, after, when or (lambda *a: True)))
+    payload = os.urandom(4 << 20)
+
+    async def run() -> tuple[asyncssh.SSHCompletedProcess, asyncssh.SSHCompletedProcess]:
+        async with _connect(msb, sandbox, ["aes128-ctr"], pipes) as conn:
+            upload = await conn.run("sha256sum; head -c 3145728 /dev/urandom | tee /tmp/out | "
+                                    "sha256sum >&2; cat /tmp/out", input=payload,
+                                    encoding=None)
+            return upload, await conn.run("echo still here", encoding=None)
+
+    upload, after_it = asyncio.run(run())
+    assert upload.exit_status == 0
+    stdout, stderr = upload.stdout, upload.stderr
+    assert isinstance(stdout, bytes) and isinstance(stderr, bytes)
+    assert stdout[:64] == hashlib.sha256(payload).hexdigest().encode()
+    assert stderr.split()[0] == hashlib.sha256(stdout[68:]).hexdigest().encode()
+    assert len(stdout) == 68 + (3 << 20)
+    assert after_it.stdout == b"still here\n"
+    assert len(seen.paths) == 1 and not seen.paths[0].active, "the fault did not strike"

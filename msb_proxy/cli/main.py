@@ -230,6 +230,10 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
 def _data_path(config: Config) -> HooksFactory | None:
     """The fast path for every connection, unless MSB_PROXY_FASTPATH=0 turned it off."""
     if not config.fastpath:
+        import logging
+
+        logging.getLogger("msb_proxy.fastpath").debug(
+            "fast path not installed (MSB_PROXY_FASTPATH=0): asyncssh's own path")
         return None
     import functools
 

@@ -73,6 +73,7 @@ class FastPath(ConnectionHooks):
         self.umac = umac.attach(conn)
         self.relay: relay.Relay | None = None
         self._relay_refused = False
+        _log.debug("fast path on (cached-key UMAC: %s)", "yes" if self.umac else "no")
 
     def fail(self, reason: str) -> None:
         """Take the fast path off this connection for good: asyncssh's own path from now on.
@@ -101,9 +102,12 @@ class FastPath(ConnectionHooks):
 
     def process_started(self, session: RelayedSession, chan: asyncssh.SSHServerChannel[bytes],
                         process: Any) -> None:
-        relay = self._relay()
-        if relay is not None and gate.channel_refusal(chan) is None:
-            relay.attach(session, chan, process)
+        try:
+            relay = self._relay()
+            if relay is not None and gate.channel_refusal(chan) is None:
+                relay.attach(session, chan, process)
+        except Exception as exc:  # the session goes on, on asyncssh's path
+            self.fail(f"{type(exc).__name__}: {exc}")
 
     def process_ended(self, session: RelayedSession) -> None:
         if self.relay is not None:
@@ -134,4 +138,5 @@ class FastPath(ConnectionHooks):
                            client=client, native=native, failed=self.fail)
         self._relay_refused = False
         client.after_read = self.relay.run
+        _log.debug("relay on, %s loop", "C" if native is not None else "Python")
         return self.relay

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import select
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh
+
+_log = logging.getLogger("msb_proxy.fastpath")
 
 
 def _attribute(module: str, name: str) -> Any:
@@ -56,6 +60,7 @@ __all__ = [
     "PYTHON_TESTED",
     "RECV_PKTHDR",
     "SSH_CHANNEL",
+    "Accepts",
     "channel_refusal",
     "connection_refusal",
     "loop_refusal",
@@ -140,6 +145,26 @@ def encryption_refusal(encryption: Any) -> str | None:
     """Why the fast path must leave an encryption of ``encryption``'s type alone, or None."""
     missing = _missing(encryption, ENCRYPTION_NAMES)
     return None if missing is None else f"asyncssh's encryption has no {missing}"
+
+
+class Accepts:
+    """Whether objects of a type pass ``refusal`` (one of the functions above), asked once per
+    type: the names it checks are set by the type's ``__init__``, so one object speaks for all.
+    A refusal is logged once (``--debug``)."""
+
+    def __init__(self, refusal: Callable[[Any], str | None]) -> None:
+        self._refusal = refusal
+        self._answers: dict[type, bool] = {}
+
+    def __call__(self, obj: object) -> bool:
+        kind = type(obj)
+        answer = self._answers.get(kind)
+        if answer is None:
+            reason = self._refusal(obj)
+            answer = self._answers[kind] = reason is None
+            if reason is not None:
+                _log.debug("fast path off for %s: %s", kind.__name__, reason)
+        return answer
 
 
 def loop_refusal(loop: asyncio.AbstractEventLoop) -> str | None:

@@ -15,8 +15,9 @@ Every other packet is passed to asyncssh. One it had to decrypt to see its type 
 as received, with a one-shot stand-in for the cipher that returns the plaintext (CTR ciphers
 cannot decrypt twice): asyncssh then parses, checks and dispatches it exactly as ever. Whenever
 the connection is not in a state this covers (before authentication, key exchange under way,
-compression, another cipher mode, debug logging on, asyncssh in the middle of a packet or
-waiting on an asynchronous handler) all input goes straight to asyncssh.
+compression, another cipher mode, asyncssh in the middle of a packet or waiting on an
+asynchronous handler) all input goes straight to asyncssh. asyncssh's packet-level debug log
+(level 2 and up) does not see the packets taken here.
 
 This relies on asyncssh internals (its receive state and the cipher and MAC of its
 encryption), which :mod:`msb_proxy.fastpath.gate` checks before any is touched. If anything of
@@ -79,8 +80,8 @@ class Receiver:
         self._failed = failed
         self._broken = False
         self._held = b""
-        self._checked: set[type] = set()  # channel and encryption types gate.py accepted
-        self._refused: set[type] = set()
+        self._channel_ok = gate.Accepts(gate.channel_refusal)
+        self._encryption_ok = gate.Accepts(gate.encryption_refusal)
         # Where the input stands while a feed runs, for handing the rest back on a fault: the
         # buffer being taken, how much of it asyncssh has or we have handled, what follows it,
         # and the packet decrypted but not yet handled (start, end, encryption, plaintext).
@@ -225,20 +226,7 @@ class Receiver:
                 and getattr(handler, "__func__", None) is gate.RECV_PKTHDR
                 and conn._auth_complete and conn._kex_complete
                 and conn._decompressor is None and conn._transport is not None
-                and self._accepts(encryption, gate.encryption_refusal))
-
-    def _accepts(self, obj: object, refusal: Callable[[Any], str | None]) -> bool:
-        """Whether gate.py accepts objects of ``obj``'s type (asked once per type)."""
-        kind = type(obj)
-        if kind in self._checked:
-            return True
-        if kind in self._refused:
-            return False
-        if refusal(obj) is None:
-            self._checked.add(kind)
-            return True
-        self._refused.add(kind)
-        return False
+                and self._encryption_ok(encryption))
 
     def _run(self, buf: bytes, pos: int) -> int | None:
         """Take the packets of ``buf`` from ``pos``: where an incomplete one starts, or None
@@ -280,7 +268,7 @@ class Receiver:
                     and data_end > _DATA_HEADER
                     and int.from_bytes(plain[6:10], "big") == data_end - _DATA_HEADER):
                 chan: Any = channels.get(int.from_bytes(plain[2:6], "big"))
-                if (chan is not None and self._accepts(chan, gate.channel_refusal)
+                if (chan is not None and self._channel_ok(chan)
                         and chan._recv_state == "open"
                         and data_end - _DATA_HEADER <= chan._recv_window
                         and chan._packet_handlers.get(_CHANNEL_DATA) is gate.PROCESS_DATA):

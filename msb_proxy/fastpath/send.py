@@ -8,8 +8,8 @@ accepts) that is where a download spends much of its time outside the cipher. Fo
 encrypt-then-MAC cipher (what OpenSSH clients choose with us) :class:`Sender` builds the
 packet in one join, encrypts it, MACs the length and ciphertext without joining them, and hands
 the three pieces to the transport, which writes them together; every other packet, and every
-state this does not cover (key exchange under way or due, compression, other cipher modes,
-packet logging on), takes asyncssh's own path.
+state this does not cover (key exchange under way or due, compression, other cipher modes),
+takes asyncssh's own path; asyncssh's packet log does not see the packets sealed here.
 
 :func:`write_channel` is the same for a channel's side: a write that can go out as one packet
 at once skips asyncssh's per-write log call, buffer copy and flush loop and lands here.
@@ -54,8 +54,8 @@ class Sender:
         self._send_packet = conn.send_packet  # asyncssh's own
         self._failed = failed
         self._broken = False
-        self._encryptions: set[type] = set()  # encryption types gate.py accepted
-        self._channels: set[type] = set()  # channel types gate.py accepted
+        self._encryption_ok = gate.Accepts(gate.encryption_refusal)
+        self._channel_ok = gate.Accepts(gate.channel_refusal)
         self.sealed = 0  # data packets sent on the short path (for the tests)
 
     def install(self) -> None:
@@ -70,14 +70,8 @@ class Sender:
     def ready(self) -> bool:
         """Whether a data packet may be sealed here now (see :func:`fast_state`)."""
         conn = self._conn
-        if self._broken or not fast_state(conn):
-            return False
-        kind = type(conn._send_encryption)
-        if kind not in self._encryptions:
-            if gate.encryption_refusal(conn._send_encryption) is not None:
-                return False
-            self._encryptions.add(kind)
-        return True
+        return (not self._broken and fast_state(conn)
+                and self._encryption_ok(conn._send_encryption))
 
     def send(self, pkttype: int, *args: bytes, handler: Any = None) -> None:
         """The connection's ``send_packet``."""
@@ -106,12 +100,17 @@ class Sender:
         packet size allow): its log line, buffer copy and flush loop cost more than the packet
         on small writes. Everything else goes through ``chan.write``."""
         size = len(data)
-        if (size and not self._broken and self._channel_ok(chan)
-                and chan._send_state == "open" and not chan._send_buf
-                and size <= chan._send_window and size <= chan._send_pktsize
-                and chan._encoding is None and not chan._send_paused
-                and chan._send_chan is not None
-                and (datatype is None or datatype in chan._write_datatypes)):
+        try:
+            short = (size and not self._broken and self._channel_ok(chan)
+                     and chan._send_state == "open" and not chan._send_buf
+                     and size <= chan._send_window and size <= chan._send_pktsize
+                     and chan._encoding is None and not chan._send_paused
+                     and chan._send_chan is not None
+                     and (datatype is None or datatype in chan._write_datatypes))
+        except Exception as exc:  # nothing was changed yet: asyncssh writes it
+            self._failed(f"{type(exc).__name__}: {exc}")
+            short = False
+        if short:
             header = _UINT32(chan._send_chan)
             if datatype is None:
                 args: tuple[bytes, ...] = (header, _UINT32(size), data)
@@ -124,15 +123,6 @@ class Sender:
                 self._send_packet(pkttype, b"".join(args), handler=chan)
             return
         chan.write(data, datatype)
-
-    def _channel_ok(self, chan: Any) -> bool:
-        kind = type(chan)
-        if kind in self._channels:
-            return True
-        if gate.channel_refusal(chan) is not None:
-            return False
-        self._channels.add(kind)
-        return True
 
 
 def fast_state(conn: Any) -> bool:
