@@ -1,9 +1,10 @@
-"""-L and -D in a guest that cannot run the relay: socat, nc or bash carry each connection.
+"""-L and -D in a guest that cannot run the tunnel helper: socat, nc or bash carry each
+connection.
 
-The local backend forks its relay from the jail init (and connects to addresses in the sandbox
-on sockets the init makes), so it never needs this; a sandbox whose start_helper fails and that
-hands out no sockets (as a microVM without python3) is made here by wrapping the local backend,
-and served through the real ssh client by the importable SshServer API.
+The local backend forks its tunnel helper from the jail init (and connects to addresses in the
+sandbox on sockets the init makes), so it never needs this; a sandbox whose start_helper fails
+and that hands out no sockets (as a microVM without python3) is made here by wrapping the local
+backend, and served through the real ssh client by the importable SshServer API.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from msb_proxy.state import StateDir
 from msb_proxy.transport.stdio import SshSocketStream
 
 
-class _NoRelaySandbox(LocalSandbox):
-    """As a microVM without python3: no relay, and no sockets of its namespace for us."""
+class _NoHelperSandbox(LocalSandbox):
+    """As a microVM without python3: no tunnel helper, and no sockets of its namespace for us."""
 
     async def start_helper(self, user: GuestUser, helper: str) -> Link:
         raise SandboxError(f"sandbox {self.name!r} has no python3 for the {helper} helper")
@@ -40,16 +41,16 @@ class _NoRelaySandbox(LocalSandbox):
         return None
 
 
-class _NoRelayBackend(LocalBackend):
+class _NoHelperBackend(LocalBackend):
     async def open(self, name: str, template: SandboxTemplate,
                    progress: Progress) -> LocalSandbox:
         opened = await super().open(name, template, progress)
-        return _NoRelaySandbox(name, opened.socket_path, opened.run_id, opened.started)
+        return _NoHelperSandbox(name, opened.socket_path, opened.run_id, opened.started)
 
 
 @pytest.fixture(scope="module")
 def served(msb: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    """A unix socket where an in-process SshServer serves a relay-less sandbox; the ssh
+    """A unix socket where an in-process SshServer serves a helper-less sandbox; the ssh
     config to reach it (host ``fallback``)."""
     if msb.backend != "local":
         pytest.skip("wraps the local backend")
@@ -62,7 +63,7 @@ def served(msb: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     finish = asyncio.Event()
 
     async def main() -> None:
-        backend = _NoRelayBackend(StateDir(msb.home), msb.rootfs)
+        backend = _NoHelperBackend(StateDir(msb.home), msb.rootfs)
         options = SshServerOptions(host_key_path=root / "host_key",
                                    authorized_keys=[msb.key.with_suffix(".pub").read_text()],
                                    template=SandboxTemplate(backend="local"))

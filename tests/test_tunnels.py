@@ -114,10 +114,10 @@ def exchange(address: int | str, data: bytes, timeout: float = WAIT_S) -> bytes:
 
 
 # A direct-tcpip channel to an address goes to a socket of the sandbox's network namespace
-# (local backend); to a name, through the guest relay, which resolves it in the guest. Both
-# carry the same tests.
+# (local backend); to a name, through the guest tunnel helper, which resolves it in the guest.
+# Both carry the same tests.
 TARGETS = pytest.mark.parametrize("target", ["127.0.0.1", "localhost"],
-                                  ids=["direct-socket", "relay"])
+                                  ids=["direct-socket", "tunnel-helper"])
 
 
 # ---- -L and -D to TCP servers in the guest
@@ -263,14 +263,14 @@ def test_cancelled_remote_forward_stops_listening_in_the_guest(msb: Env, guest: 
 
 
 def _guest_helpers(msb: Env, guest: str) -> int:
-    """How many guest helpers (the relay, forked from the jail init) are running now."""
+    """How many guest helpers (the tunnel helper, forked from the jail init) are running now."""
     listing = msb.ssh(guest, "ps -eo pid=,args=").out.splitlines()
     return sum(1 for line in listing
                if line.split(None, 1)[1].startswith("msb-init") and line.split()[0] != "1")
 
 
 @pytest.mark.parametrize(("target", "helpers"), [("127.0.0.1", 0), ("localhost", 1)],
-                         ids=["address-direct", "name-relay"])
+                         ids=["address-direct", "name-tunnel-helper"])
 def test_tunnel_to_an_address_needs_no_process_in_the_guest(
     msb: Env, guest: str, web: Web, target: str, helpers: int
 ) -> None:

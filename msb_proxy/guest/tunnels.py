@@ -1,8 +1,8 @@
-"""The guest relay: every tunnel of one SSH connection, inside the guest, over one byte stream.
+"""The guest tunnel helper: every tunnel of one SSH connection, inside the guest, on one stream.
 
-msb-proxy starts one relay per SSH connection that forwards anything (``-L``, ``-D``, ``-R``,
+msb-proxy starts one helper per SSH connection that forwards anything (``-L``, ``-D``, ``-R``,
 unix sockets, the agent), as the login user, so connections are made from inside the sandbox
-(its ``127.0.0.1`` is its own, names resolve there) and listeners listen there. The relay
+(its ``127.0.0.1`` is its own, names resolve there) and listeners listen there. The helper
 multiplexes all of them over its stdin/stdout:
 
     frame   = >I length of the rest, >I stream or listener id, B op, payload
@@ -11,7 +11,7 @@ multiplexes all of them over its stdin/stdout:
     LISTEN_TCP   host\\0port        -> LISTENING port | FAILED      (id names the listener)
     LISTEN_UNIX  path\\0mode        -> LISTENING 0 | FAILED         (socket made with that mode)
     UNLISTEN                       stop listening; a unix socket is removed
-    ACCEPTED     listener\\0peer-host\\0peer-port  (relay -> proxy; id is the new stream)
+    ACCEPTED     listener\\0peer-host\\0peer-port  (helper -> proxy; id is the new stream)
     DATA bytes, EOF (half-close), CLOSE, CREDIT n (either way)
 
 Flow control is by credit: a side sends DATA for a stream only as far as the other side has
@@ -34,6 +34,12 @@ import struct
 import sys
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+__all__ = [
+    "ACCEPTED", "CLOSE", "CONNECT_TCP", "CONNECT_UNIX", "CREDIT", "DATA", "EOF", "FAILED",
+    "HEADER", "LISTENING", "LISTEN_TCP", "LISTEN_UNIX", "OPENED", "UNLISTEN", "WINDOW", "frame",
+    "serve",
+]
+
 HEADER = struct.Struct(">IIB")
 WINDOW = 256 * 1024
 READ_SIZE = 64 * 1024
@@ -48,7 +54,7 @@ def frame(ident: int, op: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(5 + len(payload), ident, op) + payload
 
 
-class Stream:
+class GuestStream:
     """One tunnelled connection's socket and its two directions of flow."""
 
     def __init__(self, ident: int, sock: socket.socket) -> None:
@@ -63,12 +69,15 @@ class Stream:
         self.read_closed = False
 
 
-class Relay:
+class GuestTunnels:
+    """Every tunnelled connection and listener of one SSH connection, and the loop that
+    serves them."""
+
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self.read_fd = read_fd
         self.write_fd = write_fd
         self.selector = selectors.DefaultSelector()
-        self.streams: Dict[int, Stream] = {}
+        self.streams: Dict[int, GuestStream] = {}
         self.listeners: Dict[int, Tuple[socket.socket, Optional[str]]] = {}
         self.next_accepted = ACCEPTED_IDS
         self.inbox = b""
@@ -101,12 +110,12 @@ class Relay:
                 if key.data is None:
                     if not self.from_proxy():
                         return
-                elif isinstance(key.data, Stream):
+                elif isinstance(key.data, GuestStream):
                     self.on_stream(key.data, events)
                 else:
                     self.on_listener(key.data)
 
-    def watch(self, stream: Stream) -> None:
+    def watch(self, stream: GuestStream) -> None:
         events = 0
         if stream.connecting or stream.outgoing or stream.eof_pending:
             events |= selectors.EVENT_WRITE
@@ -199,7 +208,7 @@ class Relay:
                 error = exc
                 continue
             sock.setblocking(False)
-            stream = Stream(ident, sock)
+            stream = GuestStream(ident, sock)
             stream.candidates = candidates
             try:
                 sock.connect(address)
@@ -284,14 +293,14 @@ class Relay:
         conn.setblocking(False)
         stream_id = self.next_accepted
         self.next_accepted += 1
-        stream = Stream(stream_id, conn)
+        stream = GuestStream(stream_id, conn)
         self.streams[stream_id] = stream
         host, port = (peer[0], peer[1]) if isinstance(peer, tuple) else ("", 0)
         self.send(stream_id, ACCEPTED, "{}\0{}\0{}".format(ident, host, port).encode())
         self.watch(stream)
 
     # ---- data
-    def on_stream(self, stream: Stream, events: int) -> None:
+    def on_stream(self, stream: GuestStream, events: int) -> None:
         if stream.connecting:
             code = stream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
@@ -309,7 +318,7 @@ class Relay:
         if stream.ident in self.streams:
             self.watch(stream)
 
-    def flush(self, stream: Stream) -> None:
+    def flush(self, stream: GuestStream) -> None:
         if stream.outgoing:
             try:
                 sent = stream.sock.send(stream.outgoing)
@@ -327,7 +336,7 @@ class Relay:
         if not stream.outgoing and not stream.eof_pending and stream.closing:
             self.drop(stream, tell=False)
 
-    def pull(self, stream: Stream) -> None:
+    def pull(self, stream: GuestStream) -> None:
         try:
             data = stream.sock.recv(min(READ_SIZE, stream.credit))
         except (BlockingIOError, InterruptedError):
@@ -341,7 +350,7 @@ class Relay:
         stream.read_closed = True
         self.send(stream.ident, EOF)
 
-    def drop(self, stream: Stream, tell: bool) -> None:
+    def drop(self, stream: GuestStream, tell: bool) -> None:
         self.streams.pop(stream.ident, None)
         with contextlib.suppress(KeyError):
             self.selector.unregister(stream.sock)
@@ -351,7 +360,7 @@ class Relay:
 
 
 def serve(read_fd: int, write_fd: int) -> None:
-    """Relay until the proxy closes our input; then every tunnel and listener goes with us.
+    """Serve until the proxy closes our input; then every tunnel and listener goes with us.
 
     A hang-up (the proxy's connection to us is gone) ends it the same way. The signal only
     wakes the loop, so the unix sockets we made are removed in one piece, never half-way.
@@ -361,12 +370,12 @@ def serve(read_fd: int, write_fd: int) -> None:
     signal.set_wakeup_fd(wake_w)
     for signum in (signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, _ignore)
-    relay = Relay(read_fd, write_fd)
+    tunnels = GuestTunnels(read_fd, write_fd)
     try:
-        relay.run(wake_r)
+        tunnels.run(wake_r)
     finally:
-        for ident in list(relay.listeners):
-            relay.unlisten(ident)
+        for ident in list(tunnels.listeners):
+            tunnels.unlisten(ident)
 
 
 def _ignore(signum: int, frame: object) -> None:
