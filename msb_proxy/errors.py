@@ -13,7 +13,6 @@ __all__ = [
     "ConfigError",
     "SandboxError",
     "SandboxNotFoundError",
-    "SandboxNotRunningError",
     "UnknownUserError",
     "UserError",
 ]
@@ -48,10 +47,6 @@ class SandboxError(UserError):
 
 class SandboxNotFoundError(SandboxError):
     """There is no sandbox of that name (and it may not be created)."""
-
-
-class SandboxNotRunningError(SandboxError):
-    """The sandbox exists but is not running, and this backend will not start it."""
 
 
 class UnknownUserError(UserError):

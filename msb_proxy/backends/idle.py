@@ -42,7 +42,6 @@ class ConnectionTracker:
 
     def __init__(self, state: StateDir, name: str, template: SandboxTemplate,
                  environ: Mapping[str, str]) -> None:
-        self._state = state
         self._name = name
         self._backend = template.backend
         self._stop_after_idle = template.stop_after_idle

@@ -1,5 +1,5 @@
 """Links to the helper programs msb-proxy runs inside a guest (``guest/files.py``,
-``guest/relay.py``).
+``guest/tunnels.py``).
 
 A helper runs as the login user and speaks a framed protocol over one byte stream each way. A
 :class:`Link` is the proxy's end of that stream, whatever carries it: a socket (the local
@@ -19,7 +19,7 @@ from typing import Protocol
 
 from msb_proxy.backends.base import ExitStatus, GuestProcess
 
-__all__ = ["HELPERS", "Link", "LinkReceiver", "ProcessLink", "SocketLink", "helper_source"]
+__all__ = ["Link", "LinkReceiver", "ProcessLink", "SocketLink", "helper_source", "split_frames"]
 
 HELPERS = ("files", "tunnels")
 
@@ -65,7 +65,6 @@ class Link:
         self.receiver: LinkReceiver | None = None
         self._pending: list[bytes] = []
         self._lost: tuple[Exception | None] | None = None
-        self._on_close: list[contextlib.AbstractContextManager[object] | object] = []
 
     def attach(self, receiver: LinkReceiver) -> None:
         """Start delivering to ``receiver``, including anything that arrived before."""

@@ -353,7 +353,7 @@ class NativeScp(GuestProcess):
         await self._ack()  # the sink says it is ready
         for pattern in self._request.paths:
             for path in await self._expand(pattern):
-                await self._send_path(path, top=True)
+                await self._send_path(path)
 
     async def _expand(self, pattern: str) -> list[bytes]:
         path = self._path(pattern)
@@ -364,7 +364,7 @@ class NativeScp(GuestProcess):
             await self._warn(f"{pattern}: No such file or directory")
         return matches
 
-    async def _send_path(self, path: bytes, top: bool) -> None:
+    async def _send_path(self, path: bytes) -> None:
         shown = path.decode("utf-8", "replace")
         try:
             attrs = await self._files.stat(path)
@@ -391,7 +391,7 @@ class NativeScp(GuestProcess):
                     while entries := await self._files.readdir(handle):
                         for entry, _, _, _ in entries:
                             if entry not in (b".", b".."):
-                                await self._send_path(path.rstrip(b"/") + b"/" + entry, False)
+                                await self._send_path(path.rstrip(b"/") + b"/" + entry)
                 finally:
                     await self._files.close(handle)
             await self._send(b"E\n")

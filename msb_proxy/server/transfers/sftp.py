@@ -174,7 +174,6 @@ class NativeSftp(GuestProcess):
         self._output_paused.set()
         self._eof = False
         self._done = False
-        self._initialized = False
 
     # ---- GuestProcess
     def write_stdin(self, data: bytes) -> None:
@@ -220,7 +219,6 @@ class NativeSftp(GuestProcess):
     def _dispatch(self, packet: bytes) -> None:
         kind = packet[0]
         if kind == INIT:
-            self._initialized = True
             extensions = b"".join(_string(name) + _string(data) for name, data in EXTENSIONS)
             self._send(struct.pack(">BI", VERSION_T, VERSION) + extensions)
             return
