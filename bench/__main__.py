@@ -193,8 +193,8 @@ def _notes(plan: Plan, busy: float, harness: Harness, workloads: Sequence[Worklo
             "`ssh -L` rows: each run starts a listener in the guest (bench/peer.py under the "
             "guest's python3: it discards, sends or serves over HTTP) and an `ssh -N -L` "
             "before the clock, and ends both after it; the tunnel's ProxyCommand (and "
-            "msb-proxy's guest relay) counts for the run's RSS and CPU, the guest listener on "
-            "neither side. The timed command is the host end (peer.py), which exits "
+            "msb-proxy's guest tunnel helper) counts for the run's RSS and CPU, the guest "
+            "listener on neither side. The timed command is the host end (peer.py), which exits "
             "once the other end holds every byte: the sink answers the count after end of "
             "file. Byte counts are checked on every run, the sha256 after the first run on "
             "each side (through a tunnel of its own)")

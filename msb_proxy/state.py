@@ -7,7 +7,7 @@
       authorized_keys          keys allowed to log in to every sandbox
       known_hosts              every sandbox alias's host key, for ssh's UserKnownHostsFile
       host_keys/<slug>         one ed25519 host key per sandbox name, 0600, kept across rm
-      sandboxes/<slug>/        the local backend's sandboxes (see backends/local.py)
+      sandboxes/<slug>/        the local backend's sandboxes (see backends/local/)
       locks/<slug>.lock        held while a sandbox is being decided on or started
 
 ``<slug>`` is the sandbox name itself when it is a plain file name, else a digest of it, so that
@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["StateDir", "slug"]
+__all__ = ["StateDir", "slug", "write_private"]
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

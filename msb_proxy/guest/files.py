@@ -33,6 +33,8 @@ try:  # imported now: in the jail init's children nothing can be imported later
 except ImportError:  # pragma: no cover  (a guest without them shows numeric owners)
     grp = pwd = None  # type: ignore[assignment]
 
+__all__ = ["serve"]
+
 Request = Dict[str, Any]
 Reply = Tuple[Dict[str, Any], bytes]
 

@@ -391,7 +391,7 @@ class LocalSandbox(Sandbox):
             reply, fds = await _request(self.socket_path, {"op": "socket", "family": name})
         except (OSError, ValueError):
             return None
-        if not reply.get("ok") or len(fds) != 1:  # an init from before the op: the relay
+        if not reply.get("ok") or len(fds) != 1:  # an init from before the op: the helper
             for fd in fds:
                 os.close(fd)
             return None

@@ -1,6 +1,6 @@
 """The local backend's jail init: PID 1 of one sandbox, and the only way into it.
 
-Started by ``backends/local.py`` as ``python -m msb_proxy.backends.local.jail``, it
+Started by ``backends/local/backend.py`` as ``python -m msb_proxy.backends.local.jail``, it
 
 1. unshares mount, PID, network, IPC, UTS and cgroup namespaces and forks PID 1;
 2. mounts an overlay of the read-only base rootfs and the sandbox's own writable layer, with a
@@ -54,6 +54,9 @@ from typing import Any, NoReturn
 from msb_proxy.backends.local.terminal import apply_modes, set_window_size
 from msb_proxy.guest import files as guest_files
 from msb_proxy.guest import tunnels as guest_tunnels
+
+# A program (``python -m``), not a library: nothing here is imported by other modules.
+__all__: list[str] = []
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SOCKET_FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}

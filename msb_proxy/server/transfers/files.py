@@ -22,7 +22,7 @@ from typing import Any
 from msb_proxy.backends.base import GuestUser, Sandbox
 from msb_proxy.backends.links import Link, split_frames
 
-__all__ = ["Attrs", "FileServiceClient", "GuestFiles", "open_files"]
+__all__ = ["Attrs", "GuestFiles", "open_files"]
 
 _HEADER = struct.Struct(">IIH")
 
