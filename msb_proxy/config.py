@@ -26,11 +26,13 @@ one-line error naming the file, the table, the key and the form it must take.
 Every table takes the common keys (``backend``, ``env``, ``user``, ``create``,
 ``stop_after_idle``, ``accept_env``, ``keepalive``, ``inactivity_timeout``) and the options of
 its backend (``image``, ``cpus`` ...: the backend class's ``options``, see
-``msb_proxy.backends.base``). A table's backend is the one it names, else the one ``[defaults]``
-names, else the one the flag or the environment chooses, else ``microsandbox``; a key that
-backend does not take is refused, naming the backends that do. When the tables a sandbox merges
-still hand its backend an option it does not take (flag or environment choosing another backend
-than the file's tables, say), using that sandbox is refused the same way.
+``msb_proxy.backends.base``; this module, below the backends, learns them from the
+:class:`BackendCatalogue` its caller passes: the registry). A table's backend is the one it
+names, else the one ``[defaults]`` names, else the one the flag or the environment chooses, else
+``microsandbox``; a key that backend does not take is refused, naming the backends that do. When
+the tables a sandbox merges still hand its backend an option it does not take (flag or
+environment choosing another backend than the file's tables, say), using that sandbox is refused
+the same way.
 """
 
 from __future__ import annotations
@@ -39,17 +41,11 @@ import fnmatch
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from msb_proxy.backends.registry import (
-    backend_class,
-    backend_names,
-    backends_taking,
-    known_backend,
-)
 from msb_proxy.errors import ConfigError
 
 __all__ = [
@@ -59,6 +55,7 @@ __all__ = [
     "NETWORKS",
     "NETWORK_OPTION",
     "VOLUMES_OPTION",
+    "BackendCatalogue",
     "Config",
     "Option",
     "PatternTable",
@@ -70,6 +67,7 @@ __all__ = [
     "parse_size_mib",
     "parse_string",
     "sandbox_name_from_host",
+    "unknown_backend",
     "user_home",
 ]
 
@@ -92,6 +90,19 @@ class Option:
     parse: Callable[[object], object]
     form: str
     default: object = None
+
+
+class BackendCatalogue(Protocol):
+    """What the config's checks need to know of the backends (``msb_proxy.backends.registry``
+    is one)."""
+
+    def backend_names(self) -> tuple[str, ...]:
+        """The name of every backend."""
+        ...
+
+    def backend_options(self, name: str) -> Mapping[str, Option]:
+        """The template options backend ``name`` takes, by key."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,7 @@ class Config:
 
     home: Path
     user_home: Path
+    catalogue: BackendCatalogue = field(repr=False, compare=False)
     backend: str = DEFAULT_BACKEND
     rootfs: Path = DEFAULT_ROOTFS
     debug: bool = False
@@ -150,7 +162,7 @@ class Config:
         return self.defaults.accept_env
 
     @property
-    def backends(self) -> tuple[str, ...]:
+    def backends_in_use(self) -> tuple[str, ...]:
         """Every backend a sandbox may get from this config."""
         if self.backend_source is not None:
             return (self.backend,)
@@ -174,15 +186,15 @@ class Config:
         if self.backend_source is not None:
             values["backend"] = self.backend
         template = replace(self.defaults, **values, options=options)
-        taken = backend_class(template.backend).options if options else {}
+        taken = self.catalogue.backend_options(template.backend) if options else {}
         for key, origin in origins.items():
             if key not in taken:
                 chosen = f" (chosen by {self.backend_source})" if self.backend_source else ""
                 raise ConfigError(
                     f"{self.config_file}: {origin}.{key} is not an option of the "
                     f"{template.backend} backend, which sandbox {name!r} uses{chosen}, but of "
-                    f"{', '.join(backends_taking(key))}: remove it, or choose that backend "
-                    f"for {name!r}")
+                    f"{', '.join(_takers(self.catalogue, key))}: remove it, or choose that "
+                    f"backend for {name!r}")
         return template
 
 
@@ -206,6 +218,7 @@ def default_home(environ: Mapping[str, str]) -> Path:
 
 def load_config(
     environ: Mapping[str, str],
+    catalogue: BackendCatalogue,
     *,
     backend: str | None = None,
     debug: bool = False,
@@ -214,6 +227,7 @@ def load_config(
 ) -> Config:
     """Merge flags (the keyword arguments), ``environ`` and the config file into a :class:`Config`.
 
+    ``catalogue`` names the backends and their options (pass ``msb_proxy.backends.registry``).
     Raises :class:`ConfigError` naming the source, key and expected form of the first bad value.
     ``use_file`` False leaves the config file out (``doctor`` looks around a broken one).
     """
@@ -226,8 +240,8 @@ def load_config(
     document = _read(path) if use_file else {}
     chosen = backend or environ.get("MSB_PROXY_BACKEND")
     source = None if chosen is None else "--backend" if backend else "MSB_PROXY_BACKEND"
-    if chosen is not None and source is not None:
-        known_backend(chosen, source)
+    if chosen is not None and source is not None and chosen not in catalogue.backend_names():
+        raise unknown_backend(chosen, source, catalogue.backend_names())
 
     defaults_table = document.pop("defaults", {})
     if not isinstance(defaults_table, dict):
@@ -236,7 +250,7 @@ def load_config(
     if rootfs_text is not None and not (isinstance(rootfs_text, str) and rootfs_text):
         raise ConfigError(f"{path}: defaults.rootfs must be a string naming a directory")
     inherited = chosen or DEFAULT_BACKEND
-    values, options = _read_table(defaults_table, f"{path}: defaults", inherited)
+    values, options = _read_table(defaults_table, f"{path}: defaults", inherited, catalogue)
     defaults = SandboxTemplate(**{"backend": inherited, **values}, options=options)
 
     sandboxes = document.pop("sandbox", {})
@@ -249,7 +263,7 @@ def load_config(
             raise ConfigError(f"{where} must be a table")
         if not pattern:
             raise ConfigError(f"{where}: the pattern must not be empty")
-        values, options = _read_table(table, where, defaults.backend)
+        values, options = _read_table(table, where, defaults.backend, catalogue)
         patterns.append(PatternTable(pattern, values, options))
     if document:
         unknown = next(iter(document))
@@ -264,6 +278,7 @@ def load_config(
     return Config(
         home=home,
         user_home=user_home(environ),
+        catalogue=catalogue,
         backend=defaults.backend,
         rootfs=Path(rootfs).expanduser().absolute() if rootfs else DEFAULT_ROOTFS,
         debug=debug,
@@ -286,6 +301,11 @@ def _data_path(environ: Mapping[str, str]) -> tuple[bool, str]:
     if relay_loop not in ("c", "python"):
         raise ConfigError(f"MSB_PROXY_RELAY: expected c or python, not {relay_loop!r}")
     return fastpath not in ("0", "no", "off", "false"), relay_loop
+
+
+def unknown_backend(name: str, source: str, names: Sequence[str]) -> ConfigError:
+    """The error for backend ``name``, from ``source`` (a flag, a variable), not in ``names``."""
+    return ConfigError(f"{source}: unknown backend {name!r}; expected one of {', '.join(names)}")
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -359,16 +379,13 @@ def _boolean(value: object) -> bool:
     raise ValueError(value)
 
 
-def _backend(value: object) -> str:
-    if isinstance(value, str) and value in backend_names():
-        return value
-    raise ValueError(value)
+def _one_of(choices: Sequence[str]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ValueError(value)
 
-
-def _network(value: object) -> str:
-    if value in NETWORKS:
-        return str(value)
-    raise ValueError(value)
+    return parse
 
 
 def _env(value: object) -> dict[str, str]:
@@ -398,14 +415,14 @@ def _volumes(value: object) -> tuple[str, ...]:
 # Options more than one backend takes, spelled once so that they read the same in each.
 IMAGE_OPTION = Option(parse_string, "an OCI image reference or a root file system directory")
 VOLUMES_OPTION = Option(_volumes, 'a list of "/host/dir:/guest/dir[:ro]"', default=())
-NETWORK_OPTION = Option(_network, "one of " + ", ".join(NETWORKS))
+NETWORK_OPTION = Option(_one_of(NETWORKS), "one of " + ", ".join(NETWORKS))
 
 
-def _common_keys() -> dict[str, Option]:
-    """The keys every table takes, whatever its backend, named as the template's fields (made
-    per call: the form of ``backend`` lists the registry's names as they are now)."""
+def _common_keys(catalogue: BackendCatalogue) -> dict[str, Option]:
+    """The keys every table takes, whatever its backend, named as the template's fields."""
+    names = catalogue.backend_names()
     return {
-        "backend": Option(_backend, "one of " + ", ".join(backend_names())),
+        "backend": Option(_one_of(names), "one of " + ", ".join(names)),
         "env": Option(_env, 'a table of variables, e.g. { APP_ENV = "dev" }'),
         "user": Option(parse_string, "a guest user name"),
         "create": Option(_boolean, "true or false"),
@@ -419,22 +436,22 @@ def _common_keys() -> dict[str, Option]:
     }
 
 
-def _read_table(table: Mapping[str, object], where: str, inherited: str
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
+def _read_table(table: Mapping[str, object], where: str, inherited: str,
+                catalogue: BackendCatalogue) -> tuple[dict[str, Any], dict[str, Any]]:
     """``table``'s common values by template field, and its backend's options by key, parsed.
 
     Its backend is the one it names, else ``inherited``. Only a table with keys of a backend
     imports that backend's class; only a key that backend does not take imports the others.
     """
-    common = _common_keys()
+    common = _common_keys(catalogue)
     values: dict[str, Any] = {}
     if "backend" in table:
         values["backend"] = _parse(common["backend"], table["backend"], where, "backend")
     backend = values.get("backend", inherited)
     own = [key for key in table if key not in common]
-    taken = backend_class(backend).options if own else {}
+    taken = catalogue.backend_options(backend) if own else {}
     for key in own:
-        if key not in taken and not backends_taking(key):
+        if key not in taken and not _takers(catalogue, key):
             raise ConfigError(f"{where}.{key} is not a known key; expected one of "
                               f"{', '.join([*common, *taken])}")
     options: dict[str, Any] = {}
@@ -444,13 +461,18 @@ def _read_table(table: Mapping[str, object], where: str, inherited: str
         elif key in taken:
             options[key] = _parse(taken[key], value, where, key)
         else:
-            takers = backends_taking(key)
+            takers = _takers(catalogue, key)
             # A bad value is named first: it is wrong whichever backend the table ends up with.
-            _parse(backend_class(takers[0]).options[key], value, where, key)
+            _parse(catalogue.backend_options(takers[0])[key], value, where, key)
             raise ConfigError(f"{where}.{key} is not an option of the {backend} backend but of "
                               f"{', '.join(takers)}: remove it, or set backend = "
                               f'"{takers[0]}" in that table')
     return values, options
+
+
+def _takers(catalogue: BackendCatalogue, key: str) -> list[str]:
+    """The backends that take option ``key`` (this asks every one)."""
+    return [name for name in catalogue.backend_names() if key in catalogue.backend_options(name)]
 
 
 def _parse(option: Option, value: object, where: str, key: str) -> Any:

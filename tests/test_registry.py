@@ -146,14 +146,15 @@ def test_a_throwaway_backend_is_reached_through_the_cli_once_it_is_in_the_table(
     assert ["throwaway:", "paint", "ok", "dry"] in rows
 
     assert run(["ls", "--help"]) == 0
-    assert "--backend {microsandbox,local,throwaway}" in capsys.readouterr().out
+    assert registry.backend_names()[-1] == "throwaway"
+    assert f"--backend {{{','.join(registry.backend_names())}}}" in capsys.readouterr().out
 
 
 def test_a_throwaway_backend_takes_its_own_options_from_the_config_file(
         throwaway: type[ThrowawayBackend], home: Path) -> None:
     _configure(home, '[defaults]\nbackend = "throwaway"\n\n[sandbox."red-*"]\ncolour = "red"\n'
                      '\n[sandbox."jail-*"]\nbackend = "local"\n')
-    config = load_config(os.environ)
+    config = load_config(os.environ, registry)
     assert config.template("red-1").options == {"colour": "red"}
     assert ThrowawayBackend.option(config.template("other"), "colour") == "grey"
     assert config.template("jail-1").backend == "local"
@@ -197,7 +198,7 @@ def test_a_key_of_another_backend_is_refused_naming_file_table_key_and_who_takes
 def test_a_bad_value_is_named_before_the_backend_that_does_not_take_it(home: Path) -> None:
     config = _configure(home, '[defaults]\nbackend = "local"\nmemory = "lots"\n')
     with pytest.raises(ConfigError) as caught:
-        load_config(os.environ)
+        load_config(os.environ, registry)
     assert str(caught.value) == (f'{config}: defaults.memory must be MiB as an integer, or a '
                                  "size such as \"2GiB\" (got 'lots')")
 
@@ -206,14 +207,14 @@ def test_a_table_that_names_its_backend_takes_that_backends_options(home: Path) 
     _configure(home, '[defaults]\nbackend = "local"\nimage = "/srv/rootfs"\n\n'
                      '[sandbox."web-*"]\nbackend = "microsandbox"\nimage = "python:3.12"\n'
                      'cpus = 2\nmemory = "2GiB"\nworkdir = "/app"\nnetwork = "public"\n')
-    config = load_config(os.environ)
+    config = load_config(os.environ, registry)
     web = config.template("web-1")
     assert (web.backend, dict(web.options)) == ("microsandbox", {
         "image": "python:3.12", "cpus": 2, "memory": 2048, "workdir": "/app",
         "network": "public"})
     other = config.template("db")
     assert (other.backend, dict(other.options)) == ("local", {"image": "/srv/rootfs"})
-    assert config.backends == ("local", "microsandbox")
+    assert config.backends_in_use == ("local", "microsandbox")
 
 
 def test_tables_of_a_file_that_names_no_backend_are_checked_against_the_chosen_one(
@@ -221,19 +222,19 @@ def test_tables_of_a_file_that_names_no_backend_are_checked_against_the_chosen_o
     path = _configure(home, '[sandbox."web-*"]\ncpus = 2\n')
     monkeypatch.setenv("MSB_PROXY_BACKEND", "local")
     with pytest.raises(ConfigError) as caught:
-        load_config(os.environ)
+        load_config(os.environ, registry)
     assert str(caught.value) == (
         f'{path}: sandbox."web-*".cpus is not an option of the local backend but of '
         'microsandbox: remove it, or set backend = "microsandbox" in that table')
     monkeypatch.delenv("MSB_PROXY_BACKEND")
-    assert load_config(os.environ).template("web-1").options == {"cpus": 2}
+    assert load_config(os.environ, registry).template("web-1").options == {"cpus": 2}
 
 
 def test_a_forced_backend_refuses_another_backends_options_for_the_sandboxes_they_reach(
         home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _configure(home, '[sandbox."web-*"]\nbackend = "microsandbox"\ncpus = 2\n')
     monkeypatch.setenv("MSB_PROXY_BACKEND", "local")
-    config = load_config(os.environ)  # ls, stop and rm still work
+    config = load_config(os.environ, registry)  # ls, stop and rm still work
     assert config.template("db").backend == "local"
     with pytest.raises(ConfigError) as caught:
         config.template("web-1")
@@ -249,10 +250,10 @@ def test_a_forced_backend_refuses_another_backends_options_for_the_sandboxes_the
 def test_a_local_connection_imports_no_other_backend(home: Path) -> None:
     _configure(home, '[defaults]\nbackend = "local"\nvolumes = ["/srv:/srv"]\n')
     script = ("import os, sys\n"
-              "from msb_proxy.backends.registry import open_backend\n"
+              "from msb_proxy.backends import registry\n"
               "from msb_proxy.config import load_config\n"
-              "config = load_config(os.environ)\n"
-              "open_backend(config, config.template('api').backend)\n"
+              "config = load_config(os.environ, registry)\n"
+              "registry.open_backend(config, config.template('api').backend)\n"
               "print(sorted(m for m in sys.modules if 'microsandbox' in m))\n")
     env = dict(os.environ, MSB_PROXY_HOME=str(home))
     env.pop("MSB_PROXY_BACKEND", None)

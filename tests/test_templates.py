@@ -160,9 +160,10 @@ def test_valid_forms_of_every_key_are_accepted(private: Env) -> None:
 # ---- validation
 
 # The keys a table takes: the common ones, then its backend's.
-_KEYS = ("backend, env, user, create, stop_after_idle, accept_env, keepalive, inactivity_timeout, "
-         + {"local": "image, volumes, network",
-            "microsandbox": "image, cpus, memory, workdir, volumes, network"}[TEST_BACKEND])
+_BACKEND_KEYS = {"local": ["image", "volumes", "network"],
+                 "microsandbox": ["image", "cpus", "memory", "workdir", "volumes", "network"]}
+_KEYS = ", ".join(["backend", "env", "user", "create", "stop_after_idle", "accept_env",
+                   "keepalive", "inactivity_timeout", *_BACKEND_KEYS[TEST_BACKEND]])
 
 BAD_CONFIGS = {
     "bad-duration": (

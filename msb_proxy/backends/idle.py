@@ -86,10 +86,10 @@ def watch(name: str, backend_name: str) -> None:
     ``stop_after_idle``. Its environment is the ending connection's."""
     import asyncio
 
-    from msb_proxy.backends.registry import open_backend
+    from msb_proxy.backends import registry
     from msb_proxy.config import load_config
 
-    config = load_config(os.environ, backend=backend_name)
+    config = load_config(os.environ, registry, backend=backend_name)
     state = StateDir(config.home)
     template = config.template(name)
     if template.stop_after_idle <= 0:
@@ -100,7 +100,7 @@ def watch(name: str, backend_name: str) -> None:
         fcntl.flock(watcher, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return  # a watcher is already counting; it re-reads .last as it goes
-    backend = open_backend(config, template.backend)
+    backend = registry.open_backend(config, template.backend)
     while True:
         try:
             idle_since = last.stat().st_mtime

@@ -4,27 +4,28 @@
 ``MSB_PROXY_BACKEND``, ``backend =`` in the config file), and its module is imported only
 once it is (``msb-proxy stdio --backend local`` never imports the microsandbox SDK, nor even
 our module for it). The CLI, the config file's checks, ``ls``, ``doctor`` and the warm server
-ask this module, never a backend by name; ``base`` says how to add one.
+ask this module, never a backend by name (``load_config`` is handed it, as config sits below
+the backends); ``base`` says how to add one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from msb_proxy.errors import ConfigError
+from msb_proxy.config import unknown_backend
 
 if TYPE_CHECKING:
     from msb_proxy.backends.base import Backend
-    from msb_proxy.config import Config
+    from msb_proxy.config import Config, Option
 
 __all__ = [
     "BACKENDS",
     "backend_class",
     "backend_names",
-    "backends_taking",
-    "known_backend",
+    "backend_options",
     "open_backend",
     "preload",
 ]
@@ -41,25 +42,20 @@ def backend_names() -> tuple[str, ...]:
     return tuple(BACKENDS)
 
 
-def known_backend(name: str, source: str = "backend") -> str:
-    """``name`` when it names a backend; else a :class:`ConfigError` naming ``source`` (the flag,
-    variable or key it came from) and the backends there are."""
-    if name not in BACKENDS:
-        raise ConfigError(f"{source}: unknown backend {name!r}; expected one of "
-                          f"{', '.join(BACKENDS)}")
-    return name
-
-
 def backend_class(name: str) -> type[Backend]:
-    """The class of backend ``name``, its module imported now if it was not yet."""
-    module, _, attribute = BACKENDS[known_backend(name)].partition(":")
+    """The class of backend ``name``, its module imported now if it was not yet; a
+    :class:`~msb_proxy.errors.ConfigError` naming the known ones if there is no such backend."""
+    if name not in BACKENDS:
+        raise unknown_backend(name, "backend", backend_names())
+    module, _, attribute = BACKENDS[name].partition(":")
     found: type[Backend] = getattr(importlib.import_module(module), attribute)
     return found
 
 
-def backends_taking(key: str) -> list[str]:
-    """The backends whose template options include ``key`` (this imports every backend)."""
-    return [name for name in BACKENDS if key in backend_class(name).options]
+def backend_options(name: str) -> Mapping[str, Option]:
+    """The template options backend ``name`` takes (for :func:`msb_proxy.config.load_config`,
+    to which this module is the ``BackendCatalogue``)."""
+    return backend_class(name).options
 
 
 def open_backend(config: Config, name: str | None = None) -> Backend:
@@ -69,7 +65,7 @@ def open_backend(config: Config, name: str | None = None) -> Backend:
 
 def preload(config: Config) -> None:
     """Import every backend ``config`` may choose, and what each names in ``preload``."""
-    for name in config.backends:
+    for name in config.backends_in_use:
         for module in backend_class(name).preload:
             # A missing SDK is said by the connection that needs it, in its own words.
             with contextlib.suppress(ImportError):

@@ -133,17 +133,19 @@ def run(arguments: Sequence[str]) -> int:
     except SystemExit as exit_:  # --help, --version, or a usage error already printed
         return exit_.code if isinstance(exit_.code, int) else 0
     debug = bool(getattr(args, "debug", False))
+    from msb_proxy.backends import registry
     from msb_proxy.config import load_config
 
     try:
         try:
-            config = load_config(os.environ, backend=args.backend, debug=debug,
+            config = load_config(os.environ, registry, backend=args.backend, debug=debug,
                                  quiet=bool(getattr(args, "quiet", False)))
         except ConfigError as exc:
             if args.command != "doctor":
                 raise
             args.config_error = exc  # doctor reports it as a check and looks at the rest
-            config = load_config(os.environ, backend=args.backend, debug=debug, use_file=False)
+            config = load_config(os.environ, registry, backend=args.backend, debug=debug,
+                                 use_file=False)
         if args.command == "stdio":
             code = _stdio(config, args.host, args.host_prefix)
         elif args.command in ("stop", "rm"):

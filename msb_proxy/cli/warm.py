@@ -209,7 +209,7 @@ def _preload() -> None:
     import msb_proxy.server.transfers.scp
     import msb_proxy.server.transfers.sftp
     import msb_proxy.transport.stdio
-    from msb_proxy.backends.registry import preload
+    from msb_proxy.backends import registry
     from msb_proxy.config import load_config
     from msb_proxy.errors import UserError
 
@@ -217,7 +217,7 @@ def _preload() -> None:
     # The backends this user's config chooses (the environment is the first connection's); a
     # config that does not load fails each connection anyway, with the reason.
     with contextlib.suppress(UserError):
-        preload(load_config(os.environ))
+        registry.preload(load_config(os.environ, registry))
 
 
 def _reaped(children: set[int]) -> set[int]:
