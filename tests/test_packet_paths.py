@@ -28,9 +28,7 @@ from conftest import Env
 from msb_proxy import fastpath
 from msb_proxy.backends.local.backend import LocalBackend
 from msb_proxy.config import SandboxTemplate
-from msb_proxy.fastpath import receive as recvpath
-from msb_proxy.fastpath import relay
-from msb_proxy.fastpath import send as sendpath
+from msb_proxy.fastpath import receive, relay, send
 from msb_proxy.server.endpoint import SshServer, SshServerOptions
 from msb_proxy.state import StateDir
 from msb_proxy.transport.stdio import SshSocketStream, SshStdioStream
@@ -49,14 +47,14 @@ class _FastPaths:
         self.relay_loop = relay_loop
         self.paths: list[fastpath.FastPath] = []
         self.replayed: list[int] = []
-        replay = recvpath.Receiver._replay
+        replay = receive.Receiver._replay
 
-        def replaying(receiver: recvpath.Receiver, packet: bytes, encryption: Any,
+        def replaying(receiver: receive.Receiver, packet: bytes, encryption: Any,
                       plain: bytes) -> None:
             self.replayed.append(plain[1])
             replay(receiver, packet, encryption, plain)
 
-        monkeypatch.setattr(recvpath.Receiver, "_replay", replaying)
+        monkeypatch.setattr(receive.Receiver, "_replay", replaying)
         monkeypatch.setitem(_RECORDER, "hooks", self)
 
     def __call__(self, conn: asyncssh.SSHServerConnection) -> fastpath.FastPath:
@@ -66,7 +64,7 @@ class _FastPaths:
         return hooks
 
     @property
-    def receivers(self) -> list[recvpath.Receiver]:
+    def receivers(self) -> list[receive.Receiver]:
         return [path.receiver for path in self.paths]
 
     @property
@@ -138,7 +136,7 @@ async def _connect(msb: Env, sandbox: str, ciphers: list[str], pipes: bool = Fal
 
 
 def _options(msb: Env, sandbox: str) -> SshServerOptions:
-    return SshServerOptions(host_key_path=msb.home / f"sendpath-{sandbox}.key",
+    return SshServerOptions(host_key_path=msb.home / f"send-{sandbox}.key",
                             authorized_keys=[msb.key.with_suffix(".pub").read_text()],
                             template=SandboxTemplate(backend="local"),
                             connection_hooks=_RECORDER.get("hooks"))
@@ -194,13 +192,13 @@ def test_channel_data_is_exact_on_either_path(
     pipes = _serving(monkeypatch, serve)
     relays = _recorder(monkeypatch)
     sent: list[int] = []
-    original = sendpath.seal
+    original = send.seal
 
     def counting(conn: object, pkttype: int, args: tuple[bytes, ...]) -> tuple[bytes, ...]:
         sent.append(pkttype)
         return original(conn, pkttype, args)
 
-    monkeypatch.setattr(sendpath, "seal", counting)
+    monkeypatch.setattr(send, "seal", counting)
     result = asyncio.run(_run(msb, sandbox, [cipher], pipes))
     assert result.exit_status == 0
     stdout, stderr = result.stdout, result.stderr
@@ -511,7 +509,7 @@ class _FailOnce:
 
 
 async def _until_disconnected(msb: Env, sandbox: str, seen: _FastPaths,
-                              act: Callable[[asyncssh.SSHClientConnection, recvpath.Receiver],
+                              act: Callable[[asyncssh.SSHClientConnection, receive.Receiver],
                                             Awaitable[object]]) -> tuple[object, object]:
     """Connect, check a command runs, ``act`` on the connection and the server's receiver,
     and wait (10 s at most) for the server to end it: (why the client lost it, act's result)."""
@@ -541,7 +539,7 @@ def test_bad_mac_closes_the_connection_as_asyncssh_does(
     seen = _recorder(monkeypatch)
 
     async def fail_next_mac(conn: asyncssh.SSHClientConnection,
-                            receiver: recvpath.Receiver) -> None:
+                            receiver: receive.Receiver) -> None:
         server: Any = receiver._conn
         encryption = server._recv_encryption
         encryption._mac = _FailOnce(encryption._mac, server._recv_seq)
@@ -566,7 +564,7 @@ def test_a_bad_length_split_across_reads_is_refused_at_once(
     seen = _recorder(monkeypatch)
 
     async def split_bad_length(conn: asyncssh.SSHClientConnection,
-                               receiver: recvpath.Receiver) -> bytes:
+                               receiver: receive.Receiver) -> bytes:
         receiver.feed(b"\xff\xff")
         receiver.feed(b"\xff\xf0" + bytes(1000))
         return receiver._held
@@ -597,9 +595,9 @@ def _is_channel(_gate: object, obj: object) -> bool:
 
 
 FAULTS = {  # where a fault of ours strikes: (object, attribute, after how many calls, when)
-    "receive, before decrypting": (recvpath.Receiver, "_valid", 40, None),
+    "receive, before decrypting": (receive.Receiver, "_valid", 40, None),
     "receive, after decrypting": (fastpath.gate.Accepts, "__call__", 1, _is_channel),
-    "send, sealing a packet": (sendpath, "seal", 5, None),
+    "send, sealing a packet": (send, "seal", 5, None),
     "relay, polling": (relay.Relay, "_step", 3, None),
     "relay, entering the C loop": (relay.Relay, "_native_arguments", 3, None),
 }

@@ -63,6 +63,7 @@ __all__ = [
     "Accepts",
     "channel_refusal",
     "connection_refusal",
+    "encryption_refusal",
     "loop_refusal",
     "version_refusal",
 ]

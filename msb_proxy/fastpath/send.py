@@ -37,7 +37,7 @@ import asyncssh
 from msb_proxy.fastpath import gate
 from msb_proxy.fastpath.umac import JOIN_BELOW, CachedKeyUMAC
 
-__all__ = ["Sender", "fast_state", "seal"]
+__all__ = ["Sender", "seal"]
 
 _EMPTY_STRING = b"\0\0\0\0"
 _DATA = frozenset((asyncssh.MSG_CHANNEL_DATA, asyncssh.MSG_CHANNEL_EXTENDED_DATA))

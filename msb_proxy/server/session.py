@@ -48,7 +48,7 @@ from msb_proxy.server.transfers.scp import NativeScp, ScpRequest, parse_scp_comm
 if TYPE_CHECKING:
     from msb_proxy.server.tunnels import Tunnels
 
-__all__ = ["GuestSession", "Login"]
+__all__ = ["SFTP_SERVER_PATHS", "Activity", "GuestSession", "Login"]
 
 # Client variables every session accepts, on top of the configured allow-list.
 BUILTIN_ACCEPT_ENV = ("LANG", "LANGUAGE", "LC_*", "TERM", "COLORTERM", "TERM_PROGRAM",
