@@ -29,7 +29,7 @@ from msb_proxy.backends.base import (
     SandboxInfo,
     SandboxState,
 )
-from msb_proxy.cli.main import run
+from msb_proxy.cli.commandline import run
 from msb_proxy.config import Config, Option, SandboxTemplate, load_config, parse_string
 from msb_proxy.errors import ConfigError, SandboxNotFoundError
 from msb_proxy.progress import Progress

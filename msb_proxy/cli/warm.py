@@ -200,7 +200,7 @@ def _preload() -> None:
 
     import asyncssh  # noqa: F401
 
-    import msb_proxy.cli.main
+    import msb_proxy.cli.commandline
     import msb_proxy.fastpath
     import msb_proxy.fastpath.umac
     import msb_proxy.server.endpoint
@@ -284,7 +284,7 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict[str, object]) 
         os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})  # type: ignore[call-overload]
         with contextlib.suppress(OSError):
             os.chdir(str(request["cwd"]))
-        from msb_proxy.cli.main import run
+        from msb_proxy.cli.commandline import run
 
         code = run([str(arg) for arg in request["argv"]])  # type: ignore[attr-defined]
     finally:

@@ -19,7 +19,6 @@ from typing import Any
 
 import asyncssh
 
-from msb_proxy import __version__
 from msb_proxy.backends.base import Backend, Sandbox
 from msb_proxy.errors import UserError
 from msb_proxy.progress import Progress
@@ -27,6 +26,7 @@ from msb_proxy.server.keys import AuthorizedKeys, load_or_create_host_key
 from msb_proxy.server.options import SshServerOptions
 from msb_proxy.server.policy import ConnectionPolicy
 from msb_proxy.transport.stdio import DuplexStream
+from msb_proxy.version import __version__
 
 __all__ = ["SshServer", "SshServerOptions"]
 

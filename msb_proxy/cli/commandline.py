@@ -1,0 +1,268 @@
+"""One ``msb-proxy`` command line carried out in this process: argument parsing, the
+:class:`~msb_proxy.config.Config` it is validated into, exit codes and one-line errors.
+
+Called by the console script (``main.py``) and by the warm server's children (``warm.py``).
+Only ``stdio`` imports asyncssh and a backend, and in that mode stdout belongs to the SSH
+protocol: nothing else is ever written there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn
+
+from msb_proxy.errors import ConfigError, UserError
+from msb_proxy.version import __version__
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from msb_proxy.config import Config
+    from msb_proxy.server.hooks import HooksFactory
+
+__all__ = ["run"]
+
+# Commands that live in msb_proxy/cli/commands/, each a module with run(config, args) -> int.
+COMMAND_MODULES = {"config": "ssh_config", "authorize": "authorize", "doctor": "doctor",
+                   "ls": "ls"}
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        _print_error(f"{message} (see '{self.prog} --help')")
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from msb_proxy.backends.registry import backend_names
+    from msb_proxy.config import DEFAULT_BACKEND
+
+    common = _Parser(add_help=False)
+    # Not argparse's choices: load_config names a wrong one as it does a wrong MSB_PROXY_BACKEND.
+    common.add_argument("--backend", metavar="{" + ",".join(backend_names()) + "}",
+                        help="sandbox runtime (default: config file, $MSB_PROXY_BACKEND, "
+                             f"else {DEFAULT_BACKEND})")
+    common.add_argument("--debug", action="store_true",
+                        help="log the SSH protocol and show tracebacks on stderr")
+
+    parser = _Parser(prog="msb-proxy", description="SSH into microsandbox sandboxes.")
+    parser.add_argument("--version", action="version", version=f"msb-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
+
+    stdio = commands.add_parser(
+        "stdio", parents=[common],
+        help="serve one SSH connection on stdin/stdout (use as an OpenSSH ProxyCommand)",
+        description="Serve one SSH connection on stdin/stdout, then exit. Use it as "
+                    "'ProxyCommand msb-proxy stdio --host-prefix msb- %%n'.")
+    stdio.add_argument("--host-prefix", default="", metavar="PREFIX",
+                       help="strip PREFIX from HOST to get the sandbox name")
+    stdio.add_argument("-q", "--quiet", action="store_true",
+                       help="print no progress while a sandbox is created or started")
+    stdio.add_argument("host", metavar="HOST", help="the host name OpenSSH was given (%%n)")
+
+    for name, text in (("stop", "stop a sandbox"),
+                       ("rm", "stop and delete a sandbox (its host key is kept)")):
+        sub = commands.add_parser(name, parents=[common], help=text, description=text + ".")
+        sub.add_argument("name", metavar="NAME", help="sandbox name")
+
+    config = commands.add_parser(
+        "config", parents=[common], help="print or install the ssh_config block for msb-proxy",
+        description="Print the ssh_config block that makes 'ssh PREFIXNAME' reach sandbox NAME, "
+                    "or install it: an include file in ~/.ssh plus one Include line at the top "
+                    "of ~/.ssh/config.")
+    action = config.add_mutually_exclusive_group()
+    action.add_argument("--install", action="store_true",
+                        help="install the block (idempotent; ~/.ssh/config is backed up first)")
+    action.add_argument("--uninstall", action="store_true",
+                        help="remove exactly what --install added")
+    config.add_argument("--prefix", default="msb-", help="host name prefix (default: msb-)")
+    config.add_argument("--user", default="root", help="guest user to log in as (default: root)")
+    config.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra ssh_config option for these hosts (repeatable)")
+
+    authorize = commands.add_parser(
+        "authorize", parents=[common], help="allow a public key to log in to every sandbox",
+        description="Add public keys to $MSB_PROXY_HOME/authorized_keys (deduplicated, 0600).")
+    source = authorize.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", metavar="PATH",
+                        help="a public key file (e.g. ~/.ssh/id_ed25519.pub)")
+    source.add_argument("--key", metavar="KEY", help="a public key line")
+    source.add_argument("--stdin", action="store_true", help="public key lines from stdin")
+
+    commands.add_parser(
+        "doctor", parents=[common], help="check that everything msb-proxy needs is in place",
+        description="Check the backend, keys, config and ssh_config, and per sandbox the guest "
+                    "tools that features need; exit non-zero when something essential is missing.")
+
+    ls = commands.add_parser("ls", parents=[common], help="list sandboxes",
+                             description="List sandboxes with their state, backend and ssh alias.")
+    ls.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    return parser
+
+
+def run(arguments: Sequence[str]) -> int:
+    """Carry out one ``msb-proxy`` command line in this process; return its exit status."""
+    try:
+        args = _parser().parse_args(arguments)
+    except SystemExit as exit_:  # --help, --version, or a usage error already printed
+        return exit_.code if isinstance(exit_.code, int) else 0
+    debug = bool(getattr(args, "debug", False))
+    from msb_proxy.backends import registry
+    from msb_proxy.config import load_config
+
+    try:
+        try:
+            config = load_config(os.environ, registry, backend=args.backend, debug=debug,
+                                 quiet=bool(getattr(args, "quiet", False)))
+        except ConfigError as exc:
+            if args.command != "doctor":
+                raise
+            args.config_error = exc  # doctor reports it as a check and looks at the rest
+            config = load_config(os.environ, registry, backend=args.backend, debug=debug,
+                                 use_file=False)
+        if args.command == "stdio":
+            code = _stdio(config, args.host, args.host_prefix)
+        elif args.command in ("stop", "rm"):
+            code = _lifecycle(config, args.command, args.name)
+        else:
+            import importlib
+
+            module = importlib.import_module(f".commands.{COMMAND_MODULES[args.command]}",
+                                             __package__)
+            code = int(module.run(config, args))
+    except UserError as exc:
+        if not getattr(exc, "reported", False):
+            _print_error(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        _print_error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
+                     "the traceback)")
+        code = EXIT_INTERNAL
+    return code
+
+
+def _print_error(message: str) -> None:
+    print(f"msb-proxy: {message}", file=sys.stderr, flush=True)
+
+
+def _stdio(config: Config, host: str, prefix: str) -> int:
+    import asyncio
+    import signal
+
+    from msb_proxy.config import sandbox_name_from_host
+
+    name = sandbox_name_from_host(host, prefix)
+    # Anything printed by accident must not corrupt the protocol on fd 1.
+    sys.stdout = sys.stderr
+    _setup_logging(config.debug)
+
+    from msb_proxy.backends.idle import ConnectionTracker
+    from msb_proxy.backends.registry import open_backend
+    from msb_proxy.progress import Progress
+    from msb_proxy.server.endpoint import SshServer, SshServerOptions
+    from msb_proxy.server.known_hosts import pin
+    from msb_proxy.state import StateDir
+    from msb_proxy.transport.stdio import SshStdioStream
+
+    state = StateDir(config.home)
+    template = config.template(name)
+    keys = [state.authorized_keys,
+            config.user_home / ".microsandbox" / "ssh" / "authorized_keys",
+            *sorted((config.user_home / ".ssh").glob("*.pub"))]
+    options = SshServerOptions(host_key_path=state.host_key(name), authorized_keys_paths=keys,
+                               template=template, progress=Progress(quiet=config.quiet),
+                               connection_hooks=_data_path(config))
+
+    def report(error: UserError) -> None:
+        error.reported = True  # type: ignore[attr-defined]
+        _print_error(str(error))
+
+    async def serve(tracker: ConnectionTracker) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_exception_handler(config.debug))
+        # OpenSSH sends its ProxyCommand SIGHUP when it is done: wind down, don't just die.
+        hangup = asyncio.Event()
+        for signum in (signal.SIGHUP, signal.SIGTERM):
+            loop.add_signal_handler(signum, hangup.set)
+        server = await SshServer.prepare(open_backend(config, template.backend), name, options)
+        # Pinned before the client can see the key: StrictHostKeyChecking yes never prompts.
+        public = server.host_key.export_public_key("openssh").decode().split()
+        pin(state.known_hosts, host, " ".join(public[:2]))
+        sandbox = await server.serve(SshStdioStream(), on_error=report, hangup=hangup)
+        if sandbox is not None:
+            tracker.sandbox_opened(sandbox)
+
+    with ConnectionTracker(state, name, template, os.environ) as tracker:
+        asyncio.run(serve(tracker))
+    return 0
+
+
+def _data_path(config: Config) -> HooksFactory | None:
+    """The fast path for every connection, unless MSB_PROXY_FASTPATH=0 turned it off."""
+    if not config.fastpath:
+        import logging
+
+        logging.getLogger("msb_proxy.fastpath").debug(
+            "fast path not installed (MSB_PROXY_FASTPATH=0): asyncssh's own path")
+        return None
+    import functools
+
+    from msb_proxy import fastpath
+
+    return functools.partial(fastpath.install, relay_loop=config.relay_loop)
+
+
+def _lifecycle(config: Config, command: str, name: str) -> int:
+    import asyncio
+
+    from msb_proxy.config import sandbox_name_from_host
+
+    name = sandbox_name_from_host(name, None)
+    from msb_proxy.backends.registry import open_backend
+
+    backend = open_backend(config)
+    if command == "stop":
+        if not asyncio.run(backend.stop(name)):
+            _print_error(f"sandbox {name!r} is not running")
+        return 0
+    if not asyncio.run(backend.remove(name)):
+        raise ConfigError(f"there is no sandbox {name!r}")
+    return 0
+
+
+def _setup_logging(debug: bool) -> None:
+    import logging
+
+    if debug:
+        logging.basicConfig(stream=sys.stderr, level=logging.DEBUG,
+                            format="msb-proxy: debug: %(name)s: %(message)s")
+        import asyncssh
+
+        asyncssh.set_debug_level(2)
+    else:
+        logging.getLogger("asyncssh").setLevel(logging.CRITICAL)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+def _quiet_exception_handler(debug: bool):  # type: ignore[no-untyped-def]
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        if debug:
+            loop.default_exception_handler(context)
+            return
+        exc = context.get("exception")
+        detail = f"{type(exc).__name__}: {exc}" if exc else context.get("message")
+        _print_error(f"internal error: {detail} (rerun with --debug for the traceback)")
+
+    return handle
