@@ -20,7 +20,7 @@ from conftest import PROXY, WARM_IDLE_S, Env, Run, install
 
 from msb_proxy import __version__
 
-BANNER = f"SSH-2.0-msb_proxy_{__version__}\r\n".encode()
+BANNER = f"SSH-2.0-OpenSSH_compatible msb_proxy_{__version__}\r\n".encode()
 EXIT_USAGE = 2
 
 

@@ -47,6 +47,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
+    import asyncio
+
     from msb_proxy.backends.links import Link
     from msb_proxy.config import Config, Option, SandboxTemplate
     from msb_proxy.progress import Progress
@@ -218,6 +220,16 @@ class GuestProcess(abc.ABC):
     def resume_output(self) -> None:
         """Deliver output again after :meth:`pause_output`."""
 
+    def close_output(self) -> None:  # noqa: B027  (a hook with a default, not abstract)
+        """The client will read no more output (OpenSSH's ``eow@openssh.com``, sent once the
+        client's stdout has closed, as in ``ssh host yes | head -1``): stop reading the
+        process's stdout and stderr and close our ends, so that its next write fails with
+        SIGPIPE, as sshd does. Its exit is still reported, once it has exited.
+
+        The default, for a backend that cannot close them, keeps reading while the session
+        drops what arrives: the process is never blocked, but it ends only by itself.
+        """
+
     @abc.abstractmethod
     def resize(self, cols: int, rows: int, pixel_width: int = 0, pixel_height: int = 0) -> None:
         """Set the terminal size (SSH ``window-change``); ignored without a PTY."""
@@ -308,7 +320,7 @@ class Sandbox(abc.ABC):
         """A new, unconnected TCP socket of ``family`` (``AF_INET``/``AF_INET6``) that lives in
         the sandbox's network namespace, for connecting to an address there without a guest
         process in between; None when the backend cannot hand one out (the default), and
-        tunnels then go through the guest relay.
+        tunnels then go through the guest tunnel helper.
         """
         return None
 

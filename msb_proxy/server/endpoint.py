@@ -30,7 +30,10 @@ from msb_proxy.version import __version__
 
 __all__ = ["SshServer", "SshServerOptions"]
 
-SERVER_VERSION = f"msb_proxy_{__version__}"
+# OpenSSH's client applies its OpenSSH-only protocol (eow@openssh.com among it, which ends
+# `ssh host yes | head -1` as with sshd) only to a server whose version starts "OpenSSH"
+# (compat.c); the comment after the space says what we are.
+SERVER_VERSION = f"OpenSSH_compatible msb_proxy_{__version__}"
 LOGIN_TIMEOUT_S = 120
 KEEPALIVE_COUNT_MAX = 3  # unanswered keepalives before the client counts as gone, as sshd
 # Offered ciphers, best first. asyncssh runs chacha20-poly1305 as three OpenSSL calls per packet,

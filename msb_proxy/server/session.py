@@ -41,6 +41,7 @@ from msb_proxy.backends.base import (
     Sandbox,
 )
 from msb_proxy.errors import UserError
+from msb_proxy.server import requests
 from msb_proxy.server.hooks import ConnectionHooks
 from msb_proxy.server.transfers.files import open_files
 from msb_proxy.server.transfers.scp import NativeScp, ScpRequest, parse_scp_command
@@ -104,6 +105,7 @@ class Login:
     activity: Activity = field(default_factory=Activity)
     tunnels: Tunnels | None = None
     hooks: ConnectionHooks = field(default_factory=ConnectionHooks)
+    max_env: int = requests.MAX_ENV
 
     def environment(self, client_env: Mapping[str, str], term: str | None) -> dict[str, str]:
         """The environment sshd would give a session of this user (see module docstring)."""
@@ -183,12 +185,14 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._pending_resize: tuple[int, int, int, int] | None = None
         self._exited = False
         self._closed = False
+        self._client_reads = True  # False once the client said eow@openssh.com
 
     # ---- channel set-up requests
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
         self._login.activity.opened()
         chan.set_write_buffer_limits(high=256 * 1024)
+        requests.install(chan, eow=self.eow_received, max_env=self._login.max_env)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
                       term_modes: Mapping[int, int]) -> bool:
@@ -260,6 +264,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._pending_signals.clear()
         if self._pending_resize is not None:
             process.resize(*self._pending_resize)
+        if not self._client_reads:  # eow@openssh.com came before the process started
+            process.close_output()
         self._login.hooks.process_started(self, self._chan, process)
 
     def _fail(self, message: str) -> None:
@@ -301,6 +307,17 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         else:  # the client saw output before spawn() returned; deliver once it has
             self._pending_signals.append(signum)
 
+    def eow_received(self) -> None:
+        """``eow@openssh.com``: the client reads no more output. As sshd: drop what comes,
+        close the process's output so its next write gets SIGPIPE, and send EOF."""
+        if not self._client_reads:
+            return
+        self._client_reads = False
+        if self._process is not None:
+            self._process.close_output()
+        if self._chan is not None and not self._closed:
+            self._chan.write_eof()
+
     def break_received(self, msec: int) -> bool:
         return self._process is not None and self._process.send_break(msec)
 
@@ -334,7 +351,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     # ---- ProcessListener
     def output_received(self, data: bytes, stderr: bool) -> None:
-        if self._chan is None or self._closed:
+        if self._chan is None or self._closed or not self._client_reads:
             return
         chan, datatype = self._chan, asyncssh.EXTENDED_DATA_STDERR if stderr else None
         hooks = self._login.hooks

@@ -517,6 +517,10 @@ class LocalProcess(GuestProcess):
             if not reader.is_closing():
                 reader.resume_reading()
 
+    def close_output(self) -> None:
+        for reader in self._readers:  # the guest's next write meets a closed pipe: SIGPIPE
+            reader.close()
+
     def resize(self, cols: int, rows: int, pixel_width: int = 0, pixel_height: int = 0) -> None:
         if self._pty and self._stdin is not None and not self._stdin.is_closing():
             fd = self._stdin.get_extra_info("pipe").fileno()
