@@ -230,9 +230,15 @@ class NativeSftp(GuestProcess):
         depends: list[asyncio.Task[None]] = []
         if kind in (READ, WRITE):
             reader = _Reader(request.body)
-            request.handle = reader.string()
-            offset = reader.uint64()
-            length = reader.uint32() if kind == READ else len(reader.string())
+            try:
+                request.handle = reader.string()
+                offset = reader.uint64()
+                length = reader.uint32() if kind == READ else len(reader.string())
+            except (SftpError, struct.error):
+                # As sftp-server, whose fatal() exits 255 on a packet it cannot parse. Raised
+                # here, in the channel's data_received, it would end the whole SSH connection.
+                self._finish(ExitStatus(code=255))
+                return
             request.span = (offset, offset + length)
             if self._barrier is not None and self._barrier.task is not None:
                 depends.append(self._barrier.task)
@@ -266,6 +272,9 @@ class NativeSftp(GuestProcess):
             response = self._status(request.request_id, code, exc.strerror or str(exc))
         except (struct.error, IndexError, ValueError, KeyError):
             response = self._status(request.request_id, BAD_MESSAGE, "Bad message")
+        except Exception as exc:  # a bug of ours: fail this request, not every one after it
+            response = self._status(request.request_id, FAILURE,
+                                    f"msb-proxy: internal error: {type(exc).__name__}: {exc}")
         if self._barrier is request:
             self._barrier = None
         request.response = response

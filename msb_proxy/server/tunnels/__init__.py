@@ -36,6 +36,7 @@ from msb_proxy.server.tunnels.channel import (
     GuestEnd,
     TunnelSession,
     channel_open_error,
+    report_bug,
 )
 from msb_proxy.server.tunnels.listeners import GuestListener, listen_in_guest
 from msb_proxy.server.tunnels.mux import TunnelMux
@@ -95,12 +96,29 @@ class Tunnels:
     # ---- direct-tcpip, direct-streamlocal@openssh.com
     async def connect(self, host: str | None, port: int,
                       path: str | None = None) -> TunnelSession:
+        """The channel's session, connected to ``host``:``port`` (or unix ``path``) in the
+        guest. asyncssh awaits this in a task of the connection's, where anything but
+        :class:`asyncssh.ChannelOpenError` would end the connection: every failure becomes
+        this channel's open failure."""
+        try:
+            return self._session(await self._connect(host, port, path))
+        except asyncssh.ChannelOpenError:
+            raise
+        except (UserError, OSError) as exc:
+            raise channel_open_error(exc) from None
+        except Exception as exc:
+            report_bug(exc)
+            raise asyncssh.ChannelOpenError(
+                CONNECT_FAILED, f"msb-proxy: internal error: {type(exc).__name__}: {exc}"
+            ) from None
+
+    async def _connect(self, host: str | None, port: int, path: str | None) -> GuestEnd:
         # An address: a socket of the sandbox's namespace. A name: the helper, for the guest
         # resolves it.
         if path is None and host is not None and self._direct and _is_address(host):
             direct = await connect_direct(self._sandbox, host, port)
             if direct is not None:
-                return self._session(direct)
+                return direct
             self._direct = False  # the backend hands out no sockets: stop asking
         try:
             mux = await self.mux()
@@ -109,20 +127,23 @@ class Tunnels:
                 raise asyncssh.ChannelOpenError(
                     CONNECT_FAILED, f"sandbox {self._sandbox.name!r} cannot run the relay unix "
                                     "sockets need (it has no python3)") from None
-            return self._session(await connect_with_tool(self._sandbox, self._user, host, port))
-        try:
-            stream = await mux.connect(host, port, path)
-        except OSError as exc:
-            raise channel_open_error(exc) from None
-        return self._session(stream)
+            return await connect_with_tool(self._sandbox, self._user, host, port)
+        return await mux.connect(host, port, path)
 
     # ---- tcpip-forward, streamlocal-forward@openssh.com
     async def listen(self, host: str | None, port: int,
                      path: str | None = None) -> GuestListener | None:
-        """A listener in the guest; None when the guest refused it (asyncssh: "failed")."""
-        mux = await self.mux()
-        return await listen_in_guest(mux, self._conn, self._session, host=host, port=port,
-                                     path=path)
+        """A listener in the guest; None when it cannot be had (asyncssh: "failed"), as
+        anything else escaping asyncssh's task for the request would end the connection."""
+        try:
+            mux = await self.mux()
+            return await listen_in_guest(mux, self._conn, self._session, host=host, port=port,
+                                         path=path)
+        except (UserError, OSError):
+            return None
+        except Exception as exc:
+            report_bug(exc)
+            return None
 
     # ---- auth-agent-req@openssh.com
     async def start_agent(self) -> bool:
@@ -136,5 +157,8 @@ class Tunnels:
             mux = await self.mux()
             self.agent_path = await open_agent_listener(mux, create_channel, self._session)
         except (UserError, OSError):
+            return False
+        except Exception as exc:  # asyncssh's caller would end the connection
+            report_bug(exc)
             return False
         return True

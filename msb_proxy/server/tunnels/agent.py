@@ -13,9 +13,8 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-import asyncssh
-
 from msb_proxy.server.tunnels.channel import GuestEnd, TunnelSession
+from msb_proxy.server.tunnels.listeners import open_to_client
 from msb_proxy.server.tunnels.mux import MuxStream, TunnelMux
 
 __all__ = ["open_agent_listener"]
@@ -28,11 +27,7 @@ async def open_agent_listener(mux: TunnelMux, create_channel: Callable[[], Any],
     ``create_agent_channel``) whose session ``session`` makes."""
 
     async def accept(stream: MuxStream, _host: str, _port: int) -> None:
-        try:
-            channel = create_channel()
-            await channel.open(lambda: session(stream))
-        except (asyncssh.ChannelOpenError, OSError):
-            stream.close()
+        await open_to_client(stream, lambda: create_channel().open(lambda: session(stream)))
 
     directory = f"/tmp/ssh-{secrets.token_hex(5)}"
     path = f"{directory}/agent.{os.getpid()}"

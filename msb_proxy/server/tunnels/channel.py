@@ -11,6 +11,7 @@ between the channel and the guest end works the same for all of them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
@@ -18,7 +19,8 @@ import asyncssh
 
 from msb_proxy.errors import UserError
 
-__all__ = ["CONNECT_FAILED", "HIGH_WATER", "GuestEnd", "TunnelSession", "channel_open_error"]
+__all__ = ["CONNECT_FAILED", "HIGH_WATER", "GuestEnd", "TunnelSession", "channel_open_error",
+           "report_bug"]
 
 CONNECT_FAILED = asyncssh.OPEN_CONNECT_FAILED
 #: What a channel or a guest end buffers before the other side is told to stop sending.
@@ -61,27 +63,38 @@ class TunnelSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes
     def connection_made(self, chan: TunnelChannel) -> None:
         self._chan = chan
         chan.set_write_buffer_limits(high=HIGH_WATER)
-        self._guest.attach(self)
+        self._to_guest(self._guest.attach, self)
 
     # ---- from the client
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self._guest.send(data)
+        self._to_guest(self._guest.send, data)
 
     def eof_received(self) -> bool:
-        self._guest.send_eof()
+        self._to_guest(self._guest.send_eof)
         return True
 
     def pause_writing(self) -> None:
-        self._guest.channel_paused()
+        self._to_guest(self._guest.channel_paused)
 
     def resume_writing(self) -> None:
-        self._guest.channel_resumed()
+        self._to_guest(self._guest.channel_resumed)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._guest.close()
+        self._to_guest(self._guest.close)
         if self._on_close is not None:
             self._on_close()
             self._on_close = None
+
+    def _to_guest(self, call: Callable[..., None], *args: object) -> None:
+        """``call(*args)`` on the guest end from one of asyncssh's callbacks, where whatever
+        escapes ends the whole connection (asyncssh's internal_error): a failing guest end
+        closes its own channel instead, and the connection's other channels carry on."""
+        try:
+            call(*args)
+        except Exception as exc:
+            self.close()
+            if not isinstance(exc, OSError):  # the guest's socket or process went: no bug
+                report_bug(exc)
 
     # ---- from the guest
     def write(self, data: bytes) -> None:
@@ -105,6 +118,14 @@ class TunnelSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes
         if self._chan is not None and self._input_paused:
             self._input_paused = False
             self._chan.resume_reading()
+
+
+def report_bug(exc: Exception) -> None:
+    """Tell of a bug of ours in a tunnel as of any other, without ending the connection: the
+    loop's exception handler prints it as one "internal error" line (the traceback under
+    ``--debug``)."""
+    asyncio.get_running_loop().call_exception_handler(
+        {"message": "a tunnel failed", "exception": exc})
 
 
 def channel_open_error(exc: OSError | UserError) -> asyncssh.ChannelOpenError:

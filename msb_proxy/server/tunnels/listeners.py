@@ -10,14 +10,14 @@ the end of the connection.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncssh
 
-from msb_proxy.server.tunnels.channel import GuestEnd, TunnelSession
+from msb_proxy.server.tunnels.channel import GuestEnd, TunnelSession, report_bug
 from msb_proxy.server.tunnels.mux import MuxStream, TunnelMux
 
-__all__ = ["GuestListener", "listen_in_guest"]
+__all__ = ["GuestListener", "listen_in_guest", "open_to_client"]
 
 
 class GuestListener(asyncssh.SSHListener):
@@ -41,6 +41,20 @@ class GuestListener(asyncssh.SSHListener):
         await self._closed.wait()
 
 
+async def open_to_client(stream: MuxStream, open_channel: Callable[[], Awaitable[object]]
+                         ) -> None:
+    """Carry ``stream``, a connection a guest listener accepted, over the channel
+    ``open_channel()`` opens to the client; if it cannot be had, the guest's connection is
+    closed. It runs as a task of our own: nothing may escape it unhandled."""
+    try:
+        await open_channel()
+    except (asyncssh.Error, OSError):  # the client refused the channel, or the connection went
+        stream.close()
+    except Exception as exc:
+        stream.close()
+        report_bug(exc)
+
+
 async def listen_in_guest(mux: TunnelMux, conn: asyncssh.SSHServerConnection,
                           session: Callable[[GuestEnd], TunnelSession], *, host: str | None,
                           port: int, path: str | None) -> GuestListener | None:
@@ -53,14 +67,12 @@ async def listen_in_guest(mux: TunnelMux, conn: asyncssh.SSHServerConnection,
     listen_port = 0
 
     async def accept(stream: MuxStream, peer_host: str, peer_port: int) -> None:
-        try:
-            if path is not None:
-                await conn.create_unix_connection(lambda: session(stream), path)
-            else:
-                await conn.create_connection(lambda: session(stream), host or "", listen_port,
-                                             peer_host, peer_port)
-        except (asyncssh.ChannelOpenError, OSError):
-            stream.close()
+        if path is not None:
+            await open_to_client(stream, lambda: conn.create_unix_connection(
+                lambda: session(stream), path))
+        else:
+            await open_to_client(stream, lambda: conn.create_connection(
+                lambda: session(stream), host or "", listen_port, peer_host, peer_port))
 
     try:
         ident, listen_port = await mux.listen(accept, host=bind_host, port=port, path=path)

@@ -62,6 +62,8 @@ class MuxStream:
             self.session.pause_input()
 
     def send_eof(self) -> None:
+        if self.closed or self._close_queued:  # the guest closed it first: nothing to tell
+            return
         self._eof_queued = True
         self._flush()
 

@@ -10,6 +10,7 @@ channel over it, with the kernel's own flow control on the socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import socket
@@ -28,7 +29,8 @@ class SocketTunnel(asyncio.Protocol):
     def __init__(self) -> None:
         self.session: TunnelSession | None = None
         self._transport: asyncio.Transport | None = None
-        self._eof = False
+        self._eof = False  # the client half-closed
+        self._shut = False  # ... and the socket is shut down for writing
         self._lost = False
 
     # ---- the socket
@@ -56,6 +58,8 @@ class SocketTunnel(asyncio.Protocol):
             self.session.pause_input()
 
     def resume_writing(self) -> None:
+        if self._eof and not self._shut:  # all the client sent is out: now its EOF
+            self._shutdown()
         if self.session is not None:
             self.session.resume_input()
 
@@ -72,9 +76,26 @@ class SocketTunnel(asyncio.Protocol):
             self._transport.write(data)
 
     def send_eof(self) -> None:
-        if self._transport is not None and not self._eof and not self._transport.is_closing():
-            self._eof = True
-            self._transport.write_eof()
+        transport = self._transport
+        if transport is None or self._eof or transport.is_closing():
+            return
+        self._eof = True
+        if transport.get_write_buffer_size():
+            # Not the transport's write_eof(): its shutdown() after the buffer drains would
+            # raise where nothing of ours can catch it. With no water marks, resume_writing()
+            # comes once the buffer is empty, and shuts down then.
+            transport.set_write_buffer_limits(high=0, low=0)
+        else:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        assert self._transport is not None
+        self._shut = True
+        # ENOTCONN: the guest closed or reset before the client's data and EOF came. As sshd
+        # (nchan.c, chan_shutdown_write: "shutdown failure is allowed") that only ends this
+        # direction; the channel closes once the client has seen the guest's EOF or reset.
+        with contextlib.suppress(OSError):
+            self._transport.get_extra_info("socket").shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
         if self._transport is not None:
