@@ -10,6 +10,9 @@ backend, and served through the real ssh client by the importable SshServer API.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
 import socket
 import subprocess
 import threading
@@ -201,8 +204,39 @@ def test_guest_without_any_tool_gets_a_line_naming_what_it_lacks(
     try:
         err = _refusal(config, 8777)
     finally:
-        subprocess.run(["ssh", "-F", str(config), "fallback",
-                        "mv /usr/bin/bash.hidden /usr/bin/bash"], check=False, timeout=60)
+        # Not over ssh: without bash, root has no login shell to run the mv. sftp runs the
+        # guest's sftp-server with no shell in between.
+        subprocess.run(["sftp", "-F", str(config), "-b", "-", "fallback"], check=False,
+                       input="rename /usr/bin/bash.hidden /usr/bin/bash\n", text=True,
+                       capture_output=True, timeout=60)
         _restore(config, "socat", "nc")
     assert (f"open failed: connect failed: sandbox '{name}' has neither python3 nor socat, "
             "nc or bash to make connections with") in err
+
+
+
+@pytest.mark.parametrize("forward", ["-R", "-A"])
+def test_remote_forward_and_agent_fail_alone_where_the_guest_cannot_run_the_helper(
+    served: tuple[Path, str], tmp_path: Path, forward: str
+) -> None:
+    config, _ = served
+    port = _free_port()
+    agent_sock = tmp_path / "agent.sock"
+    # Without -D, ssh-agent answers once its socket listens, with the variables to use it.
+    started = subprocess.run(["ssh-agent", "-s", "-a", str(agent_sock)], capture_output=True,
+                             text=True, timeout=30, check=True)
+    found = re.search(r"SSH_AGENT_PID=(\d+)", started.stdout)
+    assert found is not None, started.stdout
+    agent_pid = int(found.group(1))
+    try:
+        argv = ["-R", f"{port}:127.0.0.1:{_free_port()}"] if forward == "-R" else ["-A"]
+        done = subprocess.run(["ssh", "-F", str(config), *argv, "fallback",
+                               'echo "alive, agent: ${SSH_AUTH_SOCK:-none}"'],
+                              capture_output=True, text=True, timeout=60, check=False,
+                              env={**os.environ, "SSH_AUTH_SOCK": str(agent_sock)})
+    finally:
+        os.kill(agent_pid, signal.SIGTERM)
+    assert (done.returncode, done.stdout) == (0, "alive, agent: none\n"), done.stderr
+    refused = [line for line in done.stderr.splitlines() if "forwarding failed" in line]
+    assert refused == ([f"Warning: remote port forwarding failed for listen port {port}"]
+                       if forward == "-R" else [])
