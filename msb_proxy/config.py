@@ -24,7 +24,8 @@ overriding the keys it sets. Every value is checked when the file is read; a bad
 one-line error naming the file, the table, the key and the form it must take.
 
 Every table takes the common keys (``backend``, ``env``, ``user``, ``create``,
-``stop_after_idle``, ``accept_env``, ``keepalive``, ``inactivity_timeout``) and the options of
+``stop_after_idle``, ``accept_env``, ``keepalive``, ``inactivity_timeout``, and the limits
+``max_auth_tries``, ``max_channels``, ``max_env``, ``login_grace_time``) and the options of
 its backend (``image``, ``cpus`` ...: the backend class's ``options``, see
 ``msb_proxy.backends.base``; this module, below the backends, learns them from the
 :class:`BackendCatalogue` its caller passes: the registry). A table's backend is the one it
@@ -50,8 +51,13 @@ from msb_proxy.errors import ConfigError
 
 __all__ = [
     "DEFAULT_BACKEND",
+    "DEFAULT_LOGIN_GRACE_S",
+    "DEFAULT_MAX_AUTH_TRIES",
+    "DEFAULT_MAX_CHANNELS",
+    "DEFAULT_MAX_ENV",
     "DEFAULT_ROOTFS",
     "IMAGE_OPTION",
+    "MIN_CHANNELS",
     "NETWORKS",
     "NETWORK_OPTION",
     "VOLUMES_OPTION",
@@ -76,6 +82,14 @@ DEFAULT_BACKEND = "microsandbox"
 DEFAULT_ROOTFS = Path("/var/cache/msb-proxy/rootfs/bookworm-v1")
 MAX_NAME_BYTES = 128
 DEFAULT_INACTIVITY_S = 600.0
+# A connection's limits, as sshd's defaults: MaxAuthTries, LoginGraceTime, and the 128 variables
+# session.c keeps of a session's env requests. sshd has no bound on channels but MaxSessions
+# (10 sessions); ours is one well above what IDEs open, and never set below MIN_CHANNELS.
+DEFAULT_MAX_AUTH_TRIES = 6
+DEFAULT_LOGIN_GRACE_S = 120.0
+DEFAULT_MAX_ENV = 128
+DEFAULT_MAX_CHANNELS = 1024
+MIN_CHANNELS = 256
 
 
 @dataclass(frozen=True)
@@ -111,6 +125,9 @@ class SandboxTemplate:
 
     ``user`` is the guest user for SSH logins whose name is not a user of the guest; ``env`` is
     given to every session. ``stop_after_idle`` and the timeouts are seconds, 0 meaning never.
+    The limits hold per connection: failed authentication attempts (``max_auth_tries``),
+    channels open at once (``max_channels``), variables one session's ``env`` requests may set
+    (``max_env``) and seconds to authenticate in (``login_grace_time``).
     ``options`` holds the values of ``backend``'s own options, by key, as they parse; a key
     no table set is absent (``Backend.option`` gives its default).
     """
@@ -123,6 +140,10 @@ class SandboxTemplate:
     accept_env: tuple[str, ...] = ()
     keepalive: float = 0.0
     inactivity_timeout: float = DEFAULT_INACTIVITY_S
+    max_auth_tries: int = DEFAULT_MAX_AUTH_TRIES
+    max_channels: int = DEFAULT_MAX_CHANNELS
+    max_env: int = DEFAULT_MAX_ENV
+    login_grace_time: float = DEFAULT_LOGIN_GRACE_S
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -379,6 +400,15 @@ def _boolean(value: object) -> bool:
     raise ValueError(value)
 
 
+def _at_least(minimum: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+            return value
+        raise ValueError(value)
+
+    return parse
+
+
 def _one_of(choices: Sequence[str]) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if isinstance(value, str) and value in choices:
@@ -433,6 +463,12 @@ def _common_keys(catalogue: BackendCatalogue) -> dict[str, Option]:
                             'a duration such as "30s" or seconds (0: no keepalive)'),
         "inactivity_timeout": Option(parse_duration,
                                      'a duration such as "10m" or seconds (0: never)'),
+        "max_auth_tries": Option(_at_least(1), "an integer of at least 1 (sshd's MaxAuthTries)"),
+        "max_channels": Option(_at_least(MIN_CHANNELS),
+                               f"an integer of at least {MIN_CHANNELS} (IDEs open many)"),
+        "max_env": Option(_at_least(0), "an integer of at least 0"),
+        "login_grace_time": Option(parse_duration,
+                                   'a duration such as "2m" or seconds (0: never)'),
     }
 
 

@@ -163,7 +163,8 @@ def test_valid_forms_of_every_key_are_accepted(private: Env) -> None:
 _BACKEND_KEYS = {"local": ["image", "volumes", "network"],
                  "microsandbox": ["image", "cpus", "memory", "workdir", "volumes", "network"]}
 _KEYS = ", ".join(["backend", "env", "user", "create", "stop_after_idle", "accept_env",
-                   "keepalive", "inactivity_timeout", *_BACKEND_KEYS[TEST_BACKEND]])
+                   "keepalive", "inactivity_timeout", "max_auth_tries", "max_channels",
+                   "max_env", "login_grace_time", *_BACKEND_KEYS[TEST_BACKEND]])
 
 BAD_CONFIGS = {
     "bad-duration": (
