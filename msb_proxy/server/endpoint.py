@@ -34,7 +34,6 @@ __all__ = ["SshServer", "SshServerOptions"]
 # `ssh host yes | head -1` as with sshd) only to a server whose version starts "OpenSSH"
 # (compat.c); the comment after the space says what we are.
 SERVER_VERSION = f"OpenSSH_compatible msb_proxy_{__version__}"
-LOGIN_TIMEOUT_S = 120
 KEEPALIVE_COUNT_MAX = 3  # unanswered keepalives before the client counts as gone, as sshd
 # Offered ciphers, best first. asyncssh runs chacha20-poly1305 as three OpenSSL calls per packet,
 # which caps a transfer at a third of what AES-GCM or AES-CTR with an EtM MAC reach on a CPU
@@ -124,7 +123,7 @@ class SshServer:
                 password_auth=False,
                 kbdint_auth=False,
                 gss_host=None,
-                login_timeout=LOGIN_TIMEOUT_S,
+                login_timeout=0,  # the policy's login_grace_time, which says why it ended
                 keepalive_interval=options.template.keepalive,
                 keepalive_count_max=KEEPALIVE_COUNT_MAX,
                 encryption_algs=_preferred_ciphers(),

@@ -27,10 +27,10 @@ class SshServerOptions:
     ``accept_env`` adds glob patterns of client variables to pass on (sshd's ``AcceptEnv``).
     ``template`` says how the sandbox is created if it is missing, and carries the
     per-sandbox settings (default login user, session environment, keepalive, inactivity
-    timeout); ``progress`` is told about starting and creating it. ``connection_hooks`` is
-    called once per connection for the hooks its data path runs through (see
-    :mod:`msb_proxy.server.hooks`; ``msb_proxy.fastpath.install`` is the one msb-proxy has);
-    None runs asyncssh's own path.
+    timeout, and the connection's limits: see :mod:`msb_proxy.server.policy`); ``progress``
+    is told about starting and creating it. ``connection_hooks`` is called once per
+    connection for the hooks its data path runs through (see :mod:`msb_proxy.server.hooks`;
+    ``msb_proxy.fastpath.install`` is the one msb-proxy has); None runs asyncssh's own path.
     """
 
     host_key_path: Path | None = None

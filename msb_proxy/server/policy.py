@@ -5,14 +5,26 @@ resolved in the guest before any key is checked, so a sandbox that cannot be ope
 connection with its reason. Session channels become
 :class:`~msb_proxy.server.session.GuestSession`; forwarding requests go to the connection's
 :class:`~msb_proxy.server.tunnels.Tunnels`; X11 and anything else is refused.
+
+The connection's limits are the template's, enforced as sshd enforces its own:
+
+* ``max_auth_tries`` (MaxAuthTries): every refused ``userauth-request`` counts, a key offered
+  without a signature and refused too, except a first ``none`` (auth2.c, ``userauth_finish``);
+  the last one is answered with sshd's disconnect, "Too many authentication failures".
+* ``login_grace_time`` (LoginGraceTime): not authenticated in time, the connection ends without
+  a word to the client, as sshd's does; the reason goes to stderr.
+* ``max_channels``: a ``session``, ``direct-tcpip`` or ``direct-streamlocal@openssh.com`` open
+  while that many channels are open or opening is refused with the failure sshd sends past
+  MaxSessions (``connect failed``); the connection and its other channels go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from typing import Any
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncssh
 
@@ -25,6 +37,13 @@ from msb_proxy.server.session import Activity, GuestSession, Login
 from msb_proxy.server.tunnels import Tunnels
 
 __all__ = ["ConnectionPolicy"]
+
+T = TypeVar("T")
+
+# sshd's words and code when MaxAuthTries is reached (auth.c, auth_maxtries_exceeded, through
+# ssh_packet_disconnect): `ssh` prints "Received disconnect from ...:2: Too many authentication
+# failures".
+TOO_MANY_AUTH_FAILURES = "Too many authentication failures"
 
 
 class ConnectionPolicy(asyncssh.SSHServer):
@@ -42,6 +61,11 @@ class ConnectionPolicy(asyncssh.SSHServer):
         self._hooks = ConnectionHooks()
         self.activity = Activity()
         self.tunnels: Tunnels | None = None
+        self._opening = 0  # channels the client asked for that are not open yet
+        self._keys_checked = 0  # publickey requests, signed or not
+        self._auth_refusals = 0
+        self._auth_failures = 0  # refusals as sshd counts them
+        self._grace_timer: asyncio.TimerHandle | None = None
 
     def _fail(self, error: UserError) -> None:
         if self.failure is None:
@@ -89,10 +113,20 @@ class ConnectionPolicy(asyncssh.SSHServer):
         factory = self._options.connection_hooks
         if factory is not None:
             self._hooks = factory(conn)
+        # Every refusal of a userauth-request, whatever the method, goes out through this one
+        # method of the connection; asyncssh has no limit or hook of its own for them.
+        conn.send_userauth_failure = self._auth_failed(conn)  # type: ignore[method-assign,assignment]
+        grace = self._options.template.login_grace_time
+        if grace > 0:
+            self._grace_timer = asyncio.get_running_loop().call_later(grace, self._grace_over)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_grace_timer()
         if self.sandbox_task is not None and not self.sandbox_task.done():
             self.sandbox_task.cancel()
+
+    def auth_completed(self) -> None:
+        self._stop_grace_timer()
 
     async def begin_auth(self, username: str) -> bool:
         """Resolve the login user in the guest before any key is checked (``userauth-request``).
@@ -123,7 +157,8 @@ class ConnectionPolicy(asyncssh.SSHServer):
         self._login = Login(sandbox=sandbox, user=user,
                             accept_env=options.accept_env + template.accept_env,
                             sftp=options.sftp, env=dict(template.env), activity=self.activity,
-                            tunnels=self.tunnels, hooks=self._hooks)
+                            tunnels=self.tunnels, hooks=self._hooks,
+                            max_env=template.max_env)
         return True
 
     async def _lookup_user(self, sandbox: Sandbox, name: str) -> GuestUser:
@@ -150,22 +185,93 @@ class ConnectionPolicy(asyncssh.SSHServer):
         return False
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """A ``publickey`` request, with or without a signature: is ``key`` authorized?"""
+        self._keys_checked += 1
         return self._login is not None and self._authorized.allows(key)
 
-    def session_requested(self) -> GuestSession | bool:
+    def _auth_failed(self, conn: asyncssh.SSHServerConnection) -> Callable[[bool], None]:
+        """``send_userauth_failure`` counting failures as sshd does: a first ``none`` is free
+        (OpenSSH's client opens with it to learn the methods); the one that reaches
+        ``max_auth_tries`` ends the connection instead of being answered."""
+        send = conn.send_userauth_failure
+
+        def failed(partial_success: bool) -> None:
+            # asyncssh shows us no method name: a refusal before any key was checked answers
+            # the client's first request. Were that not "none" but a method we never offer,
+            # it goes uncounted where sshd counts it: one more try that cannot succeed.
+            opening = self._auth_refusals == 0 and self._keys_checked == 0
+            self._auth_refusals += 1
+            if not opening:
+                self._auth_failures += 1
+            if self._auth_failures >= self._options.template.max_auth_tries:
+                conn.disconnect(asyncssh.DISC_PROTOCOL_ERROR, TOO_MANY_AUTH_FAILURES)
+            else:
+                send(partial_success)
+
+        return failed
+
+    def _grace_over(self) -> None:
+        """``login_grace_time`` passed unauthenticated: end the connection as sshd does, with
+        no message to the client (its child just exits), and say why on stderr."""
+        self._grace_timer = None
+        grace = self._options.template.login_grace_time
+        self._fail(UserError(f"timeout before authentication: not logged in within {grace:g} s "
+                             "(login_grace_time in config.toml)"))
+        if self._conn is not None:
+            self._conn.abort()
+
+    def _stop_grace_timer(self) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+
+    # ---- channels: session, and the client's tunnels (ssh -L / -D and its unix socket form)
+    def session_requested(self) -> Any:
         if self._login is None:
             return False
-        return GuestSession(self._login)
+        login = self._login
+        return self._open_channel(lambda: GuestSession(login))
 
-    # ---- forwarding: ssh -L / -D, -R, and their unix socket forms
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Any:
         """``direct-tcpip``: a connection from inside the guest (asyncssh awaits it)."""
-        return self.tunnels.connect(dest_host, dest_port) if self.tunnels else False
+        if self.tunnels is None:
+            return False
+        tunnels = self.tunnels
+        return self._open_channel(lambda: tunnels.connect(dest_host, dest_port))
 
     def unix_connection_requested(self, dest_path: str) -> Any:
         """``direct-streamlocal@openssh.com``: a guest unix socket."""
-        return self.tunnels.connect(None, 0, path=dest_path) if self.tunnels else False
+        if self.tunnels is None:
+            return False
+        tunnels = self.tunnels
+        return self._open_channel(lambda: tunnels.connect(None, 0, path=dest_path))
+
+    def _open_channel(self, open_session: Callable[[], T | Awaitable[T]]) -> Awaitable[T]:
+        """The answer to a channel open: ``open_session()``, unless ``max_channels`` channels
+        are open or opening (raises ``ChannelOpenError``: that open fails, nothing else).
+
+        A channel counts as opening from its request until its session is made (it then
+        counts as open in :class:`Activity`, in the same step) or its open fails. Channels
+        the guest opens toward the client (``ssh -R`` connections, the agent) count as open
+        too, but are not refused: the client asked for them when it asked for the listener.
+        """
+        limit = self._options.template.max_channels
+        if self.activity.open + self._opening >= limit:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED,
+                f"too many channels open on this connection (max_channels is {limit})")
+        self._opening += 1
+        return self._opened(open_session)
+
+    async def _opened(self, open_session: Callable[[], T | Awaitable[T]]) -> T:
+        try:
+            session = open_session()
+            if inspect.isawaitable(session):
+                return await session
+            return session
+        finally:
+            self._opening -= 1
 
     def server_requested(self, listen_host: str, listen_port: int) -> Any:
         """``tcpip-forward``: a listener in the guest (port 0: the guest picks one)."""

@@ -70,11 +70,17 @@ CHANNEL_WRITE_SIZE = 32 * 1024  # OpenSSH's channel packet size
 
 
 class Activity:
-    """The channels open on one connection, for its unused-connection timeout."""
+    """The channels open on one connection, for its unused-connection timeout and its
+    ``max_channels``."""
 
     def __init__(self) -> None:
         self._open = 0
         self._since = time.monotonic()
+
+    @property
+    def open(self) -> int:
+        """How many channels are open."""
+        return self._open
 
     def opened(self) -> None:
         self._open += 1
