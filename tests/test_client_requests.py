@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import Env, install
 
-from msb_proxy.server.requests import MAX_ENV
+from msb_proxy.config import DEFAULT_MAX_ENV as MAX_ENV
 
 
 def _piped(msb: Env, sandbox: str, remote: str, reader: str,

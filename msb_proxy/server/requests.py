@@ -25,14 +25,13 @@ from typing import Any
 
 import asyncssh
 
-__all__ = ["MAX_ENV", "install"]
+from msb_proxy.config import DEFAULT_MAX_ENV
 
-#: Variables an ``env`` request may set per session, as sshd.
-MAX_ENV = 128
+__all__ = ["install"]
 
 
 def install(chan: asyncssh.SSHServerChannel[bytes], eow: Callable[[], None],
-            max_env: int = MAX_ENV) -> None:
+            max_env: int = DEFAULT_MAX_ENV) -> None:
     """Answer ``eow@openssh.com`` on ``chan`` by calling ``eow()``, and fail ``env`` requests
     past the ``max_env``-th."""
 

@@ -40,6 +40,7 @@ from msb_proxy.backends.base import (
     PtySpec,
     Sandbox,
 )
+from msb_proxy.config import DEFAULT_MAX_ENV
 from msb_proxy.errors import UserError
 from msb_proxy.server import requests
 from msb_proxy.server.hooks import ConnectionHooks
@@ -111,7 +112,7 @@ class Login:
     activity: Activity = field(default_factory=Activity)
     tunnels: Tunnels | None = None
     hooks: ConnectionHooks = field(default_factory=ConnectionHooks)
-    max_env: int = requests.MAX_ENV
+    max_env: int = DEFAULT_MAX_ENV
 
     def environment(self, client_env: Mapping[str, str], term: str | None) -> dict[str, str]:
         """The environment sshd would give a session of this user (see module docstring)."""
