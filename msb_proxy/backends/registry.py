@@ -34,6 +34,7 @@ __all__ = [
 BACKENDS: dict[str, str] = {
     "microsandbox": "msb_proxy.backends.microsandbox:MicrosandboxBackend",
     "local": "msb_proxy.backends.local:LocalBackend",
+    "fake": "msb_proxy.backends.fake:FakeBackend",
 }
 
 
