@@ -6,7 +6,7 @@ ROOTFS ?= $(or $(MSB_PROXY_ROOTFS),/var/cache/msb-proxy/rootfs/bookworm-v1)
 export MSB_PROXY_ROOTFS := $(ROOTFS)
 
 .PHONY: help install client-key system-deps system-deps-demo rootfs demo test test-nofastpath \
-	lint bench clean
+	test-fast lint bench clean
 
 # Debian/Ubuntu packages: demo, test, test-nofastpath and bench install the missing ones first
 # (scripts/install-system-deps: as root; a no-op for any user when all are there; one line naming
@@ -18,6 +18,10 @@ PREPARE = +@$(MAKE) --no-print-directory install rootfs
 # The session and transfer suites once more with the fast path (msb_proxy/fastpath) off
 NOFASTPATH_TESTS := tests/test_exec.py tests/test_pty.py tests/test_transfer.py \
 	tests/test_sftp_batch.py tests/test_channels.py tests/test_flow_control.py
+# The rootless tier: these suites on the fake backend (msb_proxy/backends/fake.py), as any user,
+# with no rootfs; what needs a real guest is skipped, saying what (tests/test_fast_tier.py).
+FAST_TESTS := tests/test_exec.py tests/test_pty.py tests/test_channels.py tests/test_transfer.py \
+	tests/test_sftp_batch.py tests/test_tunnels.py tests/test_fast_tier.py
 
 help:
 	@echo "make help              this list"
@@ -30,6 +34,8 @@ help:
 	@echo "make test              the test suite (real ssh/scp/sftp/rsync against the local backend),"
 	@echo "                       then test-nofastpath"
 	@echo "make test-nofastpath   the session and transfer suites with MSB_PROXY_FASTPATH=0"
+	@echo "make test-fast         sessions, terminals, transfers and tunnels on the fake backend:"
+	@echo "                       any user, no root, no rootfs, under two minutes"
 	@echo "make lint              ruff, mypy --strict and the layering (import contracts, private names)"
 	@echo "make bench             msb-proxy against OpenSSH's sshd on the same jail, ratios printed"
 	@echo "make clean             remove $(VENV) and build and tool caches"
@@ -71,6 +77,10 @@ test: system-deps
 test-nofastpath: system-deps
 	$(PREPARE)
 	MSB_PROXY_FASTPATH=0 $(BIN)/pytest $(NOFASTPATH_TESTS)
+
+# Not system-deps: its list holds the rootfs's tools; this needs only ssh, scp, sftp, rsync, curl.
+test-fast: install
+	MSB_PROXY_TEST_BACKEND=fake $(BIN)/pytest $(FAST_TESTS)
 
 lint: install
 	$(BIN)/ruff check msb_proxy tests bench scripts/check-private-names

@@ -2,9 +2,11 @@
 
 Every end-to-end test drives ``/usr/bin/ssh`` (or scp, sftp, rsync) with a generated ``-F``
 config whose ProxyCommand is the real ``msb-proxy stdio``, exactly as a user's ``~/.ssh/config``
-would. The backend is the local jail unless ``MSB_PROXY_TEST_BACKEND=microsandbox`` selects the
-microsandbox runtime (which needs a host where microVMs boot; elsewhere those tests are skipped
-with the reason shown).
+would. The backend is the local jail unless ``MSB_PROXY_TEST_BACKEND`` selects another:
+``microsandbox`` (which needs a host where microVMs boot; elsewhere those tests are skipped with
+the reason shown) or ``fake`` (processes on this host as the invoking user: no root and no rootfs
+needed, ``make test-fast``). A test that needs a real guest (its users, its files, its isolation)
+is marked ``needs_guest("why")`` and skipped on ``fake`` with that reason.
 """
 
 from __future__ import annotations
@@ -27,11 +29,29 @@ REPO = Path(__file__).resolve().parent.parent
 PROXY = Path(sys.executable).parent / "msb-proxy"
 DEFAULT_ROOTFS = Path("/var/cache/msb-proxy/rootfs/bookworm-v1")
 TEST_BACKEND = os.environ.get("MSB_PROXY_TEST_BACKEND", "local")
+TEST_BACKENDS = ("local", "microsandbox", "fake")
 WARM_IDLE_S = 20
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs_guest(reason): needs a real guest (the local jail or a microVM): its "
+        "users, its /etc, its isolation or its rootfs; skipped on the fake backend")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"msb-proxy test backend: {TEST_BACKEND} (MSB_PROXY_TEST_BACKEND)"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On the fake backend, skip what needs a real guest, saying what it needs."""
+    if TEST_BACKEND != "fake":
+        return
+    for item in items:
+        mark = item.get_closest_marker("needs_guest")
+        if mark is not None:
+            reason = mark.args[0] if mark.args else "a real guest"
+            item.add_marker(pytest.mark.skip(reason=f"fake backend: needs {reason}"))
 
 
 _CREATE_MICROSANDBOX = """
@@ -137,6 +157,26 @@ class Env:
                 "--backend", self.backend, "--host-prefix", "msb-",
                 *(["--quiet"] if quiet else [])]
 
+    def guest_tmp(self, sandbox: str) -> str:
+        """A directory for the test's files in ``sandbox``: the guest's /tmp, which a real
+        guest has to itself; on the fake backend, whose /tmp is the host's, the sandbox's own
+        ``tmp/``, removed with the sandbox."""
+        if self.backend != "fake":
+            return "/tmp"
+        from msb_proxy.backends.fake import sandbox_directory
+
+        return str(sandbox_directory(self.home, sandbox) / "tmp")
+
+    def guest_user(self, login: str) -> str:
+        """Who a session logged in as ``login`` runs as (``id -un``): that user in a real guest;
+        on the fake backend, which takes every login name as the user running msb-proxy (this
+        test process's), that user."""
+        if self.backend != "fake":
+            return login
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+
     def host(self, sandbox: str) -> str:
         """The ssh host name of ``sandbox``; the sandbox is removed when the session ends."""
         if sandbox not in self.sandboxes:
@@ -208,15 +248,15 @@ def write_ssh_config(env: Env, extra: str = "", *, warm: bool = True, quiet: boo
 def msb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """The session's msb-proxy installation; its sandboxes are removed at the end."""
     rootfs = Path(os.environ.get("MSB_PROXY_ROOTFS") or DEFAULT_ROOTFS)
-    if not (rootfs / "usr" / "bin").is_dir():
+    if TEST_BACKEND not in TEST_BACKENDS:
+        raise pytest.UsageError(
+            f"MSB_PROXY_TEST_BACKEND={TEST_BACKEND!r}: use {', '.join(TEST_BACKENDS)}")
+    if TEST_BACKEND != "fake" and not (rootfs / "usr" / "bin").is_dir():
         pytest.fail(f"no test rootfs at {rootfs}: run 'make rootfs' first", pytrace=False)
     if TEST_BACKEND == "microsandbox":
         reason = microsandbox_unavailable_reason(rootfs)
         if reason:
             pytest.skip(f"MSB_PROXY_TEST_BACKEND=microsandbox: {reason}")
-    elif TEST_BACKEND != "local":
-        raise pytest.UsageError(
-            f"MSB_PROXY_TEST_BACKEND={TEST_BACKEND!r}: use local or microsandbox")
     env = install(tmp_path_factory.mktemp("msb"), TEST_BACKEND, rootfs)
     write_ssh_config(env, warm=False, path=env.cold_config)
     yield env

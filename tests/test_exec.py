@@ -24,6 +24,7 @@ def test_exit_status_is_the_commands(msb: Env, sandbox: str, code: int) -> None:
     assert msb.ssh(sandbox, f"exit {code}").returncode == code
 
 
+@pytest.mark.needs_guest("the guest's bash: the fake's login shell is this host user's")
 def test_missing_command_exits_127_with_the_shells_message(msb: Env, sandbox: str) -> None:
     run = msb.ssh(sandbox, "no-such-command-xyz")
     assert run.returncode == 127
@@ -50,6 +51,7 @@ def test_large_upload_reaches_a_slow_reader_intact(msb: Env, sandbox: str) -> No
     assert run.out.split()[0] == hashlib.sha256(payload).hexdigest()
 
 
+@pytest.mark.needs_guest("the guest's root account: /root and bash")
 def test_command_runs_in_the_users_login_shell_environment(msb: Env, sandbox: str) -> None:
     run = msb.ssh(sandbox, 'echo "$0|$HOME|$USER|$LOGNAME|$SHELL|$PATH|$PWD|${SSH_TTY-unset}"')
     assert run.out == (
@@ -63,11 +65,13 @@ def test_ssh_connection_variables_are_set_as_sshd_does_for_a_pipe(msb: Env, sand
     assert run.out == "UNKNOWN 65535 65535|UNKNOWN 65535 UNKNOWN 65535\n"
 
 
+@pytest.mark.needs_guest("the guest user dev")
 def test_login_name_picks_the_guest_user(msb: Env, sandbox: str) -> None:
     run = msb.ssh(sandbox, 'id -un; id -u; echo "$HOME|$PATH"; pwd', user="dev")
     assert run.out == "dev\n1000\n/home/dev|/usr/local/bin:/usr/bin:/bin:/usr/games\n/home/dev\n"
 
 
+@pytest.mark.needs_guest("the guest's /etc/passwd: the fake takes every name as this user")
 def test_unknown_guest_user_is_refused_with_a_clear_line(msb: Env, sandbox: str) -> None:
     run = msb.ssh(sandbox, "true", user="nosuchuser")
     assert run.returncode == 255

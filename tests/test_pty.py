@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import time
 
 import asyncssh
 import pexpect
+import pytest
 from conftest import Env
 
 TIMEOUT_S = 60  # the machine is shared: generous for waiting, exact about what arrives
@@ -36,9 +38,23 @@ def _close(child: pexpect.spawn) -> None:
     child.close()
 
 
-def _prompt(user: str, sandbox: str) -> str:
-    """Debian's bash prompt, ``\\u@\\h:\\w\\$ `` in the user's home directory."""
-    return f"{user}@{sandbox}:~{'#' if user == 'root' else '$'} "
+def _prompt(msb: Env, user: str, sandbox: str) -> str:
+    """Debian's bash prompt, ``\\u@\\h:\\w\\$ `` in the user's home directory.
+
+    The fake backend's shell reads this host's start-up files, so there the same prompt is set
+    in the sandbox's ``~/.profile``, which a login shell reads last.
+    """
+    prompt = f"{user}@{sandbox}:~{'#' if user == 'root' else '$'} "
+    if msb.backend == "fake":
+        line = f"PS1={shlex.quote(prompt)}"
+        run = msb.ssh(sandbox, f"echo {shlex.quote(line)} > ~/.profile", user=user)
+        assert run.returncode == 0, run.err
+    return prompt
+
+
+def _login_shell(msb: Env, sandbox: str) -> str:
+    """The name of the login user's shell, as ``$0`` of a login shell shows it: ``-bash``."""
+    return "-" + os.path.basename(msb.ssh(sandbox, "echo $SHELL").out.strip())
 
 
 def _run_in_shell(child: pexpect.spawn, command: str, prompt: str) -> str:
@@ -56,7 +72,7 @@ def _run_in_shell(child: pexpect.spawn, command: str, prompt: str) -> str:
 
 
 def test_terminal_size_is_the_clients_and_follows_window_changes(msb: Env, sandbox: str) -> None:
-    prompt = _prompt("root", sandbox)
+    prompt = _prompt(msb, "root", sandbox)
     child = _spawn_ssh(msb, sandbox, "-tt", dimensions=(33, 111))
     try:
         child.expect_exact(prompt)
@@ -85,11 +101,12 @@ def test_command_with_a_terminal_sees_the_clients_size(msb: Env, sandbox: str) -
 def test_interactive_login_shell_runs_commands_and_exits_with_its_status(
     msb: Env, sandbox: str
 ) -> None:
-    prompt = _prompt("root", sandbox)
+    prompt = _prompt(msb, "root", sandbox)
+    shell = _login_shell(msb, sandbox)
     child = _spawn_ssh(msb, sandbox, "-t")
     try:
         child.expect_exact(prompt)
-        assert _run_in_shell(child, "echo $((6*7)); echo $0", prompt) == "42\r\n-bash\r\n"
+        assert _run_in_shell(child, "echo $((6*7)); echo $0", prompt) == f"42\r\n{shell}\r\n"
         child.sendline("exit 5")
         child.expect(pexpect.EOF)
     finally:
@@ -100,7 +117,7 @@ def test_interactive_login_shell_runs_commands_and_exits_with_its_status(
 def test_ctrl_c_interrupts_the_foreground_command_and_the_prompt_returns(
     msb: Env, sandbox: str
 ) -> None:
-    prompt = _prompt("root", sandbox)
+    prompt = _prompt(msb, "root", sandbox)
     child = _spawn_ssh(msb, sandbox, "-t")
     try:
         child.expect_exact(prompt)
@@ -183,8 +200,9 @@ def test_terminal_modes_from_pty_req_are_applied(msb: Env, sandbox: str) -> None
     assert "-ixon" in settings
 
 
+@pytest.mark.needs_guest("the guest user dev")
 def test_login_as_another_user_owns_its_terminal(msb: Env, sandbox: str) -> None:
-    prompt = _prompt("dev", sandbox)
+    prompt = _prompt(msb, "dev", sandbox)
     child = _spawn_ssh(msb, sandbox, "-t", user="dev")
     try:
         child.expect_exact(prompt)

@@ -18,30 +18,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Env, Run
+from conftest import TEST_BACKEND, Env, Run
 from transfer_helpers import EPOCH, SFTP_SERVER, guest_manifest, hide_programs, sftp
 
-B = "/srv/batch"
 # ls -l prints times in the client's zone and locale; mtimes are EPOCH (2020-09-13).
 CLIENT_ENV = dict(os.environ, TZ="UTC", LC_ALL="C")
 OLD = "Sep 13  2020"
+# The guest user dev's part, where there is one (not on the fake backend)
+_DEV_SEED = """
+chown dev:dev long/a.txt
+mkdir -p /home/dev/batch && echo mine > /home/dev/batch/mine && chown -R dev:dev /home/dev/batch
+"""
 
-_SEED = f"""
+
+def _seed(base: str, dev: bool) -> str:
+    """The shell script that lays out the tests' files under ``base``; it prints ``$HOME``."""
+    return f"""
 set -e
-mkdir -p {B} && cd {B}
+mkdir -p {base} && cd {base}
 mkdir -p nav/dir ls/sub long mk/existing rd/empty rd/full rm/dir mv/dir ln attr stop resume
 echo file > nav/file
 printf 'hello\\n' > ls/a.txt; printf '#!/bin/sh\\n' > ls/b.sh; chmod 755 ls/b.sh
 echo hidden > ls/.hidden; ln -s a.txt ls/link
-printf 'hello\\n' > long/a.txt; chown dev:dev long/a.txt; ln -s a.txt long/link
+printf 'hello\\n' > long/a.txt; ln -s a.txt long/link
 echo file > mk/file
 echo x > rd/full/x; echo file > rd/file
 echo one > rm/f1; echo g1 > rm/g1; echo g2 > rm/g2; echo keep > rm/keep
 echo a > mv/a; echo c > mv/c; echo d > mv/d
 echo file > ln/file; ln -s file ln/existing-link
 echo attr > attr/f
-mkdir -p /home/dev/batch && echo mine > /home/dev/batch/mine && chown -R dev:dev /home/dev/batch
-find {B} -exec touch -h -d @{EPOCH} {{}} +
+{_DEV_SEED if dev else ""}
+find {base} -exec touch -h -d @{EPOCH} {{}} +
+echo "$HOME"
 """
 
 
@@ -49,6 +57,8 @@ find {B} -exec touch -h -d @{EPOCH} {{}} +
 class Box:
     name: str
     label: str
+    base: str  # the directory the tests work in: /srv/batch in a real guest
+    home: str  # the login user's home, where sftp starts
 
 
 def _make_box(msb: Env, label: str) -> Box:
@@ -56,12 +66,19 @@ def _make_box(msb: Env, label: str) -> Box:
     msb.host(name)
     if label == "native":
         hide_programs(msb, name, [SFTP_SERVER])
-    run = msb.ssh(name, _SEED)
+    # The fake backend's /srv is the host's: there the files go to the sandbox's own tmp/.
+    fake = msb.backend == "fake"
+    base = f"{msb.guest_tmp(name)}/batch" if fake else "/srv/batch"
+    run = msb.ssh(name, _seed(base, dev=not fake))
     assert run.returncode == 0, run.err
-    return Box(name, label)
+    return Box(name, label, base, home=run.out.strip())
 
 
-@pytest.fixture(scope="module", params=["guest-sftp-server", "native"])
+@pytest.fixture(scope="module", params=[
+    pytest.param("guest-sftp-server", marks=pytest.mark.skipif(
+        TEST_BACKEND == "fake" and not os.path.exists(SFTP_SERVER),
+        reason=f"fake backend: the host has no {SFTP_SERVER} to stand in for the guest's")),
+    "native"])
 def box(request: pytest.FixtureRequest, msb: Env) -> Box:
     return _make_box(msb, str(request.param))
 
@@ -92,26 +109,27 @@ def guest(msb: Env, box: Box, command: str) -> str:
 def test_pwd_and_cd_resolve_paths_and_refuse_missing_and_non_directories(
     msb: Env, box: Box
 ) -> None:
-    run = batch(msb, box, "pwd", f"cd {B}/nav", "pwd", "cd dir", "pwd", "cd ..", "pwd",
+    run = batch(msb, box, "pwd", f"cd {box.base}/nav", "pwd", "cd dir", "pwd", "cd ..", "pwd",
                 "-cd nonexistent", "-cd file", "pwd")
     assert run.returncode == 0
     assert run.out == transcript(
-        ("pwd", "Remote working directory: /root"),
-        f"cd {B}/nav", ("pwd", f"Remote working directory: {B}/nav"),
-        "cd dir", ("pwd", f"Remote working directory: {B}/nav/dir"),
-        "cd ..", ("pwd", f"Remote working directory: {B}/nav"),
-        "-cd nonexistent", "-cd file", ("pwd", f"Remote working directory: {B}/nav"))
+        ("pwd", f"Remote working directory: {box.home}"),
+        f"cd {box.base}/nav", ("pwd", f"Remote working directory: {box.base}/nav"),
+        "cd dir", ("pwd", f"Remote working directory: {box.base}/nav/dir"),
+        "cd ..", ("pwd", f"Remote working directory: {box.base}/nav"),
+        "-cd nonexistent", "-cd file", ("pwd", f"Remote working directory: {box.base}/nav"))
     assert errors(run) == [
         "stat remote: No such file or directory",
-        f'Can\'t change directory: "{B}/nav/file" is not a directory',
+        f'Can\'t change directory: "{box.base}/nav/file" is not a directory',
     ]
 
 
 def test_ls_lists_names_hidden_entries_and_one_per_line(msb: Env, box: Box) -> None:
-    run = batch(msb, box, f"cd {B}/ls", "ls", "ls -a", "ls -1", "ls -1r", "ls sub", "-ls nothere")
+    run = batch(msb, box, f"cd {box.base}/ls", "ls", "ls -a", "ls -1", "ls -1r", "ls sub",
+                "-ls nothere")
     assert run.returncode == 0
     assert run.out == transcript(
-        f"cd {B}/ls",
+        f"cd {box.base}/ls",
         ("ls", "a.txt  b.sh   link   sub    "),
         # OpenSSH's sftp sizes the columns by the longest name it was sent, "." and ".." too
         ("ls -a", ".         ..        .hidden   a.txt     b.sh      link      sub       "),
@@ -120,16 +138,17 @@ def test_ls_lists_names_hidden_entries_and_one_per_line(msb: Env, box: Box) -> N
         "ls sub",
         "-ls nothere",
     )
-    assert errors(run) == [f'Can\'t ls: "{B}/ls/nothere" not found']
+    assert errors(run) == [f'Can\'t ls: "{box.base}/ls/nothere" not found']
 
 
+@pytest.mark.needs_guest("the guest user dev")
 def test_ls_long_shows_lstat_of_links_in_a_listing_and_stat_of_a_named_link(
     msb: Env, box: Box
 ) -> None:
-    run = batch(msb, box, f"cd {B}/long", "ls -l", "ls -l link", "ls -lh")
+    run = batch(msb, box, f"cd {box.base}/long", "ls -l", "ls -l link", "ls -lh")
     assert (run.returncode, run.err) == (0, "")
     assert run.out == transcript(
-        f"cd {B}/long",
+        f"cd {box.base}/long",
         ("ls -l", f"-rw-r--r--    ? dev      dev             6 {OLD} a.txt",
                   f"lrwxrwxrwx    ? root     root            5 {OLD} link"),
         # a named path is globbed and stat()ed: the link's target's attributes, the link's name
@@ -142,82 +161,86 @@ def test_ls_long_shows_lstat_of_links_in_a_listing_and_stat_of_a_named_link(
 def test_mkdir_makes_one_level_and_fails_on_existing_names_and_missing_parents(
     msb: Env, box: Box
 ) -> None:
-    run = batch(msb, box, f"cd {B}/mk", "mkdir new", "-mkdir new", "-mkdir existing",
+    run = batch(msb, box, f"cd {box.base}/mk", "mkdir new", "-mkdir new", "-mkdir existing",
                 "-mkdir file", "-mkdir a/b/c")
     assert run.returncode == 0
     assert errors(run) == [
-        f'remote mkdir "{B}/mk/new": Failure',
-        f'remote mkdir "{B}/mk/existing": Failure',
-        f'remote mkdir "{B}/mk/file": Failure',
-        f'remote mkdir "{B}/mk/a/b/c": No such file or directory',
+        f'remote mkdir "{box.base}/mk/new": Failure',
+        f'remote mkdir "{box.base}/mk/existing": Failure',
+        f'remote mkdir "{box.base}/mk/file": Failure',
+        f'remote mkdir "{box.base}/mk/a/b/c": No such file or directory',
     ]
-    got = guest_manifest(msb, box.name, f"{B}/mk")
+    got = guest_manifest(msb, box.name, f"{box.base}/mk")
     assert {path: entry.kind for path, entry in got.items()} == {
         "new": "dir", "existing": "dir", "file": "file"}
     assert got["new"].mode == 0o755  # 0777 from the client, less the guest's umask 022
 
 
 def test_rmdir_removes_an_empty_directory_only(msb: Env, box: Box) -> None:
-    run = batch(msb, box, f"cd {B}/rd", "rmdir empty", "-rmdir full", "-rmdir nonexistent",
+    run = batch(msb, box, f"cd {box.base}/rd", "rmdir empty", "-rmdir full", "-rmdir nonexistent",
                 "-rmdir file")
     assert run.returncode == 0
     assert errors(run) == [
-        f'remote rmdir "{B}/rd/full": Failure',
-        f'remote rmdir "{B}/rd/nonexistent": No such file or directory',
-        f'remote rmdir "{B}/rd/file": No such file or directory',  # ENOTDIR, as sftp-server maps it
+        f'remote rmdir "{box.base}/rd/full": Failure',
+        f'remote rmdir "{box.base}/rd/nonexistent": No such file or directory',
+        # ENOTDIR, as sftp-server maps it
+        f'remote rmdir "{box.base}/rd/file": No such file or directory',
     ]
-    assert sorted(guest_manifest(msb, box.name, f"{B}/rd")) == ["file", "full", "full/x"]
+    assert sorted(guest_manifest(msb, box.name, f"{box.base}/rd")) == ["file", "full", "full/x"]
 
 
 def test_rm_removes_files_and_globs_and_refuses_directories_and_missing_names(
     msb: Env, box: Box
 ) -> None:
-    run = batch(msb, box, f"cd {B}/rm", "rm f1", "rm g*", "-rm nonexistent", "-rm dir")
+    run = batch(msb, box, f"cd {box.base}/rm", "rm f1", "rm g*", "-rm nonexistent", "-rm dir")
     assert run.returncode == 0
     assert errors(run) == [
-        f"remote delete {B}/rm/nonexistent: No such file or directory",
-        f"remote delete {B}/rm/dir: Failure",
+        f"remote delete {box.base}/rm/nonexistent: No such file or directory",
+        f"remote delete {box.base}/rm/dir: Failure",
     ]
-    assert sorted(guest_manifest(msb, box.name, f"{B}/rm")) == ["dir", "keep"]
+    assert sorted(guest_manifest(msb, box.name, f"{box.base}/rm")) == ["dir", "keep"]
 
 
 def test_rename_moves_and_replaces_an_existing_file_via_posix_rename(msb: Env, box: Box) -> None:
-    run = batch(msb, box, f"cd {B}/mv", "rename a b", "rename c d", "-rename nonexistent x",
+    run = batch(msb, box, f"cd {box.base}/mv", "rename a b", "rename c d", "-rename nonexistent x",
                 "-rename b dir", "-rename dir d")
     assert run.returncode == 0
     assert errors(run) == [
-        f'remote rename "{B}/mv/nonexistent" to "{B}/mv/x": No such file or directory',
-        f'remote rename "{B}/mv/b" to "{B}/mv/dir": Failure',  # EISDIR
-        f'remote rename "{B}/mv/dir" to "{B}/mv/d": No such file or directory',  # ENOTDIR
+        f'remote rename "{box.base}/mv/nonexistent" to "{box.base}/mv/x": '
+        "No such file or directory",
+        f'remote rename "{box.base}/mv/b" to "{box.base}/mv/dir": Failure',  # EISDIR
+        # ENOTDIR
+        f'remote rename "{box.base}/mv/dir" to "{box.base}/mv/d": No such file or directory',
     ]
-    assert guest(msb, box, f"cd {B}/mv && ls && cat b d") == "b\nd\ndir\na\nc\n"
+    assert guest(msb, box, f"cd {box.base}/mv && ls && cat b d") == "b\nd\ndir\na\nc\n"
 
 
 def test_ln_makes_hard_and_symbolic_links_and_symlink_is_ln_s(msb: Env, box: Box) -> None:
-    run = batch(msb, box, f"cd {B}/ln", "ln file hard", "ln -s file soft", "symlink file soft2",
-                "ln -s ../ln/file up", "-ln -s file existing-link", "-ln nonexistent h2",
-                "-ln file hard")
+    run = batch(msb, box, f"cd {box.base}/ln", "ln file hard", "ln -s file soft",
+                "symlink file soft2", "ln -s ../ln/file up", "-ln -s file existing-link",
+                "-ln nonexistent h2", "-ln file hard")
     assert run.returncode == 0
     assert errors(run) == [
-        f'remote symlink file "file" to "{B}/ln/existing-link": Failure',
-        f'remote link "{B}/ln/nonexistent" to "{B}/ln/h2": No such file or directory',
-        f'remote link "{B}/ln/file" to "{B}/ln/hard": Failure',
+        f'remote symlink file "file" to "{box.base}/ln/existing-link": Failure',
+        f'remote link "{box.base}/ln/nonexistent" to "{box.base}/ln/h2": No such file or directory',
+        f'remote link "{box.base}/ln/file" to "{box.base}/ln/hard": Failure',
     ]
-    out = guest(msb, box, f"cd {B}/ln && stat -c '%n %h %F' file hard && "
+    out = guest(msb, box, f"cd {box.base}/ln && stat -c '%n %h %F' file hard && "
                           "readlink soft soft2 up existing-link && cat up")
     assert out == ("file 2 regular file\nhard 2 regular file\n"
                    "file\nfile\n../ln/file\nfile\nfile\n")
 
 
+@pytest.mark.needs_guest("root of the guest, to give a file to another user")
 def test_chmod_chown_chgrp_set_mode_and_owner(msb: Env, box: Box) -> None:
-    run = batch(msb, box, f"cd {B}/attr", "chmod 640 f", "chown 1000 f", "chgrp 100 f",
+    run = batch(msb, box, f"cd {box.base}/attr", "chmod 640 f", "chown 1000 f", "chgrp 100 f",
                 "-chmod 600 nonexistent", "-chown 1000 nonexistent")
     assert run.returncode == 0
     assert errors(run) == [
-        f'remote setstat "{B}/attr/nonexistent": No such file or directory',
+        f'remote setstat "{box.base}/attr/nonexistent": No such file or directory',
         "stat remote: No such file or directory",
     ]
-    assert guest(msb, box, f"stat -c '%a %u %g %Y' {B}/attr/f") == f"640 1000 100 {EPOCH}\n"
+    assert guest(msb, box, f"stat -c '%a %u %g %Y' {box.base}/attr/f") == f"640 1000 100 {EPOCH}\n"
 
 
 def test_put_and_get_carry_bytes_and_p_keeps_mode_and_times(
@@ -228,10 +251,11 @@ def test_put_and_get_carry_bytes_and_p_keeps_mode_and_times(
     local.write_bytes(payload)
     local.chmod(0o604)
     os.utime(local, (EPOCH + 5, EPOCH + 5))
-    run = batch(msb, box, f"cd {B}/resume", f"put {local} plain.bin", f"put -p {local} kept.bin",
-                f"get kept.bin {tmp_path}/back.bin", f"get -p kept.bin {tmp_path}/back-p.bin")
+    run = batch(msb, box, f"cd {box.base}/resume", f"put {local} plain.bin",
+                f"put -p {local} kept.bin", f"get kept.bin {tmp_path}/back.bin",
+                f"get -p kept.bin {tmp_path}/back-p.bin")
     assert (run.returncode, run.err) == (0, "")
-    out = guest(msb, box, f"cd {B}/resume && stat -c '%n %a %s %Y' plain.bin kept.bin && "
+    out = guest(msb, box, f"cd {box.base}/resume && stat -c '%n %a %s %Y' plain.bin kept.bin && "
                           "cmp plain.bin kept.bin && echo same")
     plain, kept, same = out.splitlines()
     assert plain.split()[:3] == ["plain.bin", "604", str(len(payload))]  # sftp sends the mode
@@ -250,44 +274,45 @@ def test_reput_and_reget_resume_at_the_existing_length(
     local.write_bytes(payload)
     # Different bytes in the part already there prove that it was kept, not sent again.
     stale = b"\xee" * 100_000
-    seed = msb.ssh(box.name, f"cat > {B}/resume/partial-up.bin", input=stale)
+    seed = msb.ssh(box.name, f"cat > {box.base}/resume/partial-up.bin", input=stale)
     assert seed.returncode == 0, seed.err
-    msb.ssh(box.name, f"cat > {B}/resume/whole.bin", input=payload)
+    msb.ssh(box.name, f"cat > {box.base}/resume/whole.bin", input=payload)
     (tmp_path / "partial-down.bin").write_bytes(stale)
     (tmp_path / "longer.bin").write_bytes(payload + b"more")
-    run = batch(msb, box, f"cd {B}/resume", f"reput {local} partial-up.bin",
+    run = batch(msb, box, f"cd {box.base}/resume", f"reput {local} partial-up.bin",
                 f"reget whole.bin {tmp_path}/partial-down.bin",
                 f"-reget whole.bin {tmp_path}/longer.bin")
     assert run.returncode == 0
     assert errors(run) == [
         f'Unable to resume download of "{tmp_path}/longer.bin": local file is larger than remote']
     resumed = stale + payload[len(stale):]
-    got = guest_manifest(msb, box.name, f"{B}/resume")
+    got = guest_manifest(msb, box.name, f"{box.base}/resume")
     assert got["partial-up.bin"].data == hashlib.sha256(resumed).hexdigest()
     assert (tmp_path / "partial-down.bin").read_bytes() == resumed
 
 
 def test_df_reports_the_guests_file_system(msb: Env, box: Box) -> None:
-    run = batch(msb, box, f"df {B}", f"df -i {B}")
+    run = batch(msb, box, f"df {box.base}", f"df -i {box.base}")
     assert (run.returncode, run.err) == (0, "")
     lines = run.out.splitlines()
-    assert lines[0] == f"sftp> df {B}"
+    assert lines[0] == f"sftp> df {box.base}"
     assert lines[1].split() == ["Size", "Used", "Avail", "(root)", "%Capacity"]
-    assert lines[3] == f"sftp> df -i {B}"
+    assert lines[3] == f"sftp> df -i {box.base}"
     assert lines[4].split() == ["Inodes", "Used", "Avail", "(root)", "%Capacity"]
-    blocks, block_size, inodes = guest(msb, box, f"stat -f -c '%b %S %c' {B}").split()
+    blocks, block_size, inodes = guest(msb, box, f"stat -f -c '%b %S %c' {box.base}").split()
     assert int(lines[2].split()[0]) == int(blocks) * int(block_size) // 1024
     assert int(lines[5].split()[0]) == int(inodes)
 
 
 def test_batch_ends_at_the_first_failing_line_without_a_dash(msb: Env, box: Box) -> None:
-    run = batch(msb, box, f"cd {B}/stop", "mkdir one", "rm nonexistent", "mkdir two")
+    run = batch(msb, box, f"cd {box.base}/stop", "mkdir one", "rm nonexistent", "mkdir two")
     assert run.returncode == 1
-    assert run.out == transcript(f"cd {B}/stop", "mkdir one", "rm nonexistent")
-    assert errors(run) == [f"remote delete {B}/stop/nonexistent: No such file or directory"]
-    assert sorted(guest_manifest(msb, box.name, f"{B}/stop")) == ["one"]
+    assert run.out == transcript(f"cd {box.base}/stop", "mkdir one", "rm nonexistent")
+    assert errors(run) == [f"remote delete {box.base}/stop/nonexistent: No such file or directory"]
+    assert sorted(guest_manifest(msb, box.name, f"{box.base}/stop")) == ["one"]
 
 
+@pytest.mark.needs_guest("the guest user dev and the guest's /etc")
 def test_login_user_gets_permission_denied_where_sshd_would_refuse(
     msb: Env, box: Box, tmp_path: Path
 ) -> None:
@@ -329,12 +354,14 @@ def test_login_user_gets_permission_denied_where_sshd_would_refuse(
 def test_quoted_names_reach_the_server_unchanged(msb: Env, box: Box, tmp_path: Path) -> None:
     local = tmp_path / "it's here.txt"
     local.write_text("quoted\n")
-    run = batch(msb, box, f'put "{local}" "/tmp/with space and \'quote\'.txt"',
-                "rename \"/tmp/with space and 'quote'.txt\" /tmp/-dash.txt")
+    tmp = msb.guest_tmp(box.name)
+    run = batch(msb, box, f'put "{local}" "{tmp}/with space and \'quote\'.txt"',
+                f"rename \"{tmp}/with space and 'quote'.txt\" {tmp}/-dash.txt")
     assert (run.returncode, run.err) == (0, "")
-    assert guest(msb, box, f"cat -- {shlex.quote('/tmp/-dash.txt')}") == "quoted\n"
+    assert guest(msb, box, f"cat -- {shlex.quote(f'{tmp}/-dash.txt')}") == "quoted\n"
 
 
+@pytest.mark.needs_guest("the guest user dev and the guest's /root")
 def test_realpath_through_a_directory_the_user_cannot_search_is_permission_denied(
     msb: Env, box: Box
 ) -> None:

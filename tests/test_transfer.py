@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Env
+from conftest import TEST_BACKEND, Env
 from transfer_helpers import (
     ABSOLUTE_LINK_TARGET,
     BIG_SIZE,
@@ -58,9 +58,12 @@ from transfer_helpers import (
     without_links,
 )
 
-SRC = "/srv/src"  # the data sets, as tar put them in the guest
-CHECKSUM_SRC = "/srv/rsync-c/same.txt"  # for rsync -c down: the host's copy differs
-DEST = "/srv/dest"  # upload targets, one directory per test
+# In the sandbox's home on the fake backend, whose /srv is the host's; every client and guest
+# command resolves a relative path from the login user's home, as it does there.
+SRV = "srv" if TEST_BACKEND == "fake" else "/srv"
+SRC = f"{SRV}/src"  # the data sets, as tar put them in the guest
+CHECKSUM_SRC = f"{SRV}/rsync-c/same.txt"  # for rsync -c down: the host's copy differs
+DEST = f"{SRV}/dest"  # upload targets, one directory per test
 STALE = "stale.txt"
 SAME_SIZE_AND_TIME = 1000
 # Slow enough that a transfer of big.bin is still running when we cut it off.
@@ -77,7 +80,7 @@ _GUEST_SETUP = " && ".join([
     # rsync -c: same size and mtime as the host's file, other bytes (and the reverse for -c down)
     f"mkdir {DEST}/rsync-c",
     f"head -c {SAME_SIZE_AND_TIME} /dev/zero | tr '\\0' B > {DEST}/rsync-c/same.txt",
-    "mkdir /srv/rsync-c",
+    f"mkdir {SRV}/rsync-c",
     f"head -c {SAME_SIZE_AND_TIME} /dev/zero | tr '\\0' G > {CHECKSUM_SRC}",
     f"touch -d @{EPOCH} {DEST}/rsync-c/same.txt {CHECKSUM_SRC}",
 ])
@@ -171,9 +174,10 @@ def test_scp_recursive_download_is_byte_exact_and_keeps_modes_and_mtimes(
 def test_scp_copies_what_links_point_to_as_openssh_does(msb: Env, data: DataSets, box: Box,
                                                         local: Path) -> None:
     links = data.core / "links"
-    run = scp(msb, "-r", str(links), target(msb, box.name, "/tmp/scp-links"))
+    copy = f"{msb.guest_tmp(box.name)}/scp-links"
+    run = scp(msb, "-r", str(links), target(msb, box.name, copy))
     assert run.returncode == 0, run.err
-    got = guest_manifest(msb, box.name, "/tmp/scp-links")
+    got = guest_manifest(msb, box.name, copy)
     assert {path: entry.kind for path, entry in got.items()} == {
         "target.txt": "file", "rel-link": "file", "abs-link": "file", "sub": "dir",
         "sub/up-link": "file"}
@@ -231,12 +235,13 @@ def test_sftp_recursive_get_is_byte_exact_keeps_modes_and_mtimes_and_skips_links
 def test_sftp_single_file_put_and_get_without_p_carry_bytes_not_times(
     msb: Env, data: DataSets, box: Box, local: Path
 ) -> None:
-    run = sftp(msb, box.name, [f"put {data.every_byte} /tmp/sftp-every-byte.bin",
-                               f"put {data.core / 'empty'} /tmp/sftp-empty",
-                               f"get /tmp/sftp-every-byte.bin {local}/every-byte.bin",
-                               f"get /tmp/sftp-empty {local}/empty"])
+    tmp = msb.guest_tmp(box.name)
+    run = sftp(msb, box.name, [f"put {data.every_byte} {tmp}/sftp-every-byte.bin",
+                               f"put {data.core / 'empty'} {tmp}/sftp-empty",
+                               f"get {tmp}/sftp-every-byte.bin {local}/every-byte.bin",
+                               f"get {tmp}/sftp-empty {local}/empty"])
     assert run.returncode == 0, run.err
-    assert guest_digest(msb, box.name, "/tmp/sftp-every-byte.bin") == sha256_file(data.every_byte)
+    assert guest_digest(msb, box.name, f"{tmp}/sftp-every-byte.bin") == sha256_file(data.every_byte)
     assert (local / "every-byte.bin").read_bytes() == data.every_byte.read_bytes()
     assert (local / "empty").read_bytes() == b""
     assert int((local / "every-byte.bin").stat().st_mtime) > EPOCH + 10_000_000
@@ -392,6 +397,8 @@ def test_interrupted_rsync_partial_download_fails_keeps_a_prefix_and_resumes(
     assert sha256_file(local / "big.bin") == sha256_file(data.big)
 
 
+@pytest.mark.needs_guest("programs hidden from the guest's shell: the fake hides them only from "
+                        "msb-proxy's own look-ups")
 def test_missing_rsync_is_named_with_the_sandbox(msb: Env, data: DataSets, native_box: Box,
                                                  local: Path) -> None:
     name = native_box.name
@@ -404,6 +411,7 @@ def test_missing_rsync_is_named_with_the_sandbox(msb: Env, data: DataSets, nativ
 # ---- the login user
 
 
+@pytest.mark.needs_guest("the guest user dev")
 def test_files_uploaded_as_dev_belong_to_dev(msb: Env, data: DataSets, box: Box) -> None:
     source = str(data.every_byte)
     runs = [
@@ -423,6 +431,7 @@ def test_files_uploaded_as_dev_belong_to_dev(msb: Env, data: DataSets, box: Box)
     assert owners == dict.fromkeys(names, (1000, 1000, digest))
 
 
+@pytest.mark.needs_guest("the guest user dev and the guest's /etc")
 def test_dev_cannot_overwrite_a_root_owned_file_in_etc(msb: Env, data: DataSets, box: Box) -> None:
     before = guest_digest(msb, box.name, "/etc/hostname")
     run = sftp(msb, box.name, [f"put {data.every_byte} /etc/hostname"], user="dev")
@@ -431,6 +440,7 @@ def test_dev_cannot_overwrite_a_root_owned_file_in_etc(msb: Env, data: DataSets,
     assert guest_digest(msb, box.name, "/etc/hostname") == before
 
 
+@pytest.mark.needs_guest("the guest users root and dev, at home in /root and /home/dev")
 def test_relative_paths_start_in_the_login_users_home(msb: Env, data: DataSets, box: Box) -> None:
     source = str(data.every_byte)
     for user, home in (("root", "/root"), ("dev", "/home/dev")):
@@ -461,6 +471,7 @@ def _upload_argv(msb: Env, tool: str, sandbox: str, source: Path, dest: str, *,
                     legacy=tool == "scp-legacy")
 
 
+@pytest.mark.needs_guest("the guest user dev and the guest's /etc")
 @pytest.mark.parametrize("tool", ["scp", "scp-legacy", "sftp", "rsync"])
 def test_upload_into_a_directory_the_user_cannot_write_fails_with_the_reason(
     msb: Env, data: DataSets, box: Box, tool: str

@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 from conftest import Env
 from tunnel_helpers import (
-    GUEST_SERVERS_PATH,
     WAIT_S,
     curl,
     guest_port,
     guest_server,
+    guest_servers_path,
     host_http_server,
     host_port,
     install_guest_servers,
@@ -70,7 +70,7 @@ def guest(msb: Env) -> str:
 @pytest.fixture(scope="module")
 def web(msb: Env, guest: str) -> Iterator[Web]:
     payload = os.urandom(1 << 20) + bytes(range(256))
-    directory = f"/tmp/www-{uuid.uuid4().hex[:6]}"
+    directory = f"{msb.guest_tmp(guest)}/www-{uuid.uuid4().hex[:6]}"
     put = msb.ssh(guest, f"mkdir {directory} && cat > {directory}/payload.bin", input=payload)
     assert put.returncode == 0, put.err
     port = guest_port()
@@ -153,8 +153,8 @@ def test_dynamic_forward_connects_from_the_guest_by_name_or_address(
 @pytest.fixture
 def unix_echo(msb: Env, guest: str) -> Iterator[str]:
     """A unix socket echo server in the guest; its path."""
-    path = f"/tmp/echo-{uuid.uuid4().hex[:8]}.sock"
-    with guest_server(msb, guest, f"python3 {GUEST_SERVERS_PATH} echo {path}",
+    path = f"{msb.guest_tmp(guest)}/echo-{uuid.uuid4().hex[:8]}.sock"
+    with guest_server(msb, guest, f"python3 {guest_servers_path(msb, guest)} echo {path}",
                       socket_exists(path)):
         yield path
 
@@ -210,14 +210,14 @@ def test_remote_forward_to_port_0_prints_and_listens_on_the_allocated_port(
 
 def test_remote_forward_from_a_guest_unix_socket(msb: Env, guest: str) -> None:
     body = b"reached through a unix socket in the guest\n"
-    path = f"/tmp/guest-{uuid.uuid4().hex[:8]}.sock"
+    path = f"{msb.guest_tmp(guest)}/guest-{uuid.uuid4().hex[:8]}.sock"
     with host_http_server(body) as hport, \
             tunnel(msb, guest, "-v", "-R", f"{path}:127.0.0.1:{hport}") as client:
         client.wait_for(forward_success(path))
         got = msb.ssh(guest, f"stat -c '%U %a %F' {path}; "
                              f"curl -sS --unix-socket {path} http://guest/")
     assert (got.returncode, got.err) == (0, "")
-    assert got.out == f"root 600 socket\n{body.decode()}"
+    assert got.out == f"{msb.guest_user('root')} 600 socket\n{body.decode()}"
     gone = msb.ssh(guest, f"for _ in $(seq 100); do [ -e {path} ] || exit 0; sleep 0.1; done; "
                           "exit 1")
     assert gone.returncode == 0, f"{path} outlived its connection"
@@ -320,7 +320,7 @@ def test_connect_still_in_progress_does_not_hold_up_other_tunnels(
 ) -> None:
     # A listener with a full accept queue drops further SYNs: a connect to it just hangs.
     stuck_port = guest_port()
-    filled = f"/tmp/filled-{uuid.uuid4().hex[:8]}"
+    filled = f"{msb.guest_tmp(guest)}/filled-{uuid.uuid4().hex[:8]}"
     server = (f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {stuck_port})); "
               f"s.listen(0); c = socket.create_connection(('127.0.0.1', {stuck_port})); "
               f"open('{filled}', 'w').close(); time.sleep(600)")
@@ -372,7 +372,7 @@ def test_client_eof_reaches_the_guest_server_and_its_reply_comes_back(
 ) -> None:
     gport, port = guest_port(), host_port()
     data = os.urandom(5 << 20)
-    with guest_server(msb, guest, f"python3 {GUEST_SERVERS_PATH} digest {gport}",
+    with guest_server(msb, guest, f"python3 {guest_servers_path(msb, guest)} digest {gport}",
                       listening(gport)), \
             tunnel(msb, guest, "-L", f"{port}:{target}:{gport}", ready=port):
         reply = exchange(port, data)
@@ -384,9 +384,10 @@ def test_guest_server_eof_reaches_the_client_while_the_client_still_sends(
     msb: Env, guest: str, target: str
 ) -> None:
     gport, port = guest_port(), host_port()
-    record = f"/tmp/speak-first-{uuid.uuid4().hex[:8]}"
+    record = f"{msb.guest_tmp(guest)}/speak-first-{uuid.uuid4().hex[:8]}"
     data = os.urandom(3 << 20)
-    with guest_server(msb, guest, f"python3 {GUEST_SERVERS_PATH} speak-first {gport} {record}",
+    servers = guest_servers_path(msb, guest)
+    with guest_server(msb, guest, f"python3 {servers} speak-first {gport} {record}",
                       listening(gport)), \
             tunnel(msb, guest, "-L", f"{port}:{target}:{gport}", ready=port), \
             socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
@@ -452,7 +453,7 @@ def test_64_concurrent_tunnels_carry_checksummed_data_and_survive_siblings_closi
 ) -> None:
     tunnels, size, aborted = 64, 2 << 20, set(range(5, 64, 8))
     gport, port = guest_port(), host_port()
-    peak_file = f"/tmp/echo-peak-{uuid.uuid4().hex[:8]}"
+    peak_file = f"{msb.guest_tmp(guest)}/echo-peak-{uuid.uuid4().hex[:8]}"
     payloads = [os.urandom(size) for _ in range(tunnels)]
 
     async def one(index: int, everyone: asyncio.Barrier) -> str | None:
@@ -489,7 +490,8 @@ def test_64_concurrent_tunnels_carry_checksummed_data_and_survive_siblings_closi
         return await asyncio.wait_for(
             asyncio.gather(*(one(index, everyone) for index in range(tunnels))), 120)
 
-    with guest_server(msb, guest, f"python3 {GUEST_SERVERS_PATH} echo {gport} {peak_file}",
+    servers = guest_servers_path(msb, guest)
+    with guest_server(msb, guest, f"python3 {servers} echo {gport} {peak_file}",
                       listening(gport)), \
             tunnel(msb, guest, "-L", f"{port}:{target}:{gport}", ready=port) as client:
         results = asyncio.run(everything())
@@ -534,7 +536,8 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
         os.kill(int(pid.group(1)), signal.SIGTERM)
 
 
-@pytest.mark.parametrize("user", ["root", "dev"])
+@pytest.mark.parametrize(
+    "user", ["root", pytest.param("dev", marks=pytest.mark.needs_guest("the guest user dev"))])
 def test_forwarded_agent_lists_the_users_key_at_a_private_socket_gone_after(
     msb: Env, guest: str, agent: Agent, user: str
 ) -> None:
@@ -545,7 +548,8 @@ def test_forwarded_agent_lists_the_users_key_at_a_private_socket_gone_after(
     listed, path, sock_stat, dir_stat, *rest = run.out.splitlines(keepends=True)
     assert listed == agent.fingerprint
     assert re.fullmatch(r"/tmp/ssh-\w+/agent\.\d+\n", path), path
-    assert (sock_stat, dir_stat, rest) == (f"{user} 600 socket\n", f"{user} 700 directory\n", [])
+    owner = msb.guest_user(user)
+    assert (sock_stat, dir_stat, rest) == (f"{owner} 600 socket\n", f"{owner} 700 directory\n", [])
     path = path.strip()
     gone = msb.ssh(guest, f"for _ in $(seq 100); do [ -e {path} ] || [ -e {os.path.dirname(path)} ]"
                           " || exit 0; sleep 0.1; done; exit 1")

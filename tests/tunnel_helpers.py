@@ -274,11 +274,14 @@ while True:
     conn, _ = server.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
 '''
-GUEST_SERVERS_PATH = "/tmp/tunnel-test-servers.py"
+def guest_servers_path(msb: Env, sandbox: str) -> str:
+    """Where :func:`install_guest_servers` puts the servers' script in ``sandbox``."""
+    return f"{msb.guest_tmp(sandbox)}/tunnel-test-servers.py"
 
 
 def install_guest_servers(msb: Env, sandbox: str) -> None:
-    run = msb.ssh(sandbox, f"cat > {GUEST_SERVERS_PATH}", input=GUEST_SERVERS.encode())
+    run = msb.ssh(sandbox, f"cat > {guest_servers_path(msb, sandbox)}",
+                  input=GUEST_SERVERS.encode())
     assert run.returncode == 0, run.err
 
 
