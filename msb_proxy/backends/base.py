@@ -465,9 +465,16 @@ class Backend(abc.ABC):
         """The ``run_id`` of the sandbox's current run (see :class:`Sandbox`); None if it is
         not running."""
 
+    async def list_all(self) -> list[SandboxInfo]:
+        """Every sandbox of the runtime, also those other tools made (``msb-proxy ls --all``).
+
+        The default is :meth:`list`, for a backend whose sandboxes are all msb-proxy's.
+        """
+        return await self.list()
+
     @abc.abstractmethod
     async def list(self) -> list[SandboxInfo]:
-        """Every sandbox this backend knows."""
+        """The sandboxes this backend has for msb-proxy (``msb-proxy ls``)."""
 
     @abc.abstractmethod
     async def stop(self, name: str) -> bool:

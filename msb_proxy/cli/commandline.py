@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     ls = commands.add_parser("ls", parents=[common], help="list sandboxes",
                              description="List sandboxes with their state, backend and ssh alias.")
     ls.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    ls.add_argument("--all", action="store_true",
+                    help="also sandboxes that other tools made (microsandbox's msb ...)")
     return parser
 
 

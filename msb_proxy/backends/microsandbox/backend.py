@@ -179,9 +179,19 @@ _LIVE_STATES = frozenset({SandboxState.RUNNING, SandboxState.STARTING, SandboxSt
                           SandboxState.DRAINING})
 # States that end by themselves, and what the sandbox is doing meanwhile.
 _SETTLING_STATES = {SandboxState.STARTING: "starting", SandboxState.DRAINING: "stopping"}
-# Messages by which the runtime says it cannot boot a VM on this host.
-_CANNOT_BOOT = ("/dev/kvm", "KVM_EXIT_INTERNAL_ERROR", "before agent relay became available",
-                "virtualization is not available")
+# What the runtime and its VMM say (in errors, and in a sandbox's system log) when this host
+# cannot run microVMs at all, as opposed to one sandbox that cannot boot (strings of the 0.7.11
+# runtime's msb binary).
+_CANNOT_BOOT = ("/dev/kvm", "KVM_EXIT_INTERNAL_ERROR", "Error creating the Kvm object",
+                "virtualization is not available", "KVM kernel module is not loaded")
+# The runtime's error when a VM died before its agent came up (observed): the reason is in the
+# sandbox's log.
+_DIED_BOOTING = "before agent relay became available"
+# The runtime's log lines that say what went wrong: "ERROR <module>: <message>".
+_LOG_ERROR = "ERROR "
+_LOG_TAIL = 200
+# Marks the sandboxes msb-proxy created, so that 'msb-proxy ls' lists only those (--all: every).
+LABELS = {"created-by": "msb-proxy"}
 # Signals whose default action does not end the process: sending one says nothing about a death.
 _HARMLESS_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH,
                                signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
@@ -217,11 +227,6 @@ unset IFS
 SSH_TTY=$(tty 2>/dev/null) && export SSH_TTY
 exec "$@"
 """
-# Out-of-band control of a running process (see the module docstring): "$1" is its process
-# group, which is its pid, as the agent makes every process a group leader.
-_SIGNAL_SCRIPT = 'kill -"$2" -"$1" 2>/dev/null || kill -"$2" "$1"'
-_RESIZE_SCRIPT = 'stty rows "$2" cols "$3" <"/proc/$1/fd/0"'
-_GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _background: set[asyncio.Task[Any]] = set()
 
@@ -238,6 +243,10 @@ def _task_done(what: str, task: asyncio.Task[Any]) -> None:
     _background.discard(task)
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.debug("%s failed: %s", what, exc, exc_info=exc)
+
+
+class _Changed(Exception):
+    """The sandbox changed under us between two SDK calls: decide again."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -389,18 +398,67 @@ class MicrosandboxBackend(Backend):
                 handle = await self._settled(name, handle, progress)
                 state = _state(handle)
                 if state is SandboxState.RUNNING:
-                    return await handle.connect(), False
+                    return await self._connect(handle), False
                 if state is SandboxState.PAUSED:
                     progress.step(f"resuming sandbox {name!r} ...")
                     await handle.resume()
-                    return await handle.connect(), True
+                    # connect() checks the handle's status as of get(), which says PAUSED.
+                    return await self._connect(await handle.refresh()), True
                 progress.step(f"starting sandbox {name!r} ...")
-                return await handle.start(detached=True), True
+                try:
+                    return await handle.start(detached=True), True
+                except sdk.MicrosandboxError as exc:
+                    if _DIED_BOOTING not in str(exc):
+                        raise
+                    raise await self._boot_failure(name, exc) from None
             except (sdk.SandboxNotFoundError, sdk.SandboxNotRunningError,
-                    sdk.SandboxReplacedError):
+                    sdk.SandboxReplacedError, _Changed):
                 continue  # stopped, removed or replaced by another tool since we looked
         raise SandboxError(f"sandbox {name!r} kept changing state while msb-proxy brought it "
                            "up (is another tool starting and stopping it?); try again")
+
+    async def _connect(self, handle: microsandbox.SandboxHandle) -> microsandbox.Sandbox:
+        """``handle.connect()``; :class:`_Changed` when it fails because the sandbox stopped
+        since ``handle`` was read.
+
+        The SDK's connect checks the handle's cached status and then dials the sandbox's agent
+        relay: a runtime gone meanwhile fails that dial with a generic agent client error, so
+        the cause is told apart by reading the status again.
+        """
+        sdk = self.sdk
+        try:
+            return await handle.connect()
+        except (sdk.SandboxNotFoundError, sdk.SandboxNotRunningError, sdk.SandboxReplacedError):
+            raise
+        except sdk.MicrosandboxError:
+            if _state(await handle.refresh()) is not SandboxState.RUNNING:
+                raise _Changed from None
+            raise
+
+    async def _boot_failure(self, name: str, exc: BaseException) -> UserError:
+        """What stopped sandbox ``name`` from booting, from its system log.
+
+        The runtime only says that the VM died before its agent came up; the VMM's log lines
+        say why. A host that cannot run microVMs (KVM unusable) names the local backend; any
+        other death (a bad image, an init that fails) is that sandbox's problem.
+        """
+        sdk = self.sdk
+        command = shlex.quote(name)
+        try:
+            handle = await self._api.get(name)
+            entries = await handle.logs(tail=_LOG_TAIL, sources=[sdk.LogReadSource.SYSTEM])
+        except sdk.MicrosandboxError as log_error:
+            log.debug("cannot read the log of sandbox %r: %s", name, log_error)
+            entries = []
+        lines = [" ".join(entry.text().split()) for entry in entries]
+        errors = [line for line in lines if line.startswith(_LOG_ERROR)]
+        reason = errors[-1].removeprefix(_LOG_ERROR) if errors else _one_line(exc)
+        if any(marker in line for line in [*errors, _one_line(exc)] for marker in _CANNOT_BOOT):
+            return BackendUnavailableError(
+                f"microVMs cannot run on this host: sandbox {name!r} died while booting "
+                f"({reason}); {LOCAL_BACKEND_HINT}")
+        return SandboxError(f"sandbox {name!r} failed to boot: {reason}; see "
+                            f"'msb logs {command}'")
 
     async def _settled(self, name: str, handle: microsandbox.SandboxHandle,
                        progress: Progress) -> microsandbox.SandboxHandle:
@@ -435,14 +493,20 @@ class MicrosandboxBackend(Backend):
             name, image=image, cpus=self.option(template, "cpus"),
             memory=self.option(template, "memory"), env=dict(template.env) or None,
             workdir=self.option(template, "workdir"), volumes=volumes or None,
-            network=self._network(self.option(template, "network")), detached=True)
+            network=self._network(self.option(template, "network")), labels=LABELS,
+            detached=True)
         meter = _PullMeter(f"pulling image {reference}", progress, sdk)
         async with session:
             async for event in session.progress:
                 meter.update(event)
             if meter.shown:
                 progress.step(f"starting sandbox {name!r} ...")
-            sandbox: microsandbox.Sandbox = await session.result()
+            try:
+                sandbox: microsandbox.Sandbox = await session.result()
+            except sdk.MicrosandboxError as exc:
+                if _DIED_BOOTING not in str(exc):
+                    raise
+                raise await self._boot_failure(name, exc) from None
         return sandbox
 
     def _volumes(self, name: str, volumes: Sequence[str]) -> dict[str, microsandbox.MountConfig]:
@@ -531,28 +595,41 @@ class MicrosandboxBackend(Backend):
                 or any(marker in text for marker in _CANNOT_BOOT)):
             return BackendUnavailableError(
                 f"microVMs cannot run on this host ({text}); {LOCAL_BACKEND_HINT}")
-        if image is not None and isinstance(exc, (sdk.ImagePullFailedError,
-                                                  sdk.ImageNotFoundError)):
+        # A pull that fails arrives as a plain MicrosandboxError "image error: ..." (observed:
+        # sdk/python/src/error.rs maps no image error of the pull to ImagePullFailedError).
+        pull_failed = isinstance(exc, (sdk.ImagePullFailedError, sdk.ImageNotFoundError)) or (
+            type(exc) is sdk.MicrosandboxError and text.startswith("image error:"))
+        if image is not None and pull_failed:
             return SandboxError(
                 f"cannot pull image {image!r} for sandbox {name!r} ({text}); check the image "
                 f"name and the network, or set another image in {self.state.config_file}")
         if isinstance(exc, sdk.InvalidConfigError):
-            return ConfigError(f"{subject}: the microsandbox SDK refuses its template ({text}); "
-                               f"fix it in {self.state.config_file}")
+            reason = text.removeprefix("invalid config: ")
+            return ConfigError(f"{subject}: the microsandbox SDK refuses its template "
+                               f"({reason}); fix it in {self.state.config_file}")
         return SandboxError(f"{subject}: {text}")
 
-    async def list(self) -> list[SandboxInfo]:
+    async def list_all(self) -> list[SandboxInfo]:
+        """Every sandbox of the runtime, whoever made it."""
+        return await self._list(None)
+
+    async def _list(self, labels: Mapping[str, str] | None) -> list[SandboxInfo]:
         sdk = self.sdk
         try:
-            page = await self._api.list()
+            page = await self._api.list_with(labels=labels)
             handles = list(page.sandboxes)
             while page.next_cursor:
-                page = await self._api.list_with(cursor=page.next_cursor)
+                page = await self._api.list_with(cursor=page.next_cursor, labels=labels)
                 handles.extend(page.sandboxes)
         except sdk.MicrosandboxError as exc:
             raise self._error(exc, None) from None
-        return [SandboxInfo(name=handle.name, state=_state(handle), backend=self.name)
-                for handle in handles]
+        # The SDK lists newest first; ls shows sandboxes by name, as the local backend does.
+        return sorted((SandboxInfo(name=handle.name, state=_state(handle), backend=self.name)
+                       for handle in handles), key=lambda info: info.name)
+
+    async def list(self) -> list[SandboxInfo]:
+        """The sandboxes msb-proxy created (those with its ``LABELS``)."""
+        return await self._list(LABELS)
 
 
 class _PullMeter:
@@ -617,6 +694,9 @@ class MicrosandboxSandbox(Sandbox):
         self.run_id = run_id
         self.started = started
         self._sandbox = sandbox
+        # Taken once, now: the SDK's fs getter try-locks the sandbox and raises RuntimeError
+        # "sandbox is busy" while any other call on it is in flight (sdk/python/src/sandbox.rs).
+        self._fs = sandbox.fs
         self._sdk = sdk
         self._users: dict[str, GuestUser] = {}
         self._directories: set[str] = set()
@@ -641,10 +721,13 @@ class MicrosandboxSandbox(Sandbox):
     async def _read_table(self, path: str) -> list[list[str]]:
         """The lines of the guest's colon-separated ``path``, split; none when it is missing."""
         try:
-            data = await self._sandbox.fs.read(path)
-        except self._sdk.PathNotFoundError:
-            return []
+            data = await self._fs.read(path)
         except self._sdk.MicrosandboxError as exc:
+            # The SDK maps every failure of the guest's file service to FilesystemError, a
+            # missing file included (sdk/python/src/error.rs): ask whether it exists.
+            with contextlib.suppress(self._sdk.MicrosandboxError):
+                if not await self._fs.exists(path):
+                    return []
             raise SandboxError(
                 f"sandbox {self.name!r}: cannot read {path}: {_one_line(exc)}") from None
         text = data.decode("utf-8", "surrogateescape")
@@ -679,7 +762,7 @@ class MicrosandboxSandbox(Sandbox):
         if path in self._directories:
             return True
         try:
-            exists = await self._sandbox.fs.exists(path)
+            exists = await self._fs.exists(path)
         except self._sdk.MicrosandboxError as exc:
             log.debug("cannot check %s in sandbox %r: %s", path, self.name, exc)
             return True
@@ -769,7 +852,7 @@ class MicrosandboxProcess(GuestProcess):
         """
         try:
             if self._pty is not None:
-                # Before the first recv(), which would hold the handle's lock (module docstring).
+                # The SDK's terminal starts at 24x80 (sdk/rust/lib/sandbox/exec.rs).
                 await self._handle.resize(self._pty.rows, self._pty.cols)
             self._events = _in_background(self._pull_events(), "exec event pump")
             if self._sink is not None:
@@ -812,7 +895,8 @@ class MicrosandboxProcess(GuestProcess):
             return
         if signum not in _HARMLESS_SIGNALS:
             self._fatal_signal = signum
-        self._control(functools.partial(self._guest_shell, _SIGNAL_SCRIPT, str(signum)))
+        handle = self._handle
+        self._control(lambda: handle.signal(signum))
 
     def hangup(self) -> None:
         if self._hung_up:
@@ -822,8 +906,7 @@ class MicrosandboxProcess(GuestProcess):
         self._stdin.clear()
         if not self._started.done():
             self._started.cancel()
-        # Cancelling the pending recv() gives the handle's lock back for signal() below; an
-        # event lost with it no longer matters to anyone.
+        # Nobody listens any more: what the process still says is not pulled.
         for task in (self._events, self._writer):
             if task is not None:
                 task.cancel()
@@ -852,20 +935,9 @@ class MicrosandboxProcess(GuestProcess):
     async def _apply_size(self) -> None:
         """Give the terminal the newest size asked for, unless it already has it."""
         size = self._size
-        if size != self._applied_size:
+        if size != self._applied_size and self._running():
             self._applied_size = size
-            await self._guest_shell(_RESIZE_SCRIPT, str(size[0]), str(size[1]))
-
-    async def _guest_shell(self, script: str, *args: str) -> None:
-        """Run ``script`` as root in the guest with this process's pid as ``$1``."""
-        if not self._running():
-            return
-        output: microsandbox.ExecOutput = await self._sandbox.exec(
-            "/bin/sh", ["-c", script, "msb-proxy", str(self._pid), *args], user="root",
-            env={"PATH": _GUEST_PATH})
-        if output.exit_code != 0:
-            log.debug("%r in the guest exited %d: %s", script, output.exit_code,
-                      output.stderr_bytes.decode(errors="replace").strip())
+            await self._handle.resize(*size)
 
     async def _pull_events(self) -> None:
         """Deliver the process's events to the listener, pulling one only while output flows."""

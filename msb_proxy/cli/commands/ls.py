@@ -2,7 +2,8 @@
 
 Lists the sandboxes of every backend in the registry (one that cannot list them, such as
 microsandbox without its SDK, is named in a warning), or only of the backend ``--backend``
-names. ``--json`` prints a list of objects with ``name``, ``state``, ``backend`` and ``alias``.
+names; only those msb-proxy made unless ``--all``. ``--json`` prints a list of objects with
+``name``, ``state``, ``backend`` and ``alias``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
     found: list[SandboxInfo] = []
     for name in names:
         try:
-            found += asyncio.run(open_backend(config, name).list())
+            backend = open_backend(config, name)
+            found += asyncio.run(backend.list_all() if args.all else backend.list())
         except UserError as exc:
             if args.backend:  # asked for this one: its failure is the answer
                 raise
