@@ -39,6 +39,7 @@ whether it may be a coroutine, and what the default does.
 from __future__ import annotations
 
 import abc
+import contextlib
 import signal as _signal
 import socket
 from collections.abc import Mapping, Sequence
@@ -46,10 +47,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from msb_proxy.backends.links import Link, helper_source
+
 if TYPE_CHECKING:
     import asyncio
 
-    from msb_proxy.backends.links import Link
     from msb_proxy.config import Config, Option, SandboxTemplate
     from msb_proxy.progress import Progress
 
@@ -305,8 +307,6 @@ class Sandbox(abc.ABC):
         :meth:`spawn`; a backend with a better way overrides this. Raises
         :class:`~msb_proxy.errors.SandboxError` when the helper cannot be started.
         """
-        from msb_proxy.backends.links import ProcessLink, helper_source
-
         link = ProcessLink()
         spec = ProcessSpec(
             program="python3", argv=["python3", "-c", helper_source(helper)],
@@ -369,6 +369,42 @@ class SandboxState(StrEnum):
     DRAINING = "draining"
     STOPPED = "stopped"
     CRASHED = "crashed"
+
+
+class ProcessLink(Link):
+    """A link over a guest process's stdin and stdout (the default of
+    :meth:`Sandbox.start_helper`); also its :class:`ProcessListener`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.process: GuestProcess | None = None
+        self._stderr = bytearray()
+
+    def send(self, data: bytes) -> None:
+        if self.process is not None:
+            self.process.write_stdin(data)
+
+    def close(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(Exception):
+                self.process.hangup()
+
+    # ---- ProcessListener
+    def output_received(self, data: bytes, stderr: bool) -> None:
+        if stderr:
+            self._stderr += data[:4096 - len(self._stderr)]
+        else:
+            self._deliver(data)
+
+    def stdin_paused(self) -> None:
+        pass
+
+    def stdin_resumed(self) -> None:
+        pass
+
+    def process_exited(self, status: ExitStatus) -> None:
+        detail = self._stderr.decode(errors="replace").strip().splitlines()
+        self._lose(EOFError(detail[-1] if detail else f"the guest helper {status.describe()}"))
 
 
 @dataclass(frozen=True)

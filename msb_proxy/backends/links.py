@@ -11,15 +11,12 @@ the link sets its :class:`LinkReceiver`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from msb_proxy.backends.base import ExitStatus, GuestProcess
-
-__all__ = ["Link", "LinkReceiver", "ProcessLink", "SocketLink", "helper_source", "split_frames"]
+__all__ = ["Link", "LinkReceiver", "SocketLink", "helper_source", "split_frames"]
 
 HELPERS = ("files", "tunnels")
 
@@ -125,39 +122,3 @@ class SocketLink(Link, asyncio.Protocol):
         close = getattr(self._keep, "close", None)
         if close is not None:
             close()
-
-
-class ProcessLink(Link):
-    """A link over a guest process's stdin and stdout; also its
-    :class:`~msb_proxy.backends.base.ProcessListener`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.process: GuestProcess | None = None
-        self._stderr = bytearray()
-
-    def send(self, data: bytes) -> None:
-        if self.process is not None:
-            self.process.write_stdin(data)
-
-    def close(self) -> None:
-        if self.process is not None:
-            with contextlib.suppress(Exception):
-                self.process.hangup()
-
-    # ---- ProcessListener
-    def output_received(self, data: bytes, stderr: bool) -> None:
-        if stderr:
-            self._stderr += data[:4096 - len(self._stderr)]
-        else:
-            self._deliver(data)
-
-    def stdin_paused(self) -> None:
-        pass
-
-    def stdin_resumed(self) -> None:
-        pass
-
-    def process_exited(self, status: ExitStatus) -> None:
-        detail = self._stderr.decode(errors="replace").strip().splitlines()
-        self._lose(EOFError(detail[-1] if detail else f"the guest helper {status.describe()}"))
