@@ -3,6 +3,7 @@
 A sandbox ``NAME`` is a directory, ``MSB_PROXY_HOME/fake/<slug>/``::
 
     sandbox.json   its name, its state (created, running, stopped) and the id of its run
+    sessions       the sessions its processes were started in, by run, for ``stop``
     home/          the login user's home directory and every session's working directory
     tmp/           a scratch directory of its own, where a real guest has a /tmp of its own (the
                    test suite puts its files there; processes are not told about it)
@@ -60,7 +61,8 @@ __all__ = ["RUN_VARIABLE", "FakeBackend", "FakeSandbox", "sandbox_directory"]
 
 LOCK_WAIT_S = 30.0
 # Every process of a run carries the run's id in this variable, and so does everything it
-# starts: that is how `stop` finds a sandbox's processes without namespaces or cgroups.
+# starts: with the sessions they were started in, that is how `stop` finds a sandbox's
+# processes without namespaces or cgroups.
 RUN_VARIABLE = "MSB_PROXY_FAKE_RUN"
 LOGIN_UMASK = 0o022  # what sshd's login gives, whatever msb-proxy's own umask is
 STOP_ROUNDS = 50
@@ -94,8 +96,9 @@ class FakeBackend(Backend):
       when it has none); there is no ``/etc/passwd`` of the guest, and no privilege to drop;
     * the sandbox's network is the host's: ``tcp_socket`` hands out plain host sockets, and a
       guest listener listens on the host's loopback;
-    * ``stop`` kills the processes whose environment holds the run's :data:`RUN_VARIABLE`; a
-      process that clears its environment outlives it;
+    * ``stop`` kills the processes in the sessions the run's processes were started in, and
+      those whose environment holds the run's :data:`RUN_VARIABLE`; a process that starts a
+      session of its own and clears its environment outlives it;
     * no template options: no image, volumes, network, cpus or memory.
     """
 
@@ -174,7 +177,9 @@ class FakeBackend(Backend):
                 return False
             # Stopped first: a connection still open spawns nothing into a dying run.
             _write_record(directory, {**record, "state": SandboxState.STOPPED.value})
-            await _kill_run(record["run"])
+            await _kill_run(directory, record["run"])
+            with contextlib.suppress(FileNotFoundError):
+                (directory / "sessions").unlink()
             return True
 
     async def remove(self, name: str) -> bool:
@@ -204,23 +209,73 @@ def _write_record(directory: Path, record: dict[str, str]) -> None:
     os.replace(tmp, directory / "sandbox.json")
 
 
-def _run_processes(run: str) -> list[int]:
-    """PIDs of this user's processes that belong to run ``run``."""
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` from the third (the state) on, or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def _record_session(directory: Path, run: str, pid: int) -> None:
+    """Note that the session led by ``pid`` (each process is spawned into one of its own)
+    belongs to run ``run``, with the leader's start time, which tells it from a later process
+    that gets the same pid."""
+    fields = _stat(pid)
+    if fields is not None:
+        with open(directory / "sessions", "a", encoding="ascii") as sessions:
+            sessions.write(f"{run} {pid} {fields[19]}\n")
+
+
+def _run_sessions(directory: Path, run: str) -> set[str]:
+    """The ids of the sessions of run ``run`` that may still have processes in them.
+
+    A session's id cannot be given to a new process while any process is in that session, so
+    one whose id has gone to a new process (a leader with another start time) is over.
+    """
+    try:
+        lines = (directory / "sessions").read_text(encoding="ascii").splitlines()
+    except OSError:
+        return set()
+    live = set()
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 3 or parts[0] != run or not parts[1].isdigit():
+            continue
+        sid, started = parts[1:]
+        leader = _stat(sid)
+        if leader is None or leader[19] == started:
+            live.add(sid)
+    return live
+
+
+def _run_processes(directory: Path, run: str) -> list[int]:
+    """PIDs of this user's processes that belong to run ``run``: those in one of its sessions,
+    and those that carry its marker in their environment (they may have left the session)."""
+    sessions = _run_sessions(directory, run)
     marker = f"{RUN_VARIABLE}={run}".encode()
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
+        if not entry.name.isdigit():
+            continue
+        fields = _stat(entry.name)
+        if fields is not None and fields[3] in sessions:
+            found.append(int(entry.name))
+            continue
+        # Not readable for a process that made itself undumpable (sftp-server, ssh-agent):
+        # those are found by their session.
+        with contextlib.suppress(OSError):
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
     return found
 
 
-async def _kill_run(run: str) -> None:
+async def _kill_run(directory: Path, run: str) -> None:
     """SIGKILL every process of run ``run``, again while any forks new ones, as a VM's end
     would take them all at once."""
     for _ in range(STOP_ROUNDS):
-        pids = _run_processes(run)
+        pids = _run_processes(directory, run)
         if not pids:
             return
         for pid in pids:
@@ -343,6 +398,7 @@ class FakeSandbox(Sandbox):
         finally:
             for fd in theirs:
                 os.close(fd)
+        _record_session(self.directory, self.run_id, child.pid)
         if note:
             listener.output_received(note, spec.pty is None)
         process = FakeProcess(child, ours, listener, pty=spec.pty is not None)
