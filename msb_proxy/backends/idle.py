@@ -26,7 +26,7 @@ from types import TracebackType
 
 from msb_proxy.backends.base import Sandbox
 from msb_proxy.config import SandboxTemplate
-from msb_proxy.state import StateDir, slug
+from msb_proxy.state import StateDir, faults_of, slug
 
 __all__ = ["ConnectionTracker"]
 
@@ -50,14 +50,16 @@ class ConnectionTracker:
         self._fd: int | None = None
 
     def __enter__(self) -> ConnectionTracker:
-        self._fd = os.open(self._active, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        with faults_of(self._active, "lock"):
+            self._fd = os.open(self._active, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
         return self
 
     def sandbox_opened(self, sandbox: Sandbox) -> None:
         """Remember the run this connection started, if it started one."""
         if sandbox.started and sandbox.run_id:
-            self._ours.write_text(sandbox.run_id)
+            with faults_of(self._ours, "write"):
+                self._ours.write_text(sandbox.run_id)
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:

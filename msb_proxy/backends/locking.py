@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from msb_proxy.errors import SandboxError
+from msb_proxy.state import faults_of
 
 __all__ = ["sandbox_lock"]
 
@@ -31,7 +32,8 @@ async def sandbox_lock(path: Path, name: str, wait_s: float, hint: str,
     ``on_wait`` is called once when another process has held it for ``NOTICE_S``; after
     ``wait_s`` something is stuck, and the error says so, ending with ``hint`` (where to look).
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with faults_of(path, "lock"):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     began = time.monotonic()
     try:
         while True:

@@ -19,6 +19,7 @@ from msb_proxy.version import __version__
 
 if TYPE_CHECKING:
     import asyncio
+    from pathlib import Path
 
     from msb_proxy.config import Config
     from msb_proxy.server.hooks import HooksFactory
@@ -118,6 +119,7 @@ def run(arguments: Sequence[str]) -> int:
     from msb_proxy.backends import registry
     from msb_proxy.config import load_config
 
+    home: Path | None = None
     try:
         try:
             config = load_config(os.environ, registry, backend=args.backend, debug=debug,
@@ -128,6 +130,7 @@ def run(arguments: Sequence[str]) -> int:
             args.config_error = exc  # doctor reports it as a check and looks at the rest
             config = load_config(os.environ, registry, backend=args.backend, debug=debug,
                                  use_file=False)
+        home = config.home
         if args.command == "stdio":
             code = _stdio(config, args.host, args.host_prefix)
         elif args.command in ("stop", "rm"):
@@ -149,10 +152,28 @@ def run(arguments: Sequence[str]) -> int:
             import traceback
 
             traceback.print_exc()
-        _print_error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
-                     "the traceback)")
-        code = EXIT_INTERNAL
+        fault = _state_fault(exc, home)
+        if fault is not None:
+            _print_error(str(fault))
+            code = fault.exit_code
+        else:
+            _print_error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
+                         "the traceback)")
+            code = EXIT_INTERNAL
     return code
+
+
+def _state_fault(exc: Exception, home: Path | None) -> UserError | None:
+    """``exc`` as the fault of a file under ``MSB_PROXY_HOME`` it is, where no layer below
+    said so: a full or read-only disk is no bug of ours, whoever met it."""
+    if not isinstance(exc, OSError) or home is None or not exc.filename:
+        return None
+    from pathlib import Path
+
+    from msb_proxy.state import state_error
+
+    path = Path(os.fsdecode(exc.filename))
+    return state_error(path, exc, "use") if path.is_relative_to(home) else None
 
 
 def _print_error(message: str) -> None:

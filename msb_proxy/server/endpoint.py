@@ -22,7 +22,7 @@ import asyncssh
 from msb_proxy.backends.base import Backend, Sandbox
 from msb_proxy.errors import UserError
 from msb_proxy.progress import Progress
-from msb_proxy.server.keys import AuthorizedKeys, load_or_create_host_key
+from msb_proxy.server.keys import AuthorizedKeys, load_authorized_keys, load_or_create_host_key
 from msb_proxy.server.options import SshServerOptions
 from msb_proxy.server.policy import ConnectionPolicy
 from msb_proxy.transport.stdio import DuplexStream
@@ -60,7 +60,8 @@ class SshServer:
                       options: SshServerOptions | None = None) -> SshServer:
         """Load keys for serving ``sandbox`` of ``backend``; the sandbox itself is not touched.
 
-        Raises :class:`UserError` when no authorized key is found.
+        Raises :class:`UserError` when no authorized key is found, and its
+        :class:`~msb_proxy.errors.StateError` when the host key cannot be read or made.
         """
         options = options or SshServerOptions()
         if options.host_key is not None:
@@ -69,17 +70,7 @@ class SshServer:
             host_key = load_or_create_host_key(options.host_key_path)
         else:
             host_key = asyncssh.generate_private_key("ssh-ed25519")
-        authorized = AuthorizedKeys()
-        for path in options.authorized_keys_paths:
-            authorized.add_file(path)
-        for number, line in enumerate(options.authorized_keys, start=1):
-            authorized.add_text(line, f"authorized key {number}")
-        if not authorized:
-            shown = ", ".join(str(p) for p in options.authorized_keys_paths) or "(none given)"
-            raise UserError(
-                f"no authorized keys found in {shown}; add one with "
-                "'msb-proxy authorize --file ~/.ssh/id_ed25519.pub'"
-            )
+        authorized = load_authorized_keys(options.authorized_keys_paths, options.authorized_keys)
         return cls(backend, sandbox, options, host_key, authorized)
 
     async def serve(self, stream: DuplexStream,

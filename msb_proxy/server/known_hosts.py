@@ -14,6 +14,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from msb_proxy.state import faults_of
+
 __all__ = ["pin"]
 
 _UNSAFE = set(" \t\r\n,*?!#[]")
@@ -23,30 +25,46 @@ def pin(path: Path, alias: str, public_key: str) -> bool:
     """Make ``path`` hold exactly ``public_key`` (``type base64``) for host ``alias``.
 
     Returns True when the file changed. An alias that a known_hosts line cannot spell (white
-    space, commas, wildcards) is left alone. Safe against concurrent writers.
+    space, commas, wildcards) is left alone. Safe against concurrent writers. Raises
+    :class:`~msb_proxy.errors.StateError` when the file cannot be read or written.
     """
     if not alias or _UNSAFE.intersection(alias):
         return False
     wanted = f"{alias} {public_key}"
-    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if wanted in _read_lines(path):  # as on nearly every connection: no lock, no write
+        return False
+    lock_path = path.with_name(f"{path.name}.lock")
+    with faults_of(lock_path, "lock"):
+        lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-        except FileNotFoundError:
-            lines = []
+        lines = _read_lines(path)
         if wanted in lines:
             return False
         kept = [line for line in lines if alias not in _hosts(line)]
         kept.append(wanted)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(kept) + "\n", encoding="utf-8", errors="surrogateescape")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        with faults_of(path, "write"):
+            try:
+                tmp.write_text("\n".join(kept) + "\n", encoding="utf-8",
+                               errors="surrogateescape")
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(OSError):  # gone once it has replaced the file
+                    tmp.unlink()
         return True
     finally:
         with contextlib.suppress(OSError):
             os.close(lock)
+
+
+def _read_lines(path: Path) -> list[str]:
+    with faults_of(path, "read"):
+        try:
+            return path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        except FileNotFoundError:
+            return []
 
 
 def _hosts(line: str) -> list[str]:

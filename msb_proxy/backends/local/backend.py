@@ -66,7 +66,7 @@ from msb_proxy.errors import (
     UnknownUserError,
 )
 from msb_proxy.progress import Progress
-from msb_proxy.state import StateDir
+from msb_proxy.state import StateDir, faults_of
 
 if TYPE_CHECKING:
     from msb_proxy.backends.links import Link
@@ -200,11 +200,13 @@ class LocalBackend(Backend):
 
     def _create(self, name: str, directory: Path, rootfs: Path) -> dict[str, str]:
         self.state.ensure("sandboxes")
-        directory.mkdir(mode=0o700, exist_ok=True)
         settings = {"name": name, "rootfs": str(rootfs)}
-        # The base a writable layer was made on is part of the sandbox: later starts keep it.
-        (directory / "sandbox.json").write_text(json.dumps(settings), encoding="utf-8")
-        (directory / "name").write_text(name + "\n", encoding="utf-8", errors="surrogateescape")
+        with faults_of(directory, "make the sandbox's directory"):
+            directory.mkdir(mode=0o700, exist_ok=True)
+            # The base a writable layer was made on is part of the sandbox: later starts keep it.
+            (directory / "sandbox.json").write_text(json.dumps(settings), encoding="utf-8")
+            (directory / "name").write_text(name + "\n", encoding="utf-8",
+                                            errors="surrogateescape")
         return settings
 
     async def _start(self, name: str, directory: Path, settings: dict[str, str],

@@ -116,7 +116,7 @@ def authorize(state: StateDir, keys: Sequence[PublicKeyLine]) -> int:
 def _missing(keys: Sequence[PublicKeyLine], existing: str, path: Path) -> list[str]:
     """The lines of the ``keys`` that ``existing`` (authorized_keys text) does not hold yet."""
     known = AuthorizedKeys()
-    known.add_text(existing, str(path), warn=None)
+    known.add_text(existing, str(path))
     new: list[str] = []
     for entry in keys:
         if not known.allows(entry.key):

@@ -80,7 +80,7 @@ def _keys(config: Config) -> Check:
                *sorted((config.user_home / ".ssh").glob("*.pub"))]
     keys = AuthorizedKeys()
     for path in sources:
-        keys.add_file(path, warn=None)
+        keys.add_file(path)
     if not keys:
         return Check("authorized keys", FAIL, "no key may log in: run 'msb-proxy authorize "
                      "--file ~/.ssh/id_ed25519.pub' (or create a key with ssh-keygen)")
@@ -152,5 +152,6 @@ async def _guest_tools(config: Config, name: str) -> list[Check]:
     for label, paths, severity, advice in tools:
         found = await has(paths)
         rows.append(Check(f"{name}: {label}", OK if found else severity, found or advice))
+    rows += [replace(check, what=f"{name}: {check.what}") for check in await sandbox.checks()]
     await sandbox.close()
     return rows
