@@ -33,7 +33,7 @@ import socket
 import subprocess
 import termios
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from msb_proxy.backends.base import (
@@ -67,6 +67,7 @@ RUN_VARIABLE = "MSB_PROXY_FAKE_RUN"
 LOGIN_UMASK = 0o022  # what sshd's login gives, whatever msb-proxy's own umask is
 STOP_ROUNDS = 50
 STOP_PAUSE_S = 0.02
+END_POLL_S = 0.5  # how soon a connection holding only tunnels learns its run is over
 
 
 def _sandboxes(state: StateDir) -> Path:
@@ -297,6 +298,44 @@ class FakeSandbox(Sandbox):
         self.directory = directory
         self.run_id = run_id
         self.started = started
+        self._end_watchers: list[Callable[[], None]] = []
+        self._ended = False
+        self._poll: asyncio.TimerHandle | None = None
+
+    def watch_end(self, ended: Callable[[], None]) -> None:
+        """By reading ``sandbox.json`` every ``END_POLL_S``, and whenever one of the run's
+        processes exits: ``stop`` marks the run stopped before it kills them, so the end is
+        seen before their deaths are reported."""
+        loop = asyncio.get_running_loop()
+        if self._ended:
+            loop.call_soon(ended)
+            return
+        self._end_watchers.append(ended)
+        if self._poll is None:
+            self._poll = loop.call_later(END_POLL_S, self._poll_end)
+
+    def _poll_end(self) -> None:
+        self._poll = None
+        self._check_end()
+        if not self._ended and self._end_watchers:
+            self._poll = asyncio.get_running_loop().call_later(END_POLL_S, self._poll_end)
+
+    def _check_end(self) -> None:
+        if self._ended or self._running():
+            return
+        self._ended = True
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+        watchers, self._end_watchers = self._end_watchers, []
+        for ended in watchers:
+            ended()
+
+    async def close(self) -> None:
+        self._end_watchers.clear()
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
 
     async def lookup_user(self, name: str) -> GuestUser:
         """Every ``name`` is the invoking user: its name, uid, gid and groups as this host's
@@ -339,10 +378,14 @@ class FakeSandbox(Sandbox):
             return None
         return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
 
-    def _check_running(self) -> None:
+    def _running(self) -> bool:
+        """Whether this connection's run is still the sandbox's."""
         record = _read_record(self.directory)
-        if record is None or record["state"] != SandboxState.RUNNING.value \
-                or record["run"] != self.run_id:
+        return record is not None and record["state"] == SandboxState.RUNNING.value \
+            and record["run"] == self.run_id
+
+    def _check_running(self) -> None:
+        if not self._running():
             raise SandboxError(f"sandbox {self.name!r} was stopped; connect again to start it")
 
     def _program(self, spec: ProcessSpec) -> str:
@@ -401,7 +444,8 @@ class FakeSandbox(Sandbox):
         _record_session(self.directory, self.run_id, child.pid)
         if note:
             listener.output_received(note, spec.pty is None)
-        process = FakeProcess(child, ours, listener, pty=spec.pty is not None)
+        process = FakeProcess(child, ours, listener, pty=spec.pty is not None,
+                              exiting=self._check_end)
         await process.start()
         return process
 
@@ -430,10 +474,12 @@ class FakeProcess(PipedProcess):
     """A process forked by msb-proxy itself; its end is seen through a pidfd."""
 
     def __init__(self, child: subprocess.Popen[bytes], fds: list[int],
-                 listener: ProcessListener, pty: bool) -> None:
+                 listener: ProcessListener, pty: bool,
+                 exiting: Callable[[], None] | None = None) -> None:
         super().__init__(fds, listener, pty)
         self._child = child
         self._pidfd = -1
+        self._exiting = exiting
 
     async def start(self) -> None:
         await super().start()
@@ -460,6 +506,8 @@ class FakeProcess(PipedProcess):
     def _reaped(self, status: int) -> None:
         # Told to Popen too, so that it never waits for the pid again (it may be reused).
         self._child.returncode = os.waitstatus_to_exitcode(status)
+        if self._exiting is not None:  # a stop's victim: the connection says why first
+            self._exiting()
         self.exited(ExitStatus.from_wait_status(status))
 
     def _signal_group(self, signum: int) -> None:
