@@ -42,7 +42,7 @@ import abc
 import contextlib
 import signal as _signal
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -323,6 +323,17 @@ class Sandbox(abc.ABC):
         tunnels then go through the guest tunnel helper.
         """
         return None
+
+    def watch_end(self, ended: Callable[[], None]) -> None:  # noqa: B027  (a default hook)
+        """Call ``ended`` once, as soon as this run of the sandbox is over: stopped, removed or
+        crashed (``msb-proxy stop`` or ``rm``, its init or VM killed).
+
+        It is called before the exits of the processes that ended with the run are reported to
+        their listeners, so that a connection can close saying why instead of passing their
+        deaths on one channel at a time, and it also ends connections that hold only tunnels.
+        Not a coroutine; ``ended`` must not block. The default never calls it: on a backend
+        that cannot tell, a connection ends with its channels.
+        """
 
     async def close(self) -> None:  # noqa: B027  (a hook with a default, not abstract)
         """Release what this connection holds on the sandbox; the sandbox keeps running.

@@ -154,12 +154,23 @@ class ConnectionPolicy(asyncssh.SSHServer):
                                closed=self.activity.closed)
         # asyncssh would make the agent socket on this host; ours lives in the guest.
         self._conn.create_agent_listener = self.tunnels.start_agent  # type: ignore[method-assign]
+        if self._login is None:
+            sandbox.watch_end(lambda: self._sandbox_ended(sandbox.name))
         self._login = Login(sandbox=sandbox, user=user,
                             accept_env=options.accept_env + template.accept_env,
                             sftp=options.sftp, env=dict(template.env), activity=self.activity,
                             tunnels=self.tunnels, hooks=self._hooks,
                             max_env=template.max_env)
         return True
+
+    def _sandbox_ended(self, name: str) -> None:
+        """The sandbox stopped, was removed or died: every channel went with it, and a tunnel
+        could open none, so end the connection (``ssh -N -L`` too) with the reason, which
+        ``ssh`` prints as its one line."""
+        if self._conn is not None:
+            self._conn.disconnect(asyncssh.DISC_BY_APPLICATION,
+                                  f"msb-proxy: sandbox {name!r} is no longer "
+                                  "running; connect again to start it")
 
     async def _lookup_user(self, sandbox: Sandbox, name: str) -> GuestUser:
         """``name`` as a guest user; a name the guest lacks falls back to the template's user

@@ -31,7 +31,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -357,6 +357,62 @@ class LocalSandbox(Sandbox):
         self.run_id = run_id
         self.started = started
         self._users: dict[str, GuestUser] = {}
+        self._end_watchers: list[Callable[[], None]] = []
+        self._ended = False
+        self._watch: socket.socket | None = None  # a connection to the init, idle until it dies
+        self._watch_task: asyncio.Task[None] | None = None
+
+    def watch_end(self, ended: Callable[[], None]) -> None:
+        """Through a connection to the init that carries nothing: it reads end of file the
+        moment the init exits, whoever ended it. A process whose control connection reads end
+        of file first says so too, before its exit is reported."""
+        if self._ended:
+            asyncio.get_running_loop().call_soon(ended)
+            return
+        self._end_watchers.append(ended)
+        if self._watch_task is None:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch_init())
+
+    async def _watch_init(self) -> None:
+        try:
+            self._watch = await _connect(self.socket_path)
+        except OSError:  # the init is gone already
+            self._init_gone()
+            return
+        asyncio.get_running_loop().add_reader(self._watch.fileno(), self._on_watch)
+
+    def _on_watch(self) -> None:
+        assert self._watch is not None
+        try:
+            if self._watch.recv(1):
+                return  # the init sends nothing unasked; nothing to act on
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._init_gone()
+
+    def _init_gone(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._stop_watching()
+        watchers, self._end_watchers = self._end_watchers, []
+        for ended in watchers:
+            ended()
+
+    def _stop_watching(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        if self._watch is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._watch.fileno())
+            self._watch.close()
+            self._watch = None
+
+    async def close(self) -> None:
+        self._end_watchers.clear()
+        self._stop_watching()
 
     async def lookup_user(self, name: str) -> GuestUser:
         if name in self._users:
@@ -434,7 +490,8 @@ class LocalSandbox(Sandbox):
         if not reply.get("ok"):
             sock.close()
             raise SandboxError(f"cannot start {reply.get('error', 'the process')}")
-        process = LocalProcess(sock, fds, listener, pty=spec.pty is not None)
+        process = LocalProcess(sock, fds, listener, pty=spec.pty is not None,
+                               init_gone=self._init_gone)
         await process.start()
         return process
 
@@ -443,9 +500,10 @@ class LocalProcess(PipedProcess):
     """A jailed process: its pipes (or terminal) in our hands, its control connection to init."""
 
     def __init__(self, control: socket.socket, fds: list[int], listener: ProcessListener,
-                 pty: bool) -> None:
+                 pty: bool, init_gone: Callable[[], None] | None = None) -> None:
         super().__init__(fds, listener, pty)
         self._control = control
+        self._init_gone = init_gone
 
     async def start(self) -> None:
         await super().start()
@@ -484,6 +542,8 @@ class LocalProcess(PipedProcess):
             status = ExitStatus.from_wait_status(int(message["exit"]))
         else:  # the init is gone, and the kernel killed everything in the sandbox with it
             status = ExitStatus(signal=signal.SIGKILL)
+            if self._init_gone is not None:  # before the exit: the connection says why first
+                self._init_gone()
         self._close_control()
         self.exited(status)
 
