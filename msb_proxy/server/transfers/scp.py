@@ -14,6 +14,7 @@ each answered by ``\\0`` (ok), ``\\1text`` (warning, go on) or ``\\2text`` (fata
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import posixpath
 import shlex
@@ -202,8 +203,16 @@ class NativeScp(GuestProcess):
     def _stderr(self, text: str) -> None:
         self._listener.output_received(text.encode("utf-8", "surrogateescape") + b"\n", True)
 
+    def _check_service(self) -> None:
+        """End the transfer at once when the guest file service is gone: no file can be read
+        or written any more, so there is nothing to go on with, as when a guest scp is killed
+        (not zeros sent for the rest of a download, not the rest of an upload read first)."""
+        if self._files.lost:
+            raise ScpProtocolError("the guest file service ended")
+
     async def _warn(self, text: str) -> None:
         """A per-file error: reported to the client, which goes on, and to stderr."""
+        self._check_service()
         self._errors += 1
         await self._send(b"\x01scp: " + text.encode("utf-8", "surrogateescape") + b"\n")
 
@@ -327,6 +336,7 @@ class NativeScp(GuestProcess):
                 try:
                     await self._files.write(handle, offset, chunk)
                 except OSError as exc:
+                    self._check_service()
                     error = f"{path.decode('utf-8', 'replace')}: {exc.strerror}"
             offset += len(chunk)
         if handle is not None:
@@ -340,8 +350,11 @@ class NativeScp(GuestProcess):
                         await self._files.fsetstat(handle, attrs)
             except OSError as exc:
                 error = f"{path.decode('utf-8', 'replace')}: {exc.strerror}"
-            finally:
+            try:
                 await self._files.close(handle)
+            except OSError as exc:  # a file system that reports write errors only here (NFS)
+                self._check_service()
+                error = error or f"{path.decode('utf-8', 'replace')}: close: {exc.strerror}"
         await self._ack()  # the sender's end-of-file byte
         if error is None:
             await self._send(b"\0")
@@ -349,6 +362,12 @@ class NativeScp(GuestProcess):
             await self._warn(error)
 
     # ---- download: we read, the client receives
+    async def _close_read(self, handle: int) -> None:
+        """Close what was only read: as OpenSSH's scp, a failure here changes nothing sent,
+        and must not hide the failure that brought us here."""
+        with contextlib.suppress(OSError):
+            await self._files.close(handle)
+
     async def _source(self) -> None:
         await self._ack()  # the sink says it is ready
         for pattern in self._request.paths:
@@ -393,7 +412,7 @@ class NativeScp(GuestProcess):
                             if entry not in (b".", b".."):
                                 await self._send_path(path.rstrip(b"/") + b"/" + entry)
                 finally:
-                    await self._files.close(handle)
+                    await self._close_read(handle)
             await self._send(b"E\n")
             await self._ack()
             return
@@ -416,6 +435,7 @@ class NativeScp(GuestProcess):
                     try:
                         data = await self._files.read(handle, offset, want)
                     except OSError as exc:
+                        self._check_service()
                         failure = exc.strerror
                 if len(data) < want:  # the file shrank or broke: keep the stream's promise
                     failure = failure or "file changed size"
@@ -423,7 +443,7 @@ class NativeScp(GuestProcess):
                 await self._send(data)
                 offset += want
         finally:
-            await self._files.close(handle)
+            await self._close_read(handle)
         if failure is None:
             await self._send(b"\0")
         else:
