@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import (
     PROXY,
+    REPO,
     TEST_BACKEND,
     Env,
     stop_warm_servers,
@@ -152,5 +159,150 @@ def test_runtime_directory_is_private(msb: Env, sandbox: str, short_tmp: Path) -
         (socket_file,) = _sockets(env)
         assert oct(socket_file.stat().st_mode & 0o777) == "0o600"
         assert socket_file.stat().st_uid == os.getuid()
+    finally:
+        stop_warm_servers(env.runtime_dir)
+
+
+# ---- what live connections survive
+
+ECHO_SIZE = 8 << 20
+ECHO_FIRST = 1 << 20
+
+
+def _servers(env: Env) -> list[int]:
+    """The warm servers of ``env`` without the connections they forked, which run the same
+    command line: only a server holds its lock file open."""
+    def holds_lock(pid: int) -> bool:
+        with contextlib.suppress(OSError):
+            return any(os.readlink(fd).endswith(".sock.lock")
+                       for fd in Path(f"/proc/{pid}/fd").iterdir())
+        return False
+    return [pid for pid in warm_servers(env.runtime_dir) if holds_lock(pid)]
+
+
+def _accepts(socket_file: Path) -> bool:
+    """Whether a warm server listens on ``socket_file`` (connecting and saying nothing costs
+    it nothing: it reads end of file and goes on)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+        return probe.connect_ex(str(socket_file)) == 0
+
+
+def _echo_across(env: Env, sandbox: str, disrupt: Callable[[], None]) -> None:
+    """``ssh HOST cat`` echoing random bytes: a first part before ``disrupt()``, the rest after;
+    every byte must come back, in order, with exit status 0."""
+    data = secrets.token_bytes(ECHO_SIZE)
+    client = subprocess.Popen(["ssh", "-F", str(env.config), env.host(sandbox), "cat"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        client.stdin.write(data[:ECHO_FIRST])
+        client.stdin.flush()
+        echoed = bytearray()
+        while len(echoed) < ECHO_FIRST:  # the connection is up and carrying data
+            chunk = os.read(client.stdout.fileno(), 1 << 16)
+            assert chunk, client.stderr.read() if client.stderr else ""
+            echoed += chunk
+        disrupt()
+
+        def send_rest() -> None:
+            assert client.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                client.stdin.write(data[ECHO_FIRST:])
+                client.stdin.close()
+
+        sender = threading.Thread(target=send_rest)
+        sender.start()
+        echoed += client.stdout.read()
+        sender.join()
+        assert client.wait(timeout=60) == 0
+        assert client.stderr is not None and client.stderr.read() == b""
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert len(echoed) == ECHO_SIZE and bytes(echoed) == data, "the live connection lost bytes"
+
+
+def _assert_serves(env: Env, sandbox: str, server: int, not_by: int | None = None) -> None:
+    """The next connection is forked by warm server ``server`` (and not by ``not_by``)."""
+    client = subprocess.Popen(["ssh", "-F", str(env.config), env.host(sandbox), "sleep 3"],
+                              stdin=subprocess.DEVNULL)
+    try:
+        assert _wait(lambda: len(_children(server)) == 1), f"warm server {server} served nothing"
+        assert not_by is None or _children(not_by) == []
+    finally:
+        assert client.wait(timeout=60) == 0
+
+
+def test_killed_warm_server_leaves_its_connections_running_and_is_replaced(
+    msb: Env, sandbox: str, short_tmp: Path
+) -> None:
+    env = _installation(msb, short_tmp, "killed")
+    try:
+        assert env.ssh(sandbox, "true").returncode == 0
+        assert _wait(lambda: len(_servers(env)) == 1)
+        (server,) = _servers(env)
+        (socket_file,) = _sockets(env)
+
+        def kill_server() -> None:
+            assert len(_children(server)) == 1, "the live connection is not the server's"
+            os.kill(server, signal.SIGKILL)
+            assert _wait(lambda: _servers(env) == [])
+
+        _echo_across(env, sandbox, kill_server)
+        # What it left: its socket file, which nothing answers any more.
+        assert _sockets(env) == [socket_file] and not _accepts(socket_file)
+        # The next connection is served all the same and starts a successor on that path.
+        assert env.ssh(sandbox, "echo next").out == "next\n"
+        assert _wait(lambda: len(_servers(env)) == 1)
+        (successor,) = _servers(env)
+        assert successor != server
+        assert _wait(lambda: _accepts(socket_file)) and _sockets(env) == [socket_file]
+        _assert_serves(env, sandbox, successor)
+    finally:
+        stop_warm_servers(env.runtime_dir)
+
+
+def _server_software(env: Env, sandbox: str) -> str:
+    """The software version the server announced to ``ssh -v``: ``msb_proxy_VERSION``."""
+    run = env.ssh(sandbox, "true", options=["-v"])
+    assert run.returncode == 0, run.err
+    found = re.search(r"remote software version .*?(msb_proxy_\S+)", run.err)
+    assert found, run.err
+    return found[1]
+
+
+def test_upgrade_leaves_live_connections_running_and_serves_new_ones_with_the_new_code(
+    msb: Env, sandbox: str, short_tmp: Path
+) -> None:
+    # An installation of its own: a copy of the package, found first through PYTHONPATH.
+    code = short_tmp / "code"
+    shutil.copytree(REPO / "msb_proxy", code / "msb_proxy")
+    env = _installation(msb, short_tmp, "upgrade")
+    env.config.write_text(env.config.read_text().replace(
+        " MSB_PROXY_WARM=1", f" PYTHONPATH={code} MSB_PROXY_WARM=1"))
+    version_file = code / "msb_proxy" / "version.py"
+    found = re.search(r'__version__ = "([^"]+)"', version_file.read_text())
+    assert found
+    old_version, new_version = found[1], f"{found[1]}+upgraded"
+    try:
+        assert _server_software(env, sandbox) == f"msb_proxy_{old_version}"
+        assert _wait(lambda: len(_servers(env)) == 1)
+        (old_server,) = _servers(env)
+
+        def upgrade() -> None:
+            assert len(_children(old_server)) == 1, "the live connection is not the server's"
+            version_file.write_text(version_file.read_text().replace(
+                f'"{old_version}"', f'"{new_version}"'))
+            # Served by the new code at once (in its own process), which starts its server.
+            assert _server_software(env, sandbox) == f"msb_proxy_{new_version}"
+            assert _wait(lambda: len(_servers(env)) == 2)
+
+        _echo_across(env, sandbox, upgrade)
+        (new_server,) = set(_servers(env)) - {old_server}
+        assert len(_sockets(env)) == 2  # one per version of the code
+        _assert_serves(env, sandbox, new_server, not_by=old_server)
+        assert _server_software(env, sandbox) == f"msb_proxy_{new_version}"
     finally:
         stop_warm_servers(env.runtime_dir)

@@ -202,6 +202,7 @@ def _preload() -> None:
 
     import msb_proxy.cli.commandline
     import msb_proxy.fastpath
+    import msb_proxy.fastpath.relay
     import msb_proxy.fastpath.umac
     import msb_proxy.server.endpoint
     import msb_proxy.server.session
@@ -214,6 +215,9 @@ def _preload() -> None:
     from msb_proxy.errors import UserError
 
     msb_proxy.fastpath.umac.load()  # nettle loaded once, for every child
+    # The C loop too: each child would load it at its first relay, and after an upgrade a
+    # connection of the old code would load the new build.
+    msb_proxy.fastpath.relay.compiled_loop()
     # The backends this user's config chooses (the environment is the first connection's); a
     # config that does not load fails each connection anyway, with the reason.
     with contextlib.suppress(UserError):
