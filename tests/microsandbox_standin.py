@@ -453,6 +453,28 @@ class StandInSDK(ModuleType):
         with self.store.transaction() as state:
             state["knobs"]["boot_failure"] = None if log_lines is None else list(log_lines)
 
+    def remove_program(self, name: str) -> None:
+        """Make the guest lack program ``name`` (a name or a path): exec_stream of it FAILs."""
+        with self.store.transaction() as state:
+            state["knobs"].setdefault("missing", []).append(name)
+
+    def substitute_program(self, name: str, argv: Sequence[str]) -> None:
+        """Make the guest's program ``name`` run ``argv`` (followed by the arguments given)."""
+        with self.store.transaction() as state:
+            state["knobs"].setdefault("substitutes", {})[name] = list(argv)
+
+    def guest_programs(self) -> tuple[list[str], dict[str, list[str]]]:
+        """The programs the guest lacks, and those it has in another form."""
+        with self.store.transaction() as state:
+            knobs = state["knobs"]
+            return list(knobs.get("missing", [])), dict(knobs.get("substitutes", {}))
+
+    def agent_backlog(self, name: str) -> int:
+        """How many messages from the host the agent of local sandbox ``name`` has not yet
+        handled (its loop is stalled while this grows)."""
+        agent = self._agents.get(("local", name))
+        return 0 if agent is None else agent.backlog
+
     def set_page_size(self, size: int) -> None:
         with self.store.transaction() as state:
             state["knobs"]["page_size"] = size
@@ -979,6 +1001,9 @@ class Sandbox:
         handle = ExecHandle(self._agent, cmd, list(args or []), cwd=cwd, env=dict(env or {}),
                             stdin=stdin or Stdin.null(), tty=tty)
         self._sdk.processes.add(handle)
+        # sdk/rust/lib/sandbox/exec.rs: the request is sent and the handle returned; the agent
+        # starts the process when its loop comes to the request.
+        await self._agent.send(handle, "spawn", self._sdk.guest_programs())
         return handle
 
     async def exec(
@@ -1054,6 +1079,7 @@ class _Agentd:
         self._outbox: deque[tuple[ExecHandle, ExecEvent]] = deque()
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._handling = 0  # 1 while the loop handles a message
 
     def connect_client(self) -> None:
         # crates/runtime/lib/relay.rs: a client past AGENT_RELAY_MAX_CLIENTS is dropped before
@@ -1065,6 +1091,11 @@ class _Agentd:
 
     def disconnect_client(self) -> None:
         self.clients -= 1
+
+    @property
+    def backlog(self) -> int:
+        return len(self._inbox) + self._handling
+
 
     async def send(self, handle: ExecHandle, kind: str, payload: Any) -> None:
         """A message toward the agent: queued on the relay, waiting while its buffer is full
@@ -1096,7 +1127,11 @@ class _Agentd:
                 await self._inbox_ready.wait()
             handle, kind, payload = self._inbox.popleft()
             async with self._loop:
-                await handle.handle_message(kind, payload)
+                self._handling = 1
+                try:
+                    await handle.handle_message(kind, payload)
+                finally:
+                    self._handling = 0
             self._inbox_bytes -= len(payload) if isinstance(payload, bytes) else 16
             if self._inbox_bytes < RELAY_BUFFER:
                 self._inbox_space.set()
@@ -1153,14 +1188,28 @@ class ExecHandle:
         self._pidfd: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.process: subprocess.Popen[bytes] | None = None
+        self._request = (cmd, args, cwd, env, stdin)
+        if stdin._mode == StdinMode.PIPE:
+            self._sink = ExecSink(self)
         weakref.finalize(self, agent.disconnect_client)
+
+    def begin(self, programs: tuple[list[str], dict[str, list[str]]]) -> None:
+        """The agent's ExecRequest: the process started, or FAILED (``programs``: those the
+        guest lacks, and those it has in another form)."""
+        cmd, args, cwd, env, stdin = self._request
+        missing, substitutes = programs
         try:
+            if cmd in missing or os.path.basename(cmd) in missing:
+                raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+            if cmd in substitutes:
+                cmd, args = substitutes[cmd][0], [*substitutes[cmd][1:], *args]
             self._start(cmd, args, cwd, env, stdin)
         except OSError as exc:
             # crates/agentd/lib/session.rs: exec_failed_from_io_error, "spawn {cmd:?}: {err}".
             message = f"spawn {json.dumps(cmd)}: {exc.strerror} (os error {exc.errno})"
-            self._queue(ExecEvent(ExecEventType.FAILED, data=message.encode(), code=exc.errno))
-            self._ended = True
+            self._sink = None
+            self.agent.output(self, ExecEvent(ExecEventType.FAILED, data=message.encode(),
+                                              code=exc.errno))
 
     def _start(self, cmd: str, args: list[str], cwd: str | None, env: dict[str, str],
                stdin: Stdin) -> None:
@@ -1212,13 +1261,11 @@ class ExecHandle:
             if stdin._mode == StdinMode.NULL:
                 self._close_stdin()
         self.process = process
-        self._queue(ExecEvent(ExecEventType.STARTED, pid=process.pid))
+        self.agent.output(self, ExecEvent(ExecEventType.STARTED, pid=process.pid))
         self._watch_exit(process)
         for fd in list(self._outputs):
             self._spawn(self._read_output(fd))
-        if stdin._mode == StdinMode.PIPE:
-            self._sink = ExecSink(self)
-        elif stdin._mode == StdinMode.BYTES:
+        if stdin._mode == StdinMode.BYTES:
             self._spawn(self._feed(stdin._data or b""))
 
     def _spawn(self, coroutine: Any) -> None:
@@ -1270,9 +1317,10 @@ class ExecHandle:
         self._event_ready.set()
 
     def deliver(self, event: ExecEvent) -> None:
-        """The SDK's event mapper: into the unbounded channel; nothing after EXITED."""
+        """The SDK's event mapper: into the unbounded channel; nothing after EXITED or
+        FAILED."""
         self._queue(event)
-        if event.event_type == ExecEventType.EXITED:
+        if event.event_type in (ExecEventType.EXITED, ExecEventType.FAILED):
             self._ended = True
 
     # ---- the SDK surface
@@ -1330,7 +1378,9 @@ class ExecHandle:
     # ---- what the agent does with our messages
     async def handle_message(self, kind: str, payload: Any) -> None:
         """crates/agentd/lib/agent.rs: handle_message, for this process's session."""
-        if kind == "signal":
+        if kind == "spawn":
+            self.begin(payload)
+        elif kind == "signal":
             # session.rs: send_signal signals the process group.
             if self.process is not None and not self._exit.done():
                 with contextlib.suppress(ProcessLookupError):

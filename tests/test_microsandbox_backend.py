@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +41,7 @@ from microsandbox_standin import (
 
 from msb_proxy.backends.base import (
     ExitStatus,
+    GuestProcess,
     GuestUser,
     ProcessSpec,
     PtySpec,
@@ -49,7 +51,6 @@ from msb_proxy.backends.base import (
 from msb_proxy.backends.microsandbox.backend import (
     LABELS,
     MicrosandboxBackend,
-    MicrosandboxProcess,
     MicrosandboxSandbox,
 )
 from msb_proxy.config import SandboxTemplate
@@ -193,7 +194,7 @@ def command(script: str, *args: str, pty: PtySpec | None = None, cwd: str = "/")
 
 
 async def spawn(backend: MicrosandboxBackend, spec: ProcessSpec
-                ) -> tuple[MicrosandboxProcess, Recorder]:
+                ) -> tuple[GuestProcess, Recorder]:
     sandbox = await backend.open("api", TEMPLATE, Progress(quiet=True))
     recorder = Recorder()
     return await sandbox.spawn(spec, recorder), recorder
@@ -846,44 +847,102 @@ def test_lookup_user_rejects_a_user_the_guest_does_not_have(
     assert str(caught.value) == "sandbox 'api' has no user 'mallory'"
 
 
-# ---- processes without a terminal
+# ---- processes: through the guest agent, or (a guest without python3) one exec each
+
+
+@pytest.fixture(params=["agent", "direct"])
+def either(request: pytest.FixtureRequest, backend: MicrosandboxBackend,
+           standin: StandInSDK) -> MicrosandboxBackend:
+    """The backend, on a guest with python3 (the agent) and on one without (direct)."""
+    if request.param == "direct":
+        standin.remove_program("python3")
+    return backend
+
+
+def through(request: pytest.FixtureRequest) -> str:
+    """Which of ``either``'s two a test runs with: "agent" or "direct"."""
+    mode: str = request.node.callspec.params["either"]
+    return mode
+
+
+@pytest.fixture
+def direct(backend: MicrosandboxBackend, standin: StandInSDK) -> MicrosandboxBackend:
+    """The backend on a guest without python3: one exec_stream per process."""
+    standin.remove_program("python3")
+    return backend
+
+
+def python(code: str, *args: str, pty: PtySpec | None = None, cwd: str = "/",
+           env: dict[str, str] | None = None) -> ProcessSpec:
+    """``python3 -c code`` in the guest, by absolute path (no PATH lookup; and as its argv[0],
+    from which Python finds its own library)."""
+    return ProcessSpec(program=sys.executable, argv=[sys.executable, "-c", code, *args],
+                       env=env if env is not None else {"PATH": PATH}, cwd=cwd, user=ROOT,
+                       pty=pty)
+
+
+async def finished(backend: MicrosandboxBackend, spec: ProcessSpec) -> Recorder:
+    _, recorder = await spawn(backend, spec)
+    await recorder.exited
+    return recorder
 
 
 def test_exec_keeps_stdout_and_stderr_apart_and_reports_the_exit_code(
-        backend: MicrosandboxBackend) -> None:
-    async def scenario() -> Recorder:
-        _, recorder = await spawn(backend, command("echo to-out; echo to-err >&2; exit 3"))
-        await recorder.exited
-        return recorder
-
-    recorder = run(scenario())
+        either: MicrosandboxBackend) -> None:
+    recorder = run(finished(either, command("echo to-out; echo to-err >&2; exit 3")))
     assert (bytes(recorder.stdout), bytes(recorder.stderr)) == (b"to-out\n", b"to-err\n")
     assert recorder.exited.result() == ExitStatus(code=3)
 
 
 def test_exit_signal_is_reported_when_an_ssh_signal_kills_a_silent_process(
-        backend: MicrosandboxBackend) -> None:
+        either: MicrosandboxBackend) -> None:
     async def scenario() -> ExitStatus:
-        process, recorder = await spawn(backend, command("echo ready; exec sleep 30"))
+        process, recorder = await spawn(either, command("echo ready; exec sleep 30"))
         await recorder.stdout_contains(b"ready\n")
-        process.send_signal(signal.SIGTERM)  # while a recv() waits on the silent process
+        process.send_signal(signal.SIGTERM)  # while the process is silent
         return await recorder.exited
 
     assert run(scenario()) == ExitStatus(signal=signal.SIGTERM)
 
 
-def test_death_by_a_signal_nobody_sent_is_reported_as_exit_status_255(
-        backend: MicrosandboxBackend) -> None:
-    async def scenario() -> ExitStatus:
-        _, recorder = await spawn(backend, command("kill -KILL $$"))
-        return await recorder.exited
-
-    assert run(scenario()) == ExitStatus(code=255)
+FATAL_SIGNALS = [signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGILL, signal.SIGTRAP,
+                 signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGKILL, signal.SIGUSR1,
+                 signal.SIGSEGV, signal.SIGUSR2, signal.SIGPIPE, signal.SIGALRM, signal.SIGTERM,
+                 signal.SIGXCPU, signal.SIGXFSZ, signal.SIGVTALRM, signal.SIGPROF,
+                 signal.SIGSYS]
 
 
-def test_stdin_data_and_end_of_input_reach_the_process(backend: MicrosandboxBackend) -> None:
+@pytest.mark.parametrize("signum", FATAL_SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_every_death_by_a_signal_nobody_sent_is_an_exit_signal(
+        backend: MicrosandboxBackend, signum: int) -> None:
+    # Python's own SIGPIPE and SIGINT handling undone: the death is the kernel's default.
+    default = "" if signum == signal.SIGKILL else f"signal.signal({int(signum)}, signal.SIG_DFL); "
+    kill_itself = ("import os, resource, signal; resource.setrlimit(resource.RLIMIT_CORE, "
+                   f"(0, 0)); {default}os.kill(os.getpid(), {int(signum)})")
+    assert run(finished(backend, python(kill_itself))).exited.result() == \
+        ExitStatus(signal=signum)
+
+
+def test_a_core_dump_is_reported_with_its_flag(backend: MicrosandboxBackend,
+                                               tmp_path: Path) -> None:
+    if Path("/proc/sys/kernel/core_pattern").read_text().startswith("|"):
+        pytest.skip("cores go to a helper program here: whether one is dumped is its choice")
+    spec = command("ulimit -c unlimited; kill -QUIT $$", cwd=str(tmp_path))
+    assert run(finished(backend, spec)).exited.result() == \
+        ExitStatus(signal=signal.SIGQUIT, core_dumped=True)
+
+
+def test_without_the_agent_a_death_by_a_signal_nobody_sent_is_exit_status_255(
+        direct: MicrosandboxBackend) -> None:
+    """The runtime's agent reports every death by signal as -1 (crates/agentd/lib/process.rs):
+    the signal is lost, and 255 is what OpenSSH's client itself exits with after one."""
+    assert run(finished(direct, command("kill -KILL $$"))).exited.result() == \
+        ExitStatus(code=255)
+
+
+def test_stdin_data_and_end_of_input_reach_the_process(either: MicrosandboxBackend) -> None:
     async def scenario() -> Recorder:
-        process, recorder = await spawn(backend, command("cat; echo done"))
+        process, recorder = await spawn(either, command("cat; echo done"))
         process.write_stdin(b"hello\n")
         process.write_stdin(b"world")
         process.close_stdin()
@@ -896,39 +955,14 @@ def test_stdin_data_and_end_of_input_reach_the_process(backend: MicrosandboxBack
     assert recorder.exited.result() == ExitStatus(code=0)
 
 
-def test_paused_output_waits_but_the_sdk_drains_the_guest_regardless(
-        backend: MicrosandboxBackend, tmp_path: Path) -> None:
-    """Through exec_stream alone the guest is not slowed: the SDK pulls everything into its
-    own unbounded channel (sdk/rust/lib/sandbox/exec.rs). Only delivery to us waits."""
-    size = 4 << 20
-    finished = tmp_path / "producer-finished"
-
-    async def scenario() -> Recorder:
-        process, recorder = await spawn(
-            backend, command('head -c "$1" /dev/zero; touch "$2"', str(size), str(finished)))
-        process.pause_output()
-        delivered = len(recorder.stdout)
-        while not finished.exists():
-            await asyncio.sleep(0.02)
-        assert len(recorder.stdout) == delivered
-        assert not recorder.exited.done()
-        process.resume_output()
-        await recorder.exited
-        return recorder
-
-    recorder = run(scenario())
-    assert bytes(recorder.stdout) == bytes(size)
-    assert recorder.exited.result() == ExitStatus(code=0)
-
-
-def test_stdin_backpressure_pauses_and_resumes_the_client(backend: MicrosandboxBackend) -> None:
+def test_stdin_backpressure_pauses_and_resumes_the_client(either: MicrosandboxBackend) -> None:
     size = 1 << 20
 
     async def scenario() -> Recorder:
-        process, recorder = await spawn(backend, command("sleep 0.3; wc -c"))
+        process, recorder = await spawn(either, command("sleep 0.3; wc -c"))
         for _ in range(size // (32 << 10)):
             process.write_stdin(bytes(32 << 10))
-        assert recorder.flow == ["paused"]  # at once: nothing has been written yet
+        assert recorder.flow == ["paused"]  # at once: the guest has taken nothing yet
         process.close_stdin()
         await recorder.exited
         return recorder
@@ -938,46 +972,87 @@ def test_stdin_backpressure_pauses_and_resumes_the_client(backend: MicrosandboxB
     assert bytes(recorder.stdout).strip() == str(size).encode()
 
 
-def test_login_shell_is_started_as_a_login_shell(backend: MicrosandboxBackend) -> None:
+def test_login_shell_gets_its_dash_argv0(backend: MicrosandboxBackend) -> None:
     spec = ProcessSpec(program="/bin/bash", argv=["-bash"], env={"PATH": PATH}, cwd="/",
                        user=ROOT)
 
     async def scenario() -> Recorder:
         process, recorder = await spawn(backend, spec)
-        process.write_stdin(b"shopt -q login_shell && echo login-shell\n")
+        process.write_stdin(b'echo "$0"; shopt -q login_shell && echo login-shell\n')
         process.close_stdin()
         await recorder.exited
         return recorder
 
     recorder = run(scenario())
-    assert b"login-shell\n" in recorder.stdout
+    assert recorder.stdout.endswith(b"-bash\nlogin-shell\n")
     assert recorder.exited.result() == ExitStatus(code=0)
 
 
-def test_missing_working_directory_falls_back_to_root_with_sshds_note(
-        backend: MicrosandboxBackend) -> None:
+def test_without_the_agent_a_login_shell_is_started_with_dash_l(
+        direct: MicrosandboxBackend) -> None:
+    spec = ProcessSpec(program="/bin/bash", argv=["-bash"], env={"PATH": PATH}, cwd="/",
+                       user=ROOT)
+
     async def scenario() -> Recorder:
-        _, recorder = await spawn(backend, command("pwd", cwd="/home/ghost"))
+        process, recorder = await spawn(direct, spec)
+        process.write_stdin(b'echo "$0"; shopt -q login_shell && echo login-shell\n')
+        process.close_stdin()
         await recorder.exited
         return recorder
 
-    recorder = run(scenario())
+    assert run(scenario()).stdout.endswith(b"/bin/bash\nlogin-shell\n")
+
+
+def test_the_session_gets_exactly_its_environment(either: MicrosandboxBackend,
+                                                  request: pytest.FixtureRequest) -> None:
+    spec = python("import os; print(sorted(os.environ.items()))",
+                  env={"PATH": PATH, "LANG": "C.UTF-8"}) if through(request) == "agent" \
+        else command("echo $PATH")
+    printed = bytes(run(finished(either, spec)).stdout).decode().strip()
+    if through(request) == "agent":
+        assert printed == repr(sorted({"PATH": PATH, "LANG": "C.UTF-8"}.items()))
+    else:  # the runtime's agent puts its scripts first (crates/agentd/lib/agent.rs)
+        assert printed == f"/.msb/scripts:{PATH}"
+
+
+def test_missing_working_directory_falls_back_to_root_with_sshds_note(
+        either: MicrosandboxBackend) -> None:
+    recorder = run(finished(either, command("pwd", cwd="/home/ghost")))
     assert bytes(recorder.stderr) == (
         b"Could not chdir to home directory /home/ghost: No such file or directory\n")
     assert bytes(recorder.stdout) == b"/\n"
 
 
-def test_a_program_that_cannot_start_raises_sandbox_error(backend: MicrosandboxBackend) -> None:
+def test_missing_working_directory_on_a_terminal_says_so_there(
+        backend: MicrosandboxBackend) -> None:
+    recorder = run(finished(backend, command("pwd", cwd="/home/ghost", pty=pty())))
+    assert bytes(recorder.stdout) == (
+        b"Could not chdir to home directory /home/ghost: No such file or directory\r\n/\r\n")
+
+
+def test_a_program_that_cannot_start_raises_sandbox_error(
+        either: MicrosandboxBackend, request: pytest.FixtureRequest) -> None:
     spec = ProcessSpec(program="/nonexistent/prog", argv=["prog"], env={}, cwd="/", user=ROOT)
     with pytest.raises(SandboxError) as caught:
+        run(spawn(either, spec))
+    reason = "No such file or directory" if through(request) == "agent" else \
+        'spawn "/nonexistent/prog": No such file or directory (os error 2)'
+    assert str(caught.value) == f"sandbox 'api' cannot start /nonexistent/prog: {reason}"
+
+
+def test_a_program_missing_on_a_terminal_raises_sandbox_error(
+        backend: MicrosandboxBackend) -> None:
+    spec = ProcessSpec(program="nonexistent-prog", argv=["prog"], env={"PATH": PATH}, cwd="/",
+                       user=ROOT, pty=pty())
+    with pytest.raises(SandboxError) as caught:
         run(spawn(backend, spec))
-    assert str(caught.value) == ('sandbox \'api\' cannot start /nonexistent/prog: spawn '
-                                 '"/nonexistent/prog": No such file or directory (os error 2)')
+    assert str(caught.value) == \
+        "sandbox 'api' cannot start nonexistent-prog: No such file or directory"
 
 
-def test_hangup_ends_the_process_and_is_safe_to_repeat(backend: MicrosandboxBackend) -> None:
+def test_hangup_ends_the_process_and_is_safe_to_repeat(either: MicrosandboxBackend) -> None:
     async def scenario() -> tuple[int, Recorder]:
-        process, recorder = await spawn(backend, command("echo $$; exec sleep 30"))
+        process, recorder = await spawn(either, command("echo $$; exec sleep 30"))
         await recorder.stdout_contains(b"\n")
         pid = int(recorder.stdout)
         process.hangup()
@@ -994,27 +1069,28 @@ def test_hangup_ends_the_process_and_is_safe_to_repeat(backend: MicrosandboxBack
 
 
 def test_hangup_closes_stdin_of_work_that_survives_it(
-        backend: MicrosandboxBackend, tmp_path: Path) -> None:
-    finished = tmp_path / "input-ended"
+        either: MicrosandboxBackend, tmp_path: Path) -> None:
+    finished_marker = tmp_path / "input-ended"
 
     async def scenario() -> None:
         process, recorder = await spawn(
-            backend, command('trap "" HUP; echo ready; cat >/dev/null; touch "$1"', str(finished)))
+            either, command('trap "" HUP; echo ready; cat >/dev/null; touch "$1"',
+                            str(finished_marker)))
         await recorder.stdout_contains(b"ready\n")
         process.write_stdin(b"some input")
         process.hangup()
         for _ in range(100):
-            if finished.exists():
+            if finished_marker.exists():
                 break
             await asyncio.sleep(0.02)
 
     run(scenario())
-    assert finished.exists()
+    assert finished_marker.exists()
 
 
-def test_hangup_after_exit_does_nothing(backend: MicrosandboxBackend) -> None:
+def test_hangup_after_exit_does_nothing(either: MicrosandboxBackend) -> None:
     async def scenario() -> ExitStatus:
-        process, recorder = await spawn(backend, command("exit 0"))
+        process, recorder = await spawn(either, command("exit 0"))
         status = await recorder.exited
         process.hangup()
         process.send_signal(signal.SIGTERM)
@@ -1025,6 +1101,17 @@ def test_hangup_after_exit_does_nothing(backend: MicrosandboxBackend) -> None:
     assert run(scenario()) == ExitStatus(code=0)
 
 
+def test_close_output_makes_the_next_write_fail_with_sigpipe(backend: MicrosandboxBackend
+                                                             ) -> None:
+    async def scenario() -> ExitStatus:
+        process, recorder = await spawn(backend, command("while :; do echo y; done"))
+        await recorder.stdout_contains(b"y\n")
+        process.close_output()  # eow@openssh.com: 'ssh host yes | head -1'
+        return await recorder.exited
+
+    assert run(scenario()) == ExitStatus(signal=signal.SIGPIPE)
+
+
 # ---- processes on a terminal
 
 
@@ -1033,11 +1120,11 @@ def pty(**modes: int) -> PtySpec:
 
 
 def test_terminal_has_the_requested_size_and_follows_resizes(
-        backend: MicrosandboxBackend) -> None:
+        either: MicrosandboxBackend) -> None:
     script = "stty size; trap 'stty size' WINCH; echo ready; while :; do sleep 0.05; done"
 
     async def scenario() -> Recorder:
-        process, recorder = await spawn(backend, command(script, pty=pty()))
+        process, recorder = await spawn(either, command(script, pty=pty()))
         await recorder.stdout_contains(b"ready")
         process.resize(120, 40)
         await recorder.stdout_contains(b"40 120")
@@ -1050,53 +1137,69 @@ def test_terminal_has_the_requested_size_and_follows_resizes(
     assert recorder.exited.result() == ExitStatus(signal=signal.SIGKILL)
 
 
-def test_terminal_size_is_set_through_the_sdk_when_the_guest_stty_cannot(
-        backend: MicrosandboxBackend, tmp_path: Path) -> None:
-    shim = tmp_path / "bin" / "stty"  # an stty that can only report
-    shim.parent.mkdir()
-    shim.write_text('#!/bin/sh\n[ "$1" = size ] && exec /bin/stty size\nexit 1\n')
-    shim.chmod(0o755)
-    # The resize lands just after the start, so poll past the SDK's initial 24x80.
-    script = ('for i in $(seq 100); do size=$(stty size); [ "$size" != "24 80" ] && break; '
-              'sleep 0.02; done; echo "$size"')
-    spec = ProcessSpec(program="/bin/sh", argv=["sh", "-c", script], cwd="/", user=ROOT,
-                       pty=pty(), env={"PATH": f"{shim.parent}:{PATH}"})
-
-    async def scenario() -> Recorder:
-        _, recorder = await spawn(backend, spec)
-        await recorder.exited
-        return recorder
-
-    assert bytes(run(scenario()).stdout) == b"30 100\r\n"
+_SHOW_TERMINAL = """
+import fcntl, os, struct, sys, termios
+rows, cols, px, py = struct.unpack("HHHH", fcntl.ioctl(0, termios.TIOCGWINSZ, bytes(8)))
+attrs = termios.tcgetattr(0)
+print(rows, cols, px, py, bool(attrs[3] & termios.ECHO), attrs[6][termios.VINTR],
+      bool(attrs[0] & 0o040000), os.environ.get("SSH_TTY") == os.ttyname(0),
+      os.getpgrp() == os.getsid(0) == os.tcgetpgrp(0))
+"""
 
 
-def test_terminal_sets_ssh_tty_to_its_own_path(backend: MicrosandboxBackend) -> None:
-    async def scenario() -> Recorder:
-        _, recorder = await spawn(backend, command('echo "$SSH_TTY"; tty', pty=pty()))
-        await recorder.exited
-        return recorder
+def test_terminal_size_pixels_and_modes_are_set_without_stty_or_a_shell(
+        backend: MicrosandboxBackend) -> None:
+    """The agent's own openpty: nothing from the guest's PATH is needed."""
+    terminal = PtySpec(term="xterm", cols=100, rows=30, pixel_width=800, pixel_height=600,
+                       modes={53: 0, 1: 7, 42: 1})  # ECHO off, VINTR ^G, IUTF8 on
+    printed = bytes(run(finished(backend, python(_SHOW_TERMINAL, pty=terminal,
+                                                 env={"PATH": "/nonexistent"}))).stdout)
+    # size, pixels, echo, intr, iutf8, SSH_TTY, session leader and foreground of its terminal
+    assert printed == b"30 100 800 600 False b'\\x07' True True True\r\n"
 
-    ssh_tty, tty = bytes(run(scenario()).stdout).decode().split()
+
+def test_terminal_sets_ssh_tty_to_its_own_path(either: MicrosandboxBackend) -> None:
+    recorder = run(finished(either, command('echo "$SSH_TTY"; tty', pty=pty())))
+    ssh_tty, tty = bytes(recorder.stdout).decode().split()
     assert ssh_tty == tty
     assert ssh_tty.startswith("/dev/pts/")
 
 
-def test_terminal_modes_from_pty_req_are_applied(backend: MicrosandboxBackend) -> None:
-    modes = pty(m53=0, m1=7, m42=1)  # ECHO off, VINTR ^G, IUTF8 on
+def test_ctrl_c_on_a_terminal_interrupts_the_foreground_job(backend: MicrosandboxBackend
+                                                            ) -> None:
+    async def scenario() -> ExitStatus:
+        process, recorder = await spawn(backend, command("echo ready; exec sleep 30",
+                                                         pty=pty()))
+        await recorder.stdout_contains(b"ready")
+        process.write_stdin(b"\x03")
+        return await recorder.exited
 
-    async def scenario() -> Recorder:
-        _, recorder = await spawn(backend, command("stty -a", pty=modes))
-        await recorder.exited
-        return recorder
+    assert run(scenario()) == ExitStatus(signal=signal.SIGINT)
 
-    settings = bytes(run(scenario()).stdout).decode()
+
+def test_a_break_is_sent_on_a_terminal_only(backend: MicrosandboxBackend) -> None:
+    async def scenario() -> tuple[bool, bool]:
+        on_terminal, _ = await spawn(backend, command("exec sleep 30", pty=pty()))
+        on_pipes, _ = await spawn(backend, command("exec sleep 30"))
+        sent = on_terminal.send_break(300), on_pipes.send_break(300)
+        on_terminal.hangup()
+        on_pipes.hangup()
+        return sent
+
+    assert run(scenario()) == (True, False)
+
+
+def test_without_the_agent_terminal_modes_come_from_the_guests_stty(
+        direct: MicrosandboxBackend) -> None:
+    settings = bytes(run(finished(direct, command(
+        "stty -a", pty=pty(m53=0, m1=7, m42=1)))).stdout).decode()
     assert "intr = ^G;" in settings
     assert "rows 30; columns 100;" in settings
     assert {"-echo", "iutf8"} <= set(settings.split())
 
 
-def test_terminal_modes_are_applied_one_by_one_when_stty_refuses_one(
-        backend: MicrosandboxBackend, tmp_path: Path) -> None:
+def test_without_the_agent_terminal_modes_are_applied_one_by_one_when_stty_refuses_one(
+        direct: MicrosandboxBackend, tmp_path: Path) -> None:
     shim = tmp_path / "bin" / "stty"  # an stty that does not know iutf8, like some do not
     shim.parent.mkdir()
     shim.write_text('#!/bin/sh\nfor a; do [ "$a" = iutf8 ] && exit 1; done\n'
@@ -1105,35 +1208,301 @@ def test_terminal_modes_are_applied_one_by_one_when_stty_refuses_one(
     spec = command("stty -a", pty=pty(m53=0, m1=7, m42=1))
     spec = ProcessSpec(program=spec.program, argv=spec.argv, cwd="/", user=ROOT, pty=spec.pty,
                        env={"PATH": f"{shim.parent}:{PATH}"})
-
-    async def scenario() -> Recorder:
-        _, recorder = await spawn(backend, spec)
-        await recorder.exited
-        return recorder
-
-    settings = bytes(run(scenario()).stdout).decode()
+    settings = bytes(run(finished(direct, spec)).stdout).decode()
     assert "intr = ^G;" in settings
     assert "rows 30; columns 100;" in settings
     assert "-echo" in settings.split()
 
 
-# ---- the SDK behaviour that shapes the design
+def test_without_the_agent_the_size_comes_from_the_sdk_when_stty_cannot_set_it(
+        direct: MicrosandboxBackend, tmp_path: Path) -> None:
+    shim = tmp_path / "bin" / "stty"  # an stty that can only report
+    shim.parent.mkdir()
+    shim.write_text('#!/bin/sh\n[ "$1" = size ] && exec /bin/stty size\nexit 1\n')
+    shim.chmod(0o755)
+    # The SDK's resize lands just after the start, so poll past its initial 24x80.
+    script = ('for i in $(seq 100); do size=$(stty size); [ "$size" != "24 80" ] && break; '
+              'sleep 0.02; done; echo "$size"')
+    spec = ProcessSpec(program="/bin/sh", argv=["sh", "-c", script], cwd="/", user=ROOT,
+                       pty=pty(), env={"PATH": f"{shim.parent}:{PATH}"})
+    assert bytes(run(finished(direct, spec)).stdout) == b"30 100\r\n"
 
 
-def test_sdk_handle_signal_reaches_a_process_while_a_recv_is_pending(
-        standin: StandInSDK, guest_root: Path) -> None:
-    """Signals go through the SDK's lock-free ExecControl (upstream #1190, v0.6.7)."""
-    standin.add_sandbox("api", guest_root)
+# ---- flow control and scale: what only the agent gives
 
-    async def scenario() -> ExecEventSummary:
-        sandbox = await (await standin.Sandbox.get("api")).connect()
-        handle = await sandbox.exec_stream("sleep", ["30"], env={"PATH": PATH})
-        await handle.recv()  # STARTED
-        pending = asyncio.ensure_future(handle.recv())
-        await asyncio.sleep(0.05)
-        await handle.signal(signal.SIGTERM)
-        event = await pending
-        assert event is not None
-        return event.event_type.value, event.code
+# msb-proxy's memory per process, through the agent: WINDOW (256 KiB) of output in flight
+# between the agent and us, or our stdin queue up to its high-water mark, plus bookkeeping.
+MEMORY_BOUND = 1 << 20
 
-    assert run(scenario()) == ("exited", -1)  # how the agent reports any death by signal
+
+class SlowReader(Recorder):
+    """A client that takes output a chunk at a time and comes back for more a little later,
+    keeping count (not the bytes) until it has had ``wanted``."""
+
+    def __init__(self, wanted: int) -> None:
+        super().__init__()
+        self.wanted = wanted
+        self.taken = 0
+        self.process: GuestProcess | None = None
+        self.enough: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def output_received(self, data: bytes, stderr: bool) -> None:
+        self.taken += len(data)
+        assert self.process is not None
+        self.process.pause_output()
+        if self.taken >= self.wanted:
+            if not self.enough.done():
+                self.enough.set_result(None)
+            return
+        asyncio.get_running_loop().call_later(0.0005, self.process.resume_output)
+
+
+async def memory_while(work: Coroutine[Any, Any, T]) -> tuple[T, int]:
+    """``work``'s result, and how far this process's memory rose above where it was."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        result = await work
+        return result, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+async def slow_read(backend: MicrosandboxBackend, wanted: int) -> int:
+    sandbox = await backend.open("api", TEMPLATE, Progress(quiet=True))
+    reader = SlowReader(wanted)
+    reader.process = await sandbox.spawn(command("exec cat /dev/zero"), reader)
+    await reader.enough
+    reader.process.hangup()
+    return reader.taken
+
+
+def test_a_slow_reader_of_cat_dev_zero_holds_memory_to_the_window(
+        backend: MicrosandboxBackend) -> None:
+    taken, rise = run(memory_while(slow_read(backend, 32 << 20)))
+    assert taken >= 32 << 20
+    assert rise < MEMORY_BOUND
+
+
+def test_without_the_agent_a_slow_reader_lets_memory_grow_with_the_guest(
+        direct: MicrosandboxBackend) -> None:
+    """The SDK drains the guest into an unbounded channel: the gap the agent closes."""
+    taken, rise = run(memory_while(slow_read(direct, 8 << 20)))
+    assert rise > taken  # the producer ran ahead into our memory
+
+
+def test_a_guest_never_reading_a_gibibyte_of_stdin_holds_memory_to_the_high_water_mark(
+        backend: MicrosandboxBackend) -> None:
+    chunk = 64 << 10
+
+    async def offer_a_gibibyte() -> tuple[int, list[str]]:
+        process, recorder = await spawn(backend, command("echo ready; exec sleep 3600"))
+        await recorder.stdout_contains(b"ready\n")
+        offered = 0
+        while offered < 1 << 30 and recorder.flow != ["paused"]:  # as SSH's window would
+            process.write_stdin(bytes(chunk))
+            offered += chunk
+            await asyncio.sleep(0)
+        process.hangup()
+        return offered, recorder.flow
+
+    (offered, flow), rise = run(memory_while(offer_a_gibibyte()))
+    assert flow == ["paused"]
+    # The agent took WINDOW, our queue the high-water mark: then the client was stopped.
+    assert offered <= 2 * MEMORY_BOUND
+    assert rise < MEMORY_BOUND
+
+
+def test_a_process_that_never_reads_stdin_does_not_slow_other_sessions(
+        backend: MicrosandboxBackend) -> None:
+    async def scenario() -> tuple[bytes, bytes, bool]:
+        stuck, stuck_recorder = await spawn(backend, command("echo ready; exec sleep 3600"))
+        await stuck_recorder.stdout_contains(b"ready\n")
+        for _ in range(32):  # 2 MiB it never reads
+            stuck.write_stdin(bytes(64 << 10))
+        same = await finished(backend, command("echo same connection"))
+        sandbox = await backend.open("api", TEMPLATE, Progress(quiet=True))
+        other = Recorder()
+        await sandbox.spawn(command("echo other connection"), other)
+        await other.exited
+        running = not stuck_recorder.exited.done()
+        stuck.hangup()
+        return bytes(same.stdout), bytes(other.stdout), running
+
+    assert run(scenario()) == (b"same connection\n", b"other connection\n", True)
+
+
+def test_without_the_agent_a_process_that_never_reads_stdin_stalls_the_sandbox(
+        direct: MicrosandboxBackend, standin: StandInSDK) -> None:
+    """The runtime's agent writes stdin in its one loop and waits until the process has
+    taken it all (crates/agentd/lib/agent.rs): until then nothing else in the sandbox runs."""
+
+    async def scenario() -> tuple[bool, bytes]:
+        stuck, stuck_recorder = await spawn(direct, command("echo $$; exec sleep 3600"))
+        await stuck_recorder.stdout_contains(b"\n")
+        for _ in range(32):
+            stuck.write_stdin(bytes(64 << 10))
+        sandbox = await direct.open("api", TEMPLATE, Progress(quiet=True))
+        other = Recorder()
+        starting = asyncio.ensure_future(sandbox.spawn(command("echo other"), other))
+        while standin.agent_backlog("api") < 2:  # the stuck write, and the new request
+            await asyncio.sleep(0.01)
+        stalled = not starting.done()
+        os.kill(int(stuck_recorder.stdout), signal.SIGKILL)  # from outside the SDK
+        await starting
+        await other.exited
+        return stalled, bytes(other.stdout)
+
+    assert run(scenario()) == (True, b"other\n")
+
+
+def test_256_channels_on_one_connection_are_one_relay_client(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    async def scenario() -> tuple[int, list[tuple[bytes, ExitStatus]]]:
+        sandbox = await backend.open("api", TEMPLATE, Progress(quiet=True))
+        recorders = [Recorder() for _ in range(256)]
+        processes = await asyncio.gather(*(sandbox.spawn(command("cat"), recorder)
+                                           for recorder in recorders))
+        clients = standin.relay_clients("api")
+        for index, process in enumerate(processes):
+            process.write_stdin(f"channel {index}\n".encode())
+            process.close_stdin()
+        statuses = await asyncio.gather(*(recorder.exited for recorder in recorders))
+        return clients, [(bytes(r.stdout), status) for r, status in zip(recorders, statuses,
+                                                                         strict=True)]
+
+    clients, outcomes = run(scenario())
+    assert clients == 2  # the connected sandbox, and its one agent
+    assert outcomes == [(f"channel {index}\n".encode(), ExitStatus(code=0))
+                        for index in range(256)]
+
+
+def test_four_connections_at_once_on_one_sandbox_each_have_their_agent(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    async def connection(index: int) -> list[bytes]:
+        sandbox = await backend.open("api", TEMPLATE, Progress(quiet=True))
+        recorders = [Recorder() for _ in range(64)]
+        await asyncio.gather(*(sandbox.spawn(command(f"echo {index}-{n}"), recorder)
+                               for n, recorder in enumerate(recorders)))
+        await asyncio.gather(*(recorder.exited for recorder in recorders))
+        return [bytes(recorder.stdout) for recorder in recorders]
+
+    async def scenario() -> tuple[list[list[bytes]], int]:
+        outputs = await asyncio.gather(*(connection(index) for index in range(4)))
+        return outputs, standin.relay_clients("api")
+
+    outputs, clients = run(scenario())
+    assert outputs == [[f"{index}-{n}\n".encode() for n in range(64)] for index in range(4)]
+    assert clients <= 8  # four connected sandboxes and four agents, whatever was collected
+
+
+def test_without_the_agent_the_relay_refuses_the_129th_client(
+        direct: MicrosandboxBackend, standin: StandInSDK) -> None:
+    async def scenario() -> tuple[int, str]:
+        sandbox = await direct.open("api", TEMPLATE, Progress(quiet=True))
+        processes = []
+        while True:
+            try:
+                processes.append(await sandbox.spawn(command("exec sleep 60"), Recorder()))
+            except SandboxError as exc:
+                for process in processes:
+                    process.hangup()
+                return len(processes), str(exc)
+
+    started, error = run(scenario())
+    assert started == 127  # and the connected sandbox: 128 clients
+    assert error == ("sandbox 'api' cannot start /bin/sh: agent client error: the agent relay "
+                     "closed the connection during the handshake")
+
+
+# ---- the agent's own life
+
+
+def test_closing_the_connection_ends_its_agent_and_hangs_up_its_processes(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    async def scenario() -> tuple[int, int, bool]:
+        sandbox = await backend.open("api", TEMPLATE, Progress(quiet=True))
+        recorder = Recorder()
+        await sandbox.spawn(command("echo $$; exec sleep 3600"), recorder)
+        await recorder.stdout_contains(b"\n")
+        pid = int(recorder.stdout)
+        before = standin.relay_clients("api")
+        await sandbox.close()
+        for _ in range(200):
+            if not alive(pid):
+                break
+            await asyncio.sleep(0.02)
+        return before, pid, alive(pid)
+
+    before, _, still_alive = run(scenario())
+    assert before == 2
+    assert still_alive is False
+
+
+def test_processes_end_with_their_agent_and_the_next_spawn_starts_another(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    async def scenario() -> tuple[ExitStatus, bytes]:
+        sandbox = await backend.open("api", TEMPLATE, Progress(quiet=True))
+        recorder = Recorder()
+        await sandbox.spawn(command("exec sleep 3600"), recorder)
+        [agent] = [handle for handle in standin.processes if handle.process is not None
+                   and isinstance(handle.process.args, list)
+                   and handle.process.args[:3] == ["python3", "-E", "-S"]]
+        assert agent.process is not None
+        agent.process.kill()  # the agent dies (killed in the guest, say)
+        status = await recorder.exited
+        again = Recorder()
+        await sandbox.spawn(command("echo again"), again)
+        await again.exited
+        return status, bytes(again.stdout)
+
+    assert run(scenario()) == (ExitStatus(signal=signal.SIGKILL), b"again\n")
+
+
+def test_doctor_says_whether_a_sandbox_runs_the_agent(
+        either: MicrosandboxBackend, request: pytest.FixtureRequest) -> None:
+    async def scenario() -> list[tuple[str, str, str]]:
+        sandbox = await either.open("api", TEMPLATE, Progress(quiet=True))
+        rows = [(check.what, check.status.value, check.detail)
+                for check in await sandbox.checks()]
+        await sandbox.close()
+        return rows
+
+    [(what, status, detail)] = run(scenario())
+    assert what == "guest agent"
+    if through(request) == "agent":
+        assert status == "ok"
+        assert re.fullmatch(r"python 3\.\d+\.\d+: one agent per connection forks every process",
+                            detail)
+    else:
+        assert status == "warn"
+        assert detail.startswith('none (cannot run python3: spawn "python3": No such file or '
+                                 "directory (os error 2)): each process is an exec of its own")
+
+
+def test_the_agent_is_python_3_6_and_fits_in_one_argument() -> None:
+    import ast
+
+    from msb_proxy.backends.microsandbox import guest_agent
+
+    ast.parse(guest_agent.SOURCE, feature_version=(3, 6))
+    assert len(guest_agent.SOURCE.encode()) < 128 * 1024  # Linux's MAX_ARG_STRLEN
+
+
+def test_a_guest_whose_python3_cannot_run_the_agent_gets_one_exec_per_process(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    # An old python3 (before 3.6) stops at the agent's first f-string.
+    standin.substitute_program("python3", [
+        "/bin/sh", "-c", "echo 'SyntaxError: invalid syntax' >&2; exit 1", "python3"])
+
+    async def scenario() -> tuple[ExitStatus, str]:
+        sandbox = await backend.open("api", TEMPLATE, Progress(quiet=True))
+        recorder = Recorder()
+        await sandbox.spawn(command("kill -TERM $$"), recorder)
+        [check] = await sandbox.checks()
+        return await recorder.exited, check.detail
+
+    status, detail = run(scenario())
+    assert status == ExitStatus(code=255)  # the direct path's
+    assert detail.startswith("none (python3 exited with status 1: SyntaxError: invalid "
+                             "syntax): each process is an exec of its own")

@@ -335,6 +335,13 @@ class Sandbox(abc.ABC):
         that cannot tell, a connection ends with its channels.
         """
 
+    async def checks(self) -> list[Check]:
+        """Rows ``msb-proxy doctor`` adds about this running sandbox besides the guest tools it
+        looks for itself: how the backend serves it (``what`` is a short noun, printed after
+        the sandbox's name). A coroutine; it may start a guest process. The default adds none.
+        """
+        return []
+
     async def close(self) -> None:  # noqa: B027  (a hook with a default, not abstract)
         """Release what this connection holds on the sandbox; the sandbox keeps running.
 

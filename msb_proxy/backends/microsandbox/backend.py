@@ -3,7 +3,8 @@
 This module owns the translation between the seam in ``base`` and the SDK (``microsandbox`` 0.7),
 which is imported on first use rather than with this module (it costs ~0.3 s of every ``ssh``).
 Nothing falls back to another backend: where the host cannot run microVMs the error says so and
-names the local backend.
+names the local backend. What the SDK does, as read in its source and observed in the 0.7.11
+wheel, is pinned by ``tests/test_sdk_contract.py`` and played by ``tests/microsandbox_standin.py``.
 
 Lifecycle on connect (``open``), decided under the sandbox's exclusive lock
 (``MSB_PROXY_HOME/locks/<slug>.lock``, the local backend's too), held only while deciding,
@@ -11,24 +12,37 @@ creating, starting or resuming, so that any number of msb-proxy processes connec
 create or start a sandbox once:
 
 * ``Sandbox.get(name)``, then by ``SandboxHandle.status``: RUNNING -> ``handle.connect()``;
-  STOPPED, CRASHED or CREATED -> ``handle.start(detached=True)``; PAUSED -> ``handle.resume()``
-  and ``connect()``; STARTING or DRAINING (some other tool is at it) -> ``handle.refresh()``
-  every 0.1 s, at most ``wait_s``, then as above.
+  STOPPED, CRASHED or CREATED -> ``handle.start(detached=True)``; PAUSED -> ``handle.resume()``,
+  ``handle.refresh()`` (``connect`` checks the status the handle was read with) and
+  ``connect()``; STARTING or DRAINING (some other tool is at it) -> ``handle.refresh()`` every
+  0.1 s, at most ``wait_s``, then as above.
 * Missing (``SandboxNotFoundError``), and the template allows it ->
   ``Sandbox.create_with_progress(name, image=Image.oci(ref) or Image.bind(dir), cpus=,
   memory=, env=, workdir=, volumes={guest: MountConfig(kind=BIND, bind=host, readonly=)},
-  network=, detached=True)``; its ``PullEvent`` s become "pulling image REF: N%" (bytes over the
-  total when the registry gives sizes, else layers over the layer count) and
+  network=, labels=LABELS, detached=True)``; its ``PullEvent`` s become "pulling image REF: N%"
+  (bytes over the total when the registry gives sizes, else layers over the layer count) and
   ``await session.result()`` is the sandbox. ``network`` ``none`` is ``Network.none()``;
   ``public``, ``private`` and ``host`` are ``Network.from_profiles(NetworkProfile.X)``; unset,
-  the SDK's default.
+  the SDK's default. ``LABELS`` mark it as msb-proxy's: ``list`` (``ls``) shows only those,
+  ``list_all`` (``ls --all``) every sandbox.
 * ``detached=True`` because the sandbox must outlive the msb-proxy process that brought it up
   (the SDK stops an attached sandbox when its creator exits): other connections use it, and
-  ``stop_after_idle`` decides when it stops.
+  ``stop_after_idle`` decides when it stops. (The SDK's own ``idle_timeout`` is not used: it
+  counts the guest agent's traffic, so it would stop a sandbox under a shell idle at its
+  prompt.)
 * A connection that finds the lock taken waits for it, at most ``lock_wait_s`` (15 minutes: the
   holder may be pulling a large image), and says so after half a second.
 * A sandbox that changes under us between two calls (stopped, removed, replaced or created by
-  another tool) is decided on again, at most three times.
+  another tool) is decided on again, at most three times. A connect on a handle whose sandbox
+  stopped meanwhile fails dialling the sandbox's relay with a generic SDK error: a refresh
+  tells that apart from a real failure.
+* A VM that dies while booting leaves the sandbox STOPPED with only "before agent relay became
+  available" to say; the sandbox's system log (``handle.logs(sources=[SYSTEM])``) has the
+  VMM's reason. KVM that cannot run the guest (``KVM_EXIT_INTERNAL_ERROR``, ``/dev/kvm``) says
+  microVMs cannot run on this host and names the local backend; any other reason is that
+  sandbox's own, with ``msb logs NAME``.
+* A failed pull is a plain ``MicrosandboxError`` "image error: ...", a template the SDK refuses
+  an ``InvalidConfigError`` "invalid config: ...": both are named as such.
 * ``run_id`` is ``"<handle.id>@<handle.updated_at>"`` of the running sandbox. The SDK names no
   run or boot (its database's run table is not in the Python API); ``id`` is the database row,
   new when a sandbox is removed and made again under the same name, and ``updated_at`` is
@@ -41,39 +55,47 @@ create or start a sandbox once:
 SDK calls made, and what for:
 
 * ``Sandbox.get(name)`` -> ``SandboxHandle``: ``.status``, ``.id``, ``.updated_at``,
-  ``.refresh()``, ``.connect()``, ``.start(detached=True)``, ``.resume()`` (open),
+  ``.refresh()``, ``.connect()``, ``.start(detached=True)``, ``.resume()``, ``.logs()`` (open),
   ``.stop()`` (stop, remove); ``Sandbox.create_with_progress`` -> ``PullSession``:
-  ``.progress``, ``.result()`` (open); ``Sandbox.list()`` and ``Sandbox.list_with(cursor=)``
-  (list); ``Sandbox.remove(name)`` (remove).
-* ``sandbox.fs.read`` of ``/etc/passwd`` and ``/etc/group`` (users), ``sandbox.fs.exists`` (cwd).
-* ``sandbox.exec_stream(cmd, args, cwd=, user=, env=, stdin=Stdin.pipe(), tty=)`` ->
-  ``ExecHandle``, one per SSH process: ``recv()`` pulled by one task, ``take_stdin()`` ->
-  ``ExecSink.write/close`` driven by a second, ``resize(rows, cols)`` once before the first
-  ``recv()``, ``signal(SIGHUP)`` on hang-up.
-* ``sandbox.exec(...)`` of ``/bin/sh`` running ``kill`` or ``stty`` for SSH ``signal`` and
-  ``window-change`` requests. The SDK's ``ExecHandle`` guards ``recv``, ``signal`` and ``resize``
-  with one lock that ``recv`` holds until the next event arrives (sdk/python/src/exec.rs), so on
-  a process that is silent (``sleep``, a shell at its prompt) those calls would wait for its next
-  output. Cancelling the pending ``recv`` would free the lock but can lose an event. So signals
-  and later resizes go out of band, to the process group the ``STARTED`` event's pid leads.
+  ``.progress``, ``.result()`` (open); ``Sandbox.list_with(labels=, cursor=)`` (list);
+  ``Sandbox.remove(name)`` (remove).
+* ``sandbox.fs`` taken once per connection (its getter try-locks the sandbox and raises
+  ``RuntimeError("sandbox is busy")`` while another call on it is in flight): ``.read`` of
+  ``/etc/passwd`` and ``/etc/group`` (a missing one is a ``FilesystemError``, like any other
+  failure: ``.exists`` tells them apart), ``.exists`` (the direct path's cwd check).
+* ``sandbox.exec_stream`` -> ``ExecHandle``, ``take_stdin()`` -> ``ExecSink``: once per SSH
+  connection, for the guest agent (``guest_agent``), which then forks every process of that
+  connection itself, with real wait statuses, its own terminals and credit-based flow control
+  both ways. Only where the guest cannot run the agent (no ``python3`` 3.6 or newer), once per
+  process (``DirectProcess``): ``recv()`` pulled by one task, ``ExecSink.write/close`` driven by
+  another, ``ExecHandle.signal`` and ``resize`` (lock-free since upstream #1190), SIGHUP on
+  hang-up.
 
-How an SSH process maps onto ``exec_stream``:
+A process on the direct path, and what it loses against the agent (``doctor`` says which path
+a running sandbox takes):
 
-* The SDK runs ``cmd`` with ``argv[0] = cmd``. A login shell (``argv[0]`` ``-bash``) is started
-  as ``bash -l`` instead: the same start-up files and ``login_shell`` state, but ``$0`` is the
-  program path. Any other ``argv[0]`` is dropped: POSIX sh has no ``exec -a`` to set it.
-* With a terminal, the program runs under a small ``/bin/sh`` wrapper that applies the
-  ``pty-req`` size and modes with ``stty`` (the SDK's terminal starts at 24x80 with the guest's
-  default modes), exports ``SSH_TTY`` from ``tty``, then ``exec``s the program.
-* A ``cwd`` that ``fs.exists`` does not find is replaced by ``/`` with sshd's note, as ``base``
-  asks (the agent would fail the spawn instead).
-* Exit: ``EXITED`` carries the code. The guest agent reports every death by signal as code -1
-  (crates/agentd/lib/process.rs), so the signal is lost: it is reported as the last terminating
-  signal an SSH ``signal`` request sent, and otherwise as exit status 255, the status OpenSSH's
-  client itself exits with when the remote command was killed by a signal. ``FAILED`` in place of
-  ``STARTED`` (the program could not be started) makes ``spawn`` raise ``SandboxError``.
+* ``argv[0]`` is the program: a login shell (``-bash``) is started as ``bash -l`` (``$0`` is
+  the program path); any other ``argv[0]`` is dropped.
+* The runtime's agent merges our environment into its own and puts ``/.msb/scripts`` first on
+  ``PATH``.
+* A terminal starts at 24x80 with the guest's default modes: a small ``/bin/sh`` wrapper
+  applies the ``pty-req`` modes with ``stty`` and exports ``SSH_TTY`` from ``tty``, the size is
+  ``ExecHandle.resize`` (rows and columns only, no pixels); without ``/bin/sh`` no terminal
+  session starts; breaks are not sent; a missing program exits 127 with the wrapper's message.
+* A death by signal arrives as exit code -1 (crates/agentd/lib/process.rs): it is reported as
+  the last terminating signal an SSH ``signal`` request sent, otherwise as exit status 255 (what
+  OpenSSH's client exits with after an ``exit-signal``); the core flag is never set.
+* A missing ``cwd`` is found with ``fs.exists`` (as root, not the login user) and replaced by
+  ``/`` with sshd's note.
+* No flow control: the SDK drains the guest into an unbounded channel, so a slow client grows
+  our memory; and the runtime's agent writes stdin in its one loop until the process has taken
+  all of it, so a process that does not read its stdin stalls every process of the sandbox.
+* Every process is a relay client of its own: the relay refuses the 129th of a sandbox, so a
+  connection has at most ~126 channels.
+* Hang-up sends SIGHUP and closes stdin; output of work that survives it (``nohup``) still flows
+  to the runtime's agent.
 
-Known gaps versus the local backend:
+Known gaps on both paths:
 
 * A template's options take effect when the sandbox is created: changing them later does not
   change a sandbox that exists (the SDK's ``SandboxHandle.modify`` could; it is not used),
@@ -81,34 +103,12 @@ Known gaps versus the local backend:
   template without ``image`` cannot create a sandbox.
 * Unpacking the image after its download and booting the VM show as one step, without a
   fraction.
-* A death by signal nobody sent through SSH is exit status 255, not ``exit-signal``; the
-  core-dumped flag is never set.
-* Output flow control stops at the SDK: while paused we stop calling ``recv()`` and hold at most
-  one event, but the SDK's Rust layer drains the agent into an unbounded channel
-  (sdk/rust/lib/sandbox/exec.rs), so a fast guest is not slowed and a paused session's output
-  queues in the SDK.
-* Input flow control likewise: ``ExecSink.write`` returns once the agent has the bytes, so our
-  256 KiB buffer stays bounded, but a guest that does not read its stdin is buffered for by the
-  agent.
-* ``$0`` is the program path (``/bin/bash: line 1: x: command not found``); login shells get
-  ``-l`` instead of a ``-`` in ``argv[0]``.
-* The agent merges our environment into its own instead of starting from an empty one.
-* Terminals: modes and size need ``/bin/sh``, ``stty`` and ``tty`` in the guest (without them
-  the size comes from ``resize``, the modes stay the guest's defaults and ``SSH_TTY`` is unset);
-  pixel sizes are dropped (the SDK's resize has rows and columns only); ``break`` is not sent;
-  a missing program exits 127 with the wrapper's message instead of raising ``SandboxError``.
-* Each signal or window change costs one short ``exec`` in the guest.
-* The cwd check runs with the SDK's file API, not as the login user: a home directory the user
-  may not enter fails the spawn instead of falling back to ``/``.
-* Hang-up sends SIGHUP and closes stdin; output of work that survives it (``nohup``) still flows
-  to the agent, where a local pipe would have been closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import shlex
@@ -134,6 +134,12 @@ from msb_proxy.backends.base import (
     SandboxState,
 )
 from msb_proxy.backends.locking import sandbox_lock
+from msb_proxy.backends.microsandbox.guest_agent import (
+    AgentUnavailable,
+    GuestAgent,
+    in_background,
+    one_line,
+)
 from msb_proxy.config import (
     IMAGE_OPTION,
     NETWORK_OPTION,
@@ -160,7 +166,7 @@ if TYPE_CHECKING:
 
     from msb_proxy.progress import Progress
 
-__all__ = ["MicrosandboxBackend", "MicrosandboxProcess", "MicrosandboxSandbox"]
+__all__ = ["DirectProcess", "MicrosandboxBackend", "MicrosandboxSandbox"]
 
 log = logging.getLogger(__name__)
 
@@ -228,29 +234,8 @@ SSH_TTY=$(tty 2>/dev/null) && export SSH_TTY
 exec "$@"
 """
 
-_background: set[asyncio.Task[Any]] = set()
-
-
-def _in_background(coroutine: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:
-    """Run ``coroutine`` as a task that is referenced until it ends and whose failure is logged."""
-    task = asyncio.get_running_loop().create_task(coroutine)
-    _background.add(task)
-    task.add_done_callback(functools.partial(_task_done, what))
-    return task
-
-
-def _task_done(what: str, task: asyncio.Task[Any]) -> None:
-    _background.discard(task)
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.debug("%s failed: %s", what, exc, exc_info=exc)
-
-
 class _Changed(Exception):
     """The sandbox changed under us between two SDK calls: decide again."""
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _load_sdk() -> ModuleType:
@@ -258,7 +243,7 @@ def _load_sdk() -> ModuleType:
         import microsandbox
     except ImportError as exc:
         raise BackendUnavailableError(
-            f"the microsandbox SDK cannot be imported ({_one_line(exc)}); install it with "
+            f"the microsandbox SDK cannot be imported ({one_line(exc)}); install it with "
             f"'pip install microsandbox', or {LOCAL_BACKEND_HINT}"
         ) from None
     return microsandbox
@@ -452,8 +437,8 @@ class MicrosandboxBackend(Backend):
             entries = []
         lines = [" ".join(entry.text().split()) for entry in entries]
         errors = [line for line in lines if line.startswith(_LOG_ERROR)]
-        reason = errors[-1].removeprefix(_LOG_ERROR) if errors else _one_line(exc)
-        if any(marker in line for line in [*errors, _one_line(exc)] for marker in _CANNOT_BOOT):
+        reason = errors[-1].removeprefix(_LOG_ERROR) if errors else one_line(exc)
+        if any(marker in line for line in [*errors, one_line(exc)] for marker in _CANNOT_BOOT):
             return BackendUnavailableError(
                 f"microVMs cannot run on this host: sandbox {name!r} died while booting "
                 f"({reason}); {LOCAL_BACKEND_HINT}")
@@ -589,7 +574,7 @@ class MicrosandboxBackend(Backend):
                image: str | None = None) -> UserError:
         """The one-line error a user sees for the SDK's ``exc`` about sandbox ``name``."""
         sdk = self.sdk
-        text = _one_line(exc)
+        text = one_line(exc)
         subject = "microsandbox" if name is None else f"sandbox {name!r}"
         if (isinstance(exc, (sdk.RuntimeNotInstalledError, sdk.RuntimeIncompleteError))
                 or any(marker in text for marker in _CANNOT_BOOT)):
@@ -700,6 +685,8 @@ class MicrosandboxSandbox(Sandbox):
         self._sdk = sdk
         self._users: dict[str, GuestUser] = {}
         self._directories: set[str] = set()
+        self._agent: asyncio.Task[GuestAgent] | None = None
+        self._no_agent: str | None = None  # why this guest runs no agent: processes go direct
 
     async def lookup_user(self, name: str) -> GuestUser:
         if name in self._users:
@@ -729,11 +716,68 @@ class MicrosandboxSandbox(Sandbox):
                 if not await self._fs.exists(path):
                     return []
             raise SandboxError(
-                f"sandbox {self.name!r}: cannot read {path}: {_one_line(exc)}") from None
+                f"sandbox {self.name!r}: cannot read {path}: {one_line(exc)}") from None
         text = data.decode("utf-8", "surrogateescape")
         return [line.split(":") for line in text.splitlines() if ":" in line]
 
-    async def spawn(self, spec: ProcessSpec, listener: ProcessListener) -> MicrosandboxProcess:
+    async def spawn(self, spec: ProcessSpec, listener: ProcessListener) -> GuestProcess:
+        """Through this connection's guest agent; where the guest cannot run one, one
+        ``exec_stream`` per process (see the module docstring for what that loses)."""
+        agent = await self._guest_agent()
+        if agent is None:
+            return await self._spawn_direct(spec, listener)
+        try:
+            return await agent.spawn(spec, listener)
+        except SandboxError as exc:
+            raise SandboxError(f"sandbox {self.name!r} cannot start {spec.program}: {exc}"
+                               ) from None
+
+    async def _guest_agent(self) -> GuestAgent | None:
+        """This connection's agent, started on first use (again if it died); None when the
+        guest cannot run it."""
+        if self._no_agent is not None:
+            return None
+        task = self._agent
+        if task is not None and task.done() and not task.cancelled() \
+                and task.exception() is None and not task.result().alive:
+            task = None  # died (its VM was restarted under us?): a new one
+        if task is None:
+            task = self._agent = asyncio.ensure_future(
+                GuestAgent.start(self.name, self._sandbox, self._sdk))
+        try:
+            return await asyncio.shield(task)
+        except AgentUnavailable as exc:
+            self._agent = None  # nothing of it kept: each exec holds a client of the relay
+            self._no_agent = str(exc)
+            log.debug("sandbox %r runs no guest agent (%s): one exec_stream per process",
+                      self.name, exc)
+            return None
+
+    async def checks(self) -> list[Check]:
+        """Whether this guest runs msb-proxy's agent, or each process as an exec of its own."""
+        agent = await self._guest_agent()
+        if agent is not None:
+            return [Check("guest agent", CheckStatus.OK,
+                          f"python {agent.python}: one agent per connection forks every process")]
+        return [Check("guest agent", CheckStatus.WARN,
+                      f"none ({self._no_agent}): each process is an exec of its own, so deaths "
+                      "by signal show as exit 255, terminals need /bin/sh and stty, a slow "
+                      "client does not slow the guest, a process not reading its stdin stalls "
+                      "the sandbox and a connection has at most ~126 channels; install "
+                      "python3 (3.6 or newer) in the image")]
+
+    async def close(self) -> None:
+        task, self._agent = self._agent, None
+        if task is None:
+            return
+        if not task.done():
+            task.cancel()
+            return
+        if not task.cancelled() and task.exception() is None:
+            task.result().close()
+
+    async def _spawn_direct(self, spec: ProcessSpec, listener: ProcessListener
+                            ) -> DirectProcess:
         cwd = spec.cwd
         if not await self._is_directory(cwd):
             newline = "\r\n" if spec.pty is not None else "\n"
@@ -748,13 +792,13 @@ class MicrosandboxSandbox(Sandbox):
             )
         except self._sdk.MicrosandboxError as exc:
             raise SandboxError(
-                f"sandbox {self.name!r} cannot start {spec.program}: {_one_line(exc)}") from None
-        process = MicrosandboxProcess(self._sandbox, handle, listener, self._sdk, spec.pty)
+                f"sandbox {self.name!r} cannot start {spec.program}: {one_line(exc)}") from None
+        process = DirectProcess(handle, listener, self._sdk, spec.pty)
         try:
             await process.start()
         except (SandboxError, self._sdk.MicrosandboxError) as exc:
             raise SandboxError(
-                f"sandbox {self.name!r} cannot start {spec.program}: {_one_line(exc)}") from None
+                f"sandbox {self.name!r} cannot start {spec.program}: {one_line(exc)}") from None
         return process
 
     async def _is_directory(self, path: str) -> bool:
@@ -810,16 +854,15 @@ def _stty_char(value: int) -> str:
     return str(value)  # two or three digits: stty would read a single one as the character
 
 
-class MicrosandboxProcess(GuestProcess):
-    """A guest process behind an SDK ``ExecHandle``.
+class DirectProcess(GuestProcess):
+    """A guest process behind an SDK ``ExecHandle`` of its own (where the guest runs no agent).
 
     Three kinds of task drive it: one pulls events and reports them to the listener, one writes
     queued input through the ``ExecSink``, and a chain runs control requests one after another.
     """
 
-    def __init__(self, sandbox: microsandbox.Sandbox, handle: microsandbox.ExecHandle,
-                 listener: ProcessListener, sdk: ModuleType, pty: PtySpec | None) -> None:
-        self._sandbox = sandbox
+    def __init__(self, handle: microsandbox.ExecHandle, listener: ProcessListener,
+                 sdk: ModuleType, pty: PtySpec | None) -> None:
         self._handle = handle
         self._sink = handle.take_stdin()
         self._listener = listener
@@ -854,9 +897,9 @@ class MicrosandboxProcess(GuestProcess):
             if self._pty is not None:
                 # The SDK's terminal starts at 24x80 (sdk/rust/lib/sandbox/exec.rs).
                 await self._handle.resize(self._pty.rows, self._pty.cols)
-            self._events = _in_background(self._pull_events(), "exec event pump")
+            self._events = in_background(self._pull_events(), "exec event pump")
             if self._sink is not None:
-                self._writer = _in_background(self._write_stdin(self._sink), "exec stdin writer")
+                self._writer = in_background(self._write_stdin(self._sink), "exec stdin writer")
             self._pid = await asyncio.shield(self._started)
         except BaseException:
             self.hangup()
@@ -930,7 +973,7 @@ class MicrosandboxProcess(GuestProcess):
                 await asyncio.wait([previous])
             await request()
 
-        self._control_tail = _in_background(run_in_turn(), "exec control request")
+        self._control_tail = in_background(run_in_turn(), "exec control request")
 
     async def _apply_size(self) -> None:
         """Give the terminal the newest size asked for, unless it already has it."""
