@@ -121,6 +121,10 @@ class SshServer:
             )
         except (asyncssh.Error, OSError):
             conn = None
+        except ValueError as exc:
+            if not _malformed_packet(exc):
+                raise
+            conn = None  # the client's bytes, not our fault: an end like any protocol error
         finally:
             progress.close()
         if conn is not None:
@@ -139,6 +143,23 @@ class SshServer:
         if gate.failure is not None:
             raise gate.failure
         return sandbox
+
+
+def _malformed_packet(exc: ValueError) -> bool:
+    """Whether ``exc`` is asyncssh failing to decode a packet from the client in its own code.
+
+    asyncssh turns most malformed packets into a protocol error, but a few fail before that and
+    end the handshake with the decoding error itself: a packet with an empty payload (or a
+    padding length that leaves none) raises its PacketDecodeError (fuzz seed 20261201, case
+    113), a KEXINIT whose name-lists are not ASCII a UnicodeDecodeError (seed 20261202, case
+    173). Those are the client's bytes, not a fault of ours. PacketDecodeError by name: asyncssh
+    does not export it."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    raised_in = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return (isinstance(exc, UnicodeDecodeError) or type(exc).__name__ == "PacketDecodeError") \
+        and str(raised_in).startswith("asyncssh.")
 
 
 def _preferred_ciphers() -> list[str]:

@@ -23,6 +23,7 @@ and the system's text, as sshd does, without holding up the connection's other c
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 from collections.abc import Callable
 
@@ -68,6 +69,7 @@ class Tunnels:
         self._mux: TunnelMux | None = None
         self._mux_error: UserError | None = None
         self._starting = asyncio.Lock()
+        self._ended = False
         self._direct = True  # try sockets of the sandbox's namespace before the helper
         self.agent_path: str | None = None
 
@@ -83,9 +85,16 @@ class Tunnels:
                     self._mux_error = exc
                     raise
                 self._mux = TunnelMux(link)
+                if self._ended:
+                    # The connection ended while the helper started (a tcpip-forward and then
+                    # at once EOF, fuzz seed 20261202): close() has run, so it would be left
+                    # running in the guest for as long as this process lives.
+                    self._mux.close()
+                    raise OSError(errno.ECONNABORTED, "the SSH connection has ended")
             return self._mux
 
     def close(self) -> None:
+        self._ended = True
         if self._mux is not None:
             self._mux.close()
 

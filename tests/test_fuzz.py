@@ -1,0 +1,155 @@
+"""A short seeded slice of the fuzzer (``tests/fuzz``, ``make fuzz`` runs the long one).
+
+Mutated SSH streams, before and after key exchange, from a client that controls every byte:
+each case must end within a bound with no uncaught exception, nothing but SSH on the server's
+output, well-formed messages never ending the connection, and, through the real
+``msb-proxy stdio``, no exit 70, only ``msb-proxy:`` lines on stderr and a bounded peak RSS.
+A failing case is shrunk by hypothesis and printed as the ``Case`` to replay.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from conftest import TEST_BACKEND, Env, install
+from fuzz import client as ssh
+from fuzz.cases import Case, cases, connect, play, warm_up
+from fuzz.client import UserKey
+from fuzz.servers import InProcessServer, ProcessServer
+from hypothesis import HealthCheck, given, settings
+from leaks import guest_processes, settle
+
+pytestmark = pytest.mark.needs_guest("the local jail: the fuzzer serves a local sandbox itself")
+
+SLICE = settings(derandomize=True, database=None, deadline=None,
+                 suppress_health_check=list(HealthCheck))
+KEY = UserKey(12)
+
+
+@pytest.fixture(scope="module")
+def fuzz_env(tmp_path_factory: pytest.TempPathFactory, msb: Env) -> Iterator[tuple[Env, str]]:
+    """An installation of its own whose authorized_keys also holds the fuzz client's key, and
+    its sandbox, created once."""
+    env = install(tmp_path_factory.mktemp("fuzz"), TEST_BACKEND, msb.rootfs)
+    with (env.home / "authorized_keys").open("a") as keys:
+        keys.write(KEY.openssh + "\n")
+    sandbox = f"fuzz-{uuid.uuid4().hex[:6]}"
+    env.sandboxes.append(sandbox)
+    yield env, sandbox
+    env.msb_proxy("rm", sandbox)
+
+
+@pytest.fixture(scope="module")
+def in_process(fuzz_env: tuple[Env, str]) -> Iterator[InProcessServer]:
+    env, sandbox = fuzz_env
+    server = InProcessServer(env.home, env.rootfs, sandbox, KEY.openssh)
+    warm_up(server, KEY)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def process(fuzz_env: tuple[Env, str], in_process: InProcessServer) -> ProcessServer:
+    env, sandbox = fuzz_env
+    return ProcessServer(env.proxy_env(), sandbox)
+
+
+@settings(SLICE, max_examples=200)
+@given(case=cases())
+def test_mutated_streams_end_cleanly_in_process(case: Case,
+                                                in_process: InProcessServer) -> None:
+    assert play(case, in_process, KEY).findings == []
+
+
+@settings(SLICE, max_examples=12)
+@given(case=cases())
+def test_mutated_streams_end_cleanly_through_msb_proxy_stdio(case: Case,
+                                                             process: ProcessServer) -> None:
+    assert play(case, process, KEY).findings == []
+
+
+def test_a_packet_without_payload_ends_the_connection_without_internal_error(
+        process: ProcessServer) -> None:
+    """asyncssh fails to decode it before its protocol-error handling (fuzz seed 20261201,
+    case 113); msb-proxy reported "internal error: PacketDecodeError", exit 70."""
+    client, conn = connect(process)
+    client.send(b"")
+    client.close_write()
+    client.drain(10)
+    ending = conn.finish(10)
+    assert (ending.ended, ending.exit_code, ending.stderr) == (True, 0, "")
+
+
+def test_a_kexinit_with_non_ascii_names_ends_the_connection_without_internal_error(
+        process: ProcessServer) -> None:
+    """asyncssh's UnicodeDecodeError on the name-list (fuzz seed 20261202, case 173) was
+    reported as "internal error", exit 70."""
+    client, conn = connect(process)
+    kexinit = client.kexinit_payload(cipher="aes128-ctr", mac="hmac-sha2-256", strict=False,
+                                     kex=[b"curve25519-sha256", "\u00e9".encode()])
+    client.send(kexinit)
+    client.close_write()
+    client.drain(10)
+    ending = conn.finish(10)
+    assert (ending.ended, ending.exit_code, ending.stderr) == (True, 0, "")
+
+
+def test_a_forward_requested_as_the_connection_ends_leaves_no_guest_helper(
+        fuzz_env: tuple[Env, str], in_process: InProcessServer) -> None:
+    """``tcpip-forward`` and at once the end of the connection: the guest tunnel helper
+    started for it was left running in a long-lived process serving connections through the
+    Python API (fuzz seed 20262202). msb-proxy stdio ends with its connection, and the helper
+    with it."""
+    env, sandbox = fuzz_env
+    before = guest_processes(env.home, sandbox)
+    for _ in range(3):
+        client, conn = connect(in_process, fast=False, key=KEY)
+        client.send(bytes([ssh.GLOBAL_REQUEST]) + ssh.string("tcpip-forward")
+                    + ssh.boolean(False) + ssh.string("localhost") + ssh.u32(0))
+        client.close_write()
+        client.drain(10)
+        assert conn.finish(10).ended
+    assert settle(lambda: guest_processes(env.home, sandbox), before, 15) == before
+
+
+def test_fuzzed_connections_leave_no_guest_process_behind(
+        fuzz_env: tuple[Env, str], in_process: InProcessServer) -> None:
+    env, sandbox = fuzz_env
+    before = guest_processes(env.home, sandbox)
+    ran = 0
+
+    @settings(SLICE, max_examples=40)
+    @given(case=cases().filter(lambda case: case.stage == "connection"))
+    def run(case: Case) -> None:
+        nonlocal ran
+        ran += 1
+        play(case, in_process, KEY)
+
+    run()
+    assert ran == 40
+    assert settle(lambda: guest_processes(env.home, sandbox), before, 15) == before
+
+
+def test_the_fuzz_client_speaks_every_cipher_and_mac_it_offers(
+        in_process: InProcessServer) -> None:
+    """The client itself: a wrong key or MAC would make every case look like a server fault."""
+    for cipher in ssh.CIPHERS:
+        for mac in ssh.MACS:
+            client, conn = connect(in_process, key=KEY, cipher=cipher, mac=mac,
+                                   strict=cipher != "aes256-ctr")
+            chan = client.run(b"cat", b"x" * 100_000)
+            client.close_write()
+            client.drain(10)
+            conn.finish(10)
+            assert (len(chan.data), chan.exit_status) == (100_000, 0), (cipher, mac)
+
+
+def test_cases_replay_from_their_json() -> None:
+    @settings(SLICE, max_examples=50)
+    @given(case=cases())
+    def round_trip(case: Case) -> None:
+        assert Case.from_json(case.to_json()) == case
+
+    round_trip()
