@@ -21,13 +21,14 @@ nor a fast client can make us buffer without bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import posixpath
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar, cast
 
 import asyncssh
 
@@ -171,6 +172,32 @@ class Login:
         return self.shell, [name, "-c", command]
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _contained(default: _R) -> Callable[[Callable[Concatenate[GuestSession, _P], _R]],
+                                       Callable[Concatenate[GuestSession, _P], _R]]:
+    """For a callback asyncssh makes: an exception raised in it ends only this channel, as a
+    bug of ours (reported once, one line), where asyncssh would end the whole connection; the
+    callback then answers ``default``."""
+
+    def wrap(method: Callable[Concatenate[GuestSession, _P], _R]
+             ) -> Callable[Concatenate[GuestSession, _P], _R]:
+        def call(self: GuestSession, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as exc:
+                self._broken(exc)
+                return default
+
+        call.__name__, call.__doc__ = method.__name__, method.__doc__
+        call.__wrapped__ = method  # type: ignore[attr-defined]  # as functools.wraps has it
+        return call
+
+    return wrap
+
+
 class GuestSession(asyncssh.SSHServerSession[bytes]):
     """One SSH session channel, carried by one guest process."""
 
@@ -255,6 +282,14 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             process.hangup()
             return
         self._process = process
+        try:
+            self._hand_over(process)
+        except Exception as exc:  # a bug of ours: this channel ends, the connection goes on
+            self._broken(exc)
+
+    def _hand_over(self, process: GuestProcess) -> None:
+        """What the client asked for before ``process`` ran, now applied to it."""
+        assert self._chan is not None
         if self._output_paused:  # the client fell behind before spawn() returned
             process.pause_output()
         if self._pending:
@@ -278,10 +313,24 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def _fail(self, message: str) -> None:
         if self._chan is not None and not self._closed:
             newline = "\r\n" if self._pty is not None else "\n"
-            self._chan.write_stderr((message + newline).encode())
+            with contextlib.suppress(OSError):  # the channel sent EOF already (eow)
+                self._chan.write_stderr((message + newline).encode())
             self._chan.exit(1)
 
+    def _broken(self, exc: Exception) -> None:
+        """A bug of ours in this channel: say so once (the loop's exception handler prints
+        one ``internal error`` line), hang the process up and end just this channel."""
+        asyncio.get_running_loop().call_exception_handler(
+            {"message": "a session channel failed", "exception": exc})
+        process = self._process
+        if process is not None and not self._exited:
+            with contextlib.suppress(Exception):
+                process.hangup()
+        with contextlib.suppress(Exception):
+            self._fail(f"msb-proxy: internal error: {type(exc).__name__}: {exc}")
+
     # ---- data and requests once running
+    @_contained(None)
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if self._process is not None:
             self._process.write_stdin(data)
@@ -291,6 +340,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if self._pending_size > MAX_PENDING_INPUT and self._chan is not None:
             self._chan.pause_reading()
 
+    @_contained(True)
     def eof_received(self) -> bool:
         if self._process is not None:
             self._process.close_stdin()
@@ -298,6 +348,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._pending_eof = True
         return True
 
+    @_contained(None)
     def terminal_size_changed(self, width: int, height: int, pixwidth: int,
                               pixheight: int) -> None:
         if self._process is not None:
@@ -305,6 +356,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         else:  # applied once spawn() returns, in case it raced the terminal's creation
             self._pending_resize = (width, height, pixwidth, pixheight)
 
+    @_contained(None)
     def signal_received(self, signal_name: str) -> None:
         signum = signal_number(signal_name)
         if signum is None:
@@ -314,6 +366,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         else:  # the client saw output before spawn() returned; deliver once it has
             self._pending_signals.append(signum)
 
+    @_contained(None)
     def eow_received(self) -> None:
         """``eow@openssh.com``: the client reads no more output. As sshd: drop what comes,
         close the process's output so its next write gets SIGPIPE, and send EOF."""
@@ -325,14 +378,17 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         if self._chan is not None and not self._closed:
             self._chan.write_eof()
 
+    @_contained(False)
     def break_received(self, msec: int) -> bool:
         return self._process is not None and self._process.send_break(msec)
 
+    @_contained(None)
     def pause_writing(self) -> None:
         self._output_paused = True
         if self._process is not None:
             self._process.pause_output()
 
+    @_contained(None)
     def resume_writing(self) -> None:
         self._output_paused = False
         if self._process is not None:
@@ -343,6 +399,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         """Whether the channel has closed (see :class:`~msb_proxy.server.hooks.RelayedSession`)."""
         return self._closed
 
+    @_contained(None)
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._process_done()
@@ -387,17 +444,20 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def process_exited(self, status: ExitStatus) -> None:
         self._exited = True
         self._process_done()
-        if self._chan is None or self._closed:
-            return
-        if status.signal is not None:
-            name = signal_name(status.signal)
-            self._chan.exit_with_signal(name, status.core_dumped)
+        chan = self._chan
+        if chan is None or self._closed:
             return
         if status.code == 127 and self._command is not None:
             hint = missing_tool_hint(self._command, self._login.sandbox.name)
             if hint:
-                self._chan.write_stderr(hint.encode() + b"\n")
-        self._chan.exit(status.code or 0)
+                with contextlib.suppress(OSError):  # EOF sent already (eow@openssh.com)
+                    chan.write_stderr(hint.encode() + b"\n")
+        if self._client_reads:  # as sshd: EOF after the last output, then the status
+            chan.write_eof()
+        if status.signal is not None:
+            chan.exit_with_signal(signal_name(status.signal), status.core_dumped)
+        else:
+            chan.exit(status.code or 0)
 
 
 # Programs that client tools run on the server side: the tool a user knows them by, and the
