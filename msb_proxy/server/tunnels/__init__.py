@@ -86,8 +86,8 @@ class Tunnels:
                     raise
                 self._mux = TunnelMux(link)
                 if self._ended:
-                    # The connection ended while the helper started (a tcpip-forward and then
-                    # at once EOF, fuzz seed 20261202): close() has run, so it would be left
+                    # The connection ended while the helper started (a tcpip-forward and at
+                    # once EOF; tests/test_fuzz.py): close() has run, so it would be left
                     # running in the guest for as long as this process lives.
                     self._mux.close()
                     raise OSError(errno.ECONNABORTED, "the SSH connection has ended")
