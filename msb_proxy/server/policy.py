@@ -273,7 +273,12 @@ class ConnectionPolicy(asyncssh.SSHServer):
                 asyncssh.OPEN_CONNECT_FAILED,
                 f"too many channels open on this connection (max_channels is {limit})")
         self._opening += 1
-        return self._opened(open_session)
+        # A task, not a bare coroutine: asyncssh drops the answer to an open that races the
+        # connection's end, and a coroutine never awaited would neither give its slot back nor
+        # keep quiet (Python warns about it on stderr, the client's terminal).
+        task = asyncio.get_running_loop().create_task(self._opened(open_session))
+        task.add_done_callback(_retrieved)
+        return task
 
     async def _opened(self, open_session: Callable[[], T | Awaitable[T]]) -> T:
         try:
@@ -291,3 +296,10 @@ class ConnectionPolicy(asyncssh.SSHServer):
     def unix_server_requested(self, listen_path: str) -> Any:
         """``streamlocal-forward@openssh.com``: a unix socket listener in the guest."""
         return self.tunnels.listen(None, 0, path=listen_path) if self.tunnels else False
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Mark the outcome of a channel open as seen: asyncssh reports it to the client when it
+    awaits it, and nobody needs it when it did not."""
+    if not task.cancelled():
+        task.exception()
