@@ -14,6 +14,7 @@ Authentication and channel policy live in :mod:`msb_proxy.server.policy`.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from msb_proxy.progress import Progress
 from msb_proxy.server.keys import AuthorizedKeys, load_authorized_keys, load_or_create_host_key
 from msb_proxy.server.options import SshServerOptions
 from msb_proxy.server.policy import ConnectionPolicy
+from msb_proxy.transport.memory import as_duplex_stream
 from msb_proxy.transport.stdio import DuplexStream
 from msb_proxy.version import __version__
 
@@ -73,11 +75,15 @@ class SshServer:
         authorized = load_authorized_keys(options.authorized_keys_paths, options.authorized_keys)
         return cls(backend, sandbox, options, host_key, authorized)
 
-    async def serve(self, stream: DuplexStream,
+    async def serve(self, stream: DuplexStream | socket.socket
+                    | tuple[asyncio.StreamReader, asyncio.StreamWriter],
                     on_error: Callable[[UserError], None] | None = None,
                     hangup: asyncio.Event | None = None) -> Sandbox | None:
         """Serve one SSH connection over ``stream`` until either side closes it, or ``hangup``
-        is set (the client is known to be gone).
+        is set (the client is known to be gone). ``stream`` is a
+        :class:`~msb_proxy.transport.stdio.DuplexStream` (``SshStdioStream()``), a connected
+        ``socket.socket`` or an ``(asyncio.StreamReader, asyncio.StreamWriter)`` pair; any
+        number of connections may be served at once.
 
         Returns the sandbox the connection used (None if it never got that far).
         ``on_error`` is called as soon as a failure the user should see happens (the sandbox
@@ -94,13 +100,14 @@ class SshServer:
             if on_error is not None:
                 on_error(error)
 
+        tunnel = as_duplex_stream(stream)
         gate = ConnectionPolicy(options, self.authorized, report)
         gate.sandbox_task = loop.create_task(
             self.backend.open(self.sandbox, options.template, progress))
         try:
             conn = await asyncssh.connect_reverse(
                 "", 0,
-                tunnel=stream,
+                tunnel=tunnel,
                 config=None,
                 server_factory=lambda: gate,
                 server_host_keys=[self.host_key],
@@ -143,6 +150,8 @@ class SshServer:
         if gate.failure is not None:
             raise gate.failure
         return sandbox
+
+    serve_connection = serve  # the seed's alias
 
 
 def _malformed_packet(exc: ValueError) -> bool:
