@@ -86,3 +86,30 @@ def test_the_connection_survives_without_asyncssh_s_internal_error(
                 await asyncio.wait_for(conn.run("echo never", encoding=None), 30)
 
     asyncio.run(run())
+
+
+def test_a_bug_while_opening_the_sandbox_is_said_to_the_client(
+    msb: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception other than a user-facing error while the login user is resolved: the
+    client is disconnected with the reason, not dropped without one."""
+    if msb.backend != "local":
+        pytest.skip("serves the local backend in-process")
+    from msb_proxy.backends.local.backend import LocalSandbox
+
+    sandbox = f"session-fault-{uuid.uuid4().hex[:6]}"
+    msb.host(sandbox)
+    monkeypatch.setattr(LocalSandbox, "lookup_user", _raise_async)
+
+    async def run() -> None:
+        async with _connect(msb, sandbox, ["aes128-ctr"]):
+            pass
+
+    with pytest.raises(asyncssh.DisconnectError) as raised:
+        asyncio.run(run())
+    assert raised.value.reason == (
+        "msb-proxy: internal error: RuntimeError: a fault injected by the test")
+
+
+async def _raise_async(*args: object) -> None:
+    raise RuntimeError("a fault injected by the test")

@@ -148,6 +148,13 @@ class ConnectionPolicy(asyncssh.SSHServer):
             if self._conn is not None:
                 self._conn.disconnect(asyncssh.DISC_SERVICE_NOT_AVAILABLE, f"msb-proxy: {exc}")
             return True
+        except Exception as exc:  # a bug, ours or the backend's: one line, and the client is
+            asyncio.get_running_loop().call_exception_handler(  # told rather than dropped
+                {"message": "opening the sandbox failed", "exception": exc})
+            if self._conn is not None:
+                self._conn.disconnect(asyncssh.DISC_SERVICE_NOT_AVAILABLE,
+                                      f"msb-proxy: internal error: {type(exc).__name__}: {exc}")
+            return True
         template = options.template
         assert self._conn is not None
         self.tunnels = Tunnels(sandbox, user, self._conn, opened=self.activity.opened,
