@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import Env, Run, install
 from microsandbox_standin import (
     BOOT_FAILURE_KVM,
     MicrosandboxError,
@@ -1506,3 +1508,79 @@ def test_a_guest_whose_python3_cannot_run_the_agent_gets_one_exec_per_process(
     assert status == ExitStatus(code=255)  # the direct path's
     assert detail.startswith("none (python3 exited with status 1: SyntaxError: invalid "
                              "syntax): each process is an exec of its own")
+
+
+# ---- end to end: the real ssh client, msb-proxy on the microsandbox backend, the stand-in
+# loaded into the msb-proxy process by tests/standin_site/sitecustomize.py
+
+E2E_PASSWD = PASSWD + "ghost:x:0:0:no home:/home/ghost-has-none:/bin/sh\n"
+
+
+@pytest.fixture(scope="module")
+def over_ssh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """An msb-proxy installation on the microsandbox backend whose SDK is the stand-in, with
+    running sandbox "e2e" (its guest passwd: root and alice with bash, ghost without a home)."""
+    root = tmp_path_factory.mktemp("over-ssh")
+    guest = root / "guest"
+    (guest / "etc").mkdir(parents=True)
+    (guest / "etc" / "passwd").write_text(E2E_PASSWD)
+    (guest / "etc" / "group").write_text(GROUP)
+    sdk = StandInSDK(root / "runtime")
+    sdk.add_sandbox("e2e", guest, labels=LABELS)
+    env = install(root / "install", "microsandbox", guest)
+    site = Path(__file__).parent
+    proxy = " ".join(shlex.quote(part) for part in [
+        "env", f"PYTHONPATH={site / 'standin_site'}:{site}",
+        f"MSB_PROXY_TEST_STANDIN={root / 'runtime'}", *env.proxy_command(warm=False)])
+    env.config.write_text(env.config.read_text().replace(
+        env.config.read_text().splitlines()[1], f"  ProxyCommand {proxy} %n"))
+    yield env
+    sdk.close()
+
+
+def ssh(env: Env, *args: str, user: str = "root", input: bytes | None = None) -> Run:
+    """``ssh -F CONFIG ARGS... user@msb-e2e`` (not ``Env.ssh``, which would make a real
+    microsandbox sandbox first)."""
+    return env.run(["ssh", "-F", str(env.config), *args[:-1], f"{user}@msb-e2e", *args[-1:]],
+                   input=input)
+
+
+def test_over_ssh_a_death_by_a_signal_is_an_exit_signal(over_ssh: Env) -> None:
+    run = ssh(over_ssh, "-v", "kill -9 $$")
+    assert run.returncode == 255
+    assert "rtype exit-signal" in run.err
+    assert "rtype exit-status" not in run.err
+
+
+def test_over_ssh_a_login_shell_is_dash_bash_and_a_command_gets_exit_status(
+        over_ssh: Env) -> None:
+    shell = over_ssh.run(["ssh", "-F", str(over_ssh.config), "-T", "msb-e2e"],
+                         input=b'echo "$0"; exit 7\n')
+    command_run = ssh(over_ssh, "exit 3")
+    assert command_run.returncode == 3
+    assert (shell.returncode, shell.out) == (7, "-bash\n")
+
+
+def test_over_ssh_a_missing_home_falls_back_to_root_with_sshds_note(over_ssh: Env) -> None:
+    run = ssh(over_ssh, "pwd", user="ghost")
+    assert (run.returncode, run.out, run.err) == (
+        0, "/\n", "Could not chdir to home directory /home/ghost-has-none: No such file or "
+                  "directory\n")
+
+
+def test_over_ssh_a_terminal_has_the_clients_size_and_ssh_tty_and_ctrl_c_interrupts(
+        over_ssh: Env) -> None:
+    import pexpect
+
+    child = pexpect.spawn("ssh", ["-F", str(over_ssh.config), "-tt", "msb-e2e",
+                                  'echo "size=$(stty size) tty=$(tty) SSH_TTY=$SSH_TTY"; '
+                                  "echo ready; exec sleep 30"],
+                          dimensions=(33, 111), timeout=TIMEOUT_S)
+    child.expect(r"size=(\d+ \d+) tty=(\S+) SSH_TTY=(\S+)\r\n")
+    size, tty, ssh_tty = (group.decode() for group in child.match.groups())
+    child.expect("ready")
+    child.sendcontrol("c")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert (size, ssh_tty == tty, tty.startswith("/dev/pts/")) == ("33 111", True, True)
+    assert child.exitstatus == 255  # ssh's status after an exit-signal (SIGINT)
