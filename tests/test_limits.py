@@ -15,6 +15,7 @@ import os
 import select
 import shlex
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,3 +278,15 @@ def test_a_bad_limit_is_one_line_naming_the_file_table_key_and_form(
     run = proxy_stdio(private, "msb-api")
     assert (run.returncode, run.stdout) == (2, b"")
     assert one_line(run) == f'msb-proxy: {config}: sandbox."web-*".{key} must be {form}'
+
+
+def test_a_connection_may_hold_max_channels_sockets_under_the_usual_soft_limit() -> None:
+    """The soft limit on open files is often 1,024, as many as max_channels' default: the
+    serving process lifts it to the hard limit before it serves."""
+    code = ("import resource; from msb_proxy.cli.commandline import _more_open_files; "
+            "_more_open_files(); print(*resource.getrlimit(resource.RLIMIT_NOFILE))")
+    done = subprocess.run(["bash", "-c", f'ulimit -Sn 512; exec "$0" -c "{code}"',
+                           sys.executable], capture_output=True, text=True, timeout=60,
+                          check=True)
+    soft, hard = done.stdout.split()
+    assert soft == hard != "512"

@@ -9,6 +9,7 @@ protocol: nothing else is ever written there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -190,6 +191,7 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     # Anything printed by accident must not corrupt the protocol on fd 1.
     sys.stdout = sys.stderr
     _setup_logging(config.debug)
+    _more_open_files()
 
     from msb_proxy.backends.idle import ConnectionTracker
     from msb_proxy.backends.registry import open_backend
@@ -230,6 +232,18 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     with ConnectionTracker(state, name, template, os.environ) as tracker:
         asyncio.run(serve(tracker))
     return 0
+
+
+def _more_open_files() -> None:
+    """Lift this process's soft limit on open files to its hard one: a connection may hold
+    max_channels tunnels (1,024 by default), each a socket, and the usual soft limit is 1,024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _data_path(config: Config) -> HooksFactory | None:
