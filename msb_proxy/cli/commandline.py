@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from msb_proxy.errors import ConfigError, UserError
@@ -29,7 +29,7 @@ __all__ = ["run"]
 
 # Commands that live in msb_proxy/cli/commands/, each a module with run(config, args) -> int.
 COMMAND_MODULES = {"config": "ssh_config", "authorize": "authorize", "doctor": "doctor",
-                   "ls": "ls"}
+                   "ls": "ls", "serve": "serve", "connect": "connect"}
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
@@ -102,12 +102,55 @@ def _parser() -> argparse.ArgumentParser:
         description="Check the backend, keys, config and ssh_config, and per sandbox the guest "
                     "tools that features need; exit non-zero when something essential is missing.")
 
+    _add_client_commands(commands.add_parser, common)
+
     ls = commands.add_parser("ls", parents=[common], help="list sandboxes",
                              description="List sandboxes with their state, backend and ssh alias.")
     ls.add_argument("--json", action="store_true", help="print a JSON list of objects")
     ls.add_argument("--all", action="store_true",
                     help="also sandboxes that other tools made (microsandbox's msb ...)")
     return parser
+
+
+def _add_client_commands(add_parser: Callable[..., argparse.ArgumentParser],
+                         common: _Parser) -> None:
+    from msb_proxy.client.namespace import DEFAULT_SSH_HOST, DEFAULT_SSH_PORT
+
+    serve = add_parser(
+        "serve", parents=[common], help="serve a sandbox on a TCP port (ssh -p PORT)",
+        description="Listen on HOST:PORT and serve every connection to sandbox NAME with the "
+                    "server 'stdio' runs, until SIGINT or SIGTERM.")
+    serve.add_argument("name", metavar="NAME", help="sandbox name")
+    serve.add_argument("--host", default=DEFAULT_SSH_HOST,
+                       help=f"address to listen on (default: {DEFAULT_SSH_HOST})")
+    serve.add_argument("--port", type=_port, default=DEFAULT_SSH_PORT,
+                       help=f"port to listen on, 0 for any free one (default: {DEFAULT_SSH_PORT})")
+    serve.add_argument("-q", "--quiet", action="store_true",
+                       help="print no progress while a sandbox is created or started")
+
+    connect = add_parser(
+        "connect", parents=[common], help="a shell or a command in a sandbox, without OpenSSH",
+        description="Run COMMAND in sandbox NAME, or attach this terminal to a login shell "
+                    "(detach with the detach keys), with msb-proxy's own SSH client.")
+    connect.add_argument("name", metavar="NAME", help="sandbox name")
+    connect.add_argument("--user", default="root", help="guest user (default: root)")
+    tty = connect.add_mutually_exclusive_group()
+    tty.add_argument("-t", dest="tty", action="store_const", const=True,
+                     help="request a PTY for COMMAND")
+    tty.add_argument("-T", dest="tty", action="store_const", const=False,
+                     help="no PTY, even for a shell")
+    connect.add_argument("--detach-keys", metavar="KEYS",
+                         help="detach sequence, Docker's format (default: ctrl-p,ctrl-q)")
+    connect.add_argument("-q", "--quiet", action="store_true",
+                         help="print no progress while a sandbox is created or started")
+    connect.add_argument("remote_command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                         help="command to run (default: attach a login shell)")
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"bad port {text!r}: not 0-65535")
+    return int(text)
 
 
 def run(arguments: Sequence[str]) -> int:

@@ -75,12 +75,13 @@ class _Detacher:
 
 
 async def attach(conn: asyncssh.SSHClientConnection, *, term: str,
-                 detach_keys: str | None = None) -> int:
+                 detach_keys: str | None = None, pty: bool | None = None) -> int:
     """Run a login shell on ``conn`` with this process's stdin and stdout; return its exit
-    status (128 + N for signal N), or 0 when the detach keys were typed."""
+    status (128 + N for signal N), or 0 when the detach keys were typed. ``pty`` (default:
+    whether stdin is a terminal) says whether the shell gets a PTY and the terminal raw mode."""
     detacher = _Detacher(parse_detach_keys(detach_keys or DEFAULT_DETACH_KEYS))
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
-    interactive = os.isatty(stdin)
+    interactive = os.isatty(stdin) if pty is None else pty and os.isatty(stdin)
     loop = asyncio.get_running_loop()
     if interactive:
         columns, rows = os.get_terminal_size(stdin)
@@ -89,6 +90,7 @@ async def attach(conn: asyncssh.SSHClientConnection, *, term: str,
     else:
         process = await conn.create_process(request_pty=False, encoding=None)
     done = asyncio.Event()
+    at_eof = asyncio.Event()
     ended_by: list[int] = []
     saved = termios.tcgetattr(stdin) if interactive else None
 
@@ -102,6 +104,7 @@ async def attach(conn: asyncssh.SSHClientConnection, *, term: str,
         if not data:
             loop.remove_reader(stdin)
             process.stdin.write_eof()
+            at_eof.set()
             return
         forward = detacher.feed(data)
         if forward:
@@ -130,7 +133,11 @@ async def attach(conn: asyncssh.SSHClientConnection, *, term: str,
             loop.add_signal_handler(signal.SIGWINCH, resized)
         for signum in _ENDING_SIGNALS:
             loop.add_signal_handler(signum, ended, signum)
-        loop.add_reader(stdin, keystrokes)
+        try:
+            loop.add_reader(stdin, keystrokes)
+        except PermissionError:  # a regular file: always readable, so read it whole now
+            while not done.is_set() and not at_eof.is_set():
+                keystrokes()
         finished = loop.create_task(process.wait_closed())
         waiter = loop.create_task(done.wait())
         await asyncio.wait({finished, waiter}, return_when=asyncio.FIRST_COMPLETED)

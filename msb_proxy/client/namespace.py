@@ -61,7 +61,10 @@ class SandboxSsh:
     method is called, and each call reads the settings afresh."""
 
     def __init__(self, sandbox: object, *, backend: Backend | None = None,
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None, config: Config | None = None
+                 ) -> None:
+        """``environ`` (default ``os.environ``) is where the settings are read from;
+        ``config``, settings already read (the CLI's), is used as it is."""
         from msb_proxy.config import sandbox_name_from_host
 
         forced: str | None = None
@@ -77,6 +80,7 @@ class SandboxSsh:
         self._backend = backend
         self._backend_name = forced
         self._environ = environ
+        self._config = config
 
     def __repr__(self) -> str:
         return f"SandboxSsh({self.name!r})"
@@ -85,8 +89,9 @@ class SandboxSsh:
         from msb_proxy.backends import registry
         from msb_proxy.config import load_config
 
-        config = load_config(os.environ if self._environ is None else self._environ, registry,
-                             backend=self._backend_name)
+        config = self._config or load_config(
+            os.environ if self._environ is None else self._environ, registry,
+            backend=self._backend_name)
         template = config.template(self.name)
         backend = self._backend or registry.open_backend(config, template.backend)
         return _Settings(config, template, backend)

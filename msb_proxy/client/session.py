@@ -88,7 +88,9 @@ class SshClient:
             raise
         return cls(conn, task, errors=errors, tracker=tracker, term=term, name=server.sandbox)
 
-    def _connection(self) -> asyncssh.SSHClientConnection:
+    def connection(self) -> asyncssh.SSHClientConnection:
+        """The asyncssh connection underneath, for what this API does not cover (port
+        forwarding, processes with streams of their own)."""
         if self._conn is None:
             raise UserError(f"this SSH client of sandbox {self.sandbox!r} is closed; "
                             "connect again")
@@ -107,7 +109,7 @@ class SshClient:
                         stdin: bytes | None = None) -> SshOutput:
         """:meth:`exec` with a PTY (``tty``: stderr then arrives in stdout) and ``stdin``
         bytes sent and then closed."""
-        conn = self._connection()
+        conn = self.connection()
         try:
             result = await conn.run(command, input=stdin, request_pty=tty,
                                     term_type=self.term if tty else None)
@@ -119,7 +121,7 @@ class SshClient:
 
     async def sftp(self) -> asyncssh.SFTPClient:
         """An SFTP client on this connection (the server's ``sftp`` subsystem)."""
-        conn = self._connection()
+        conn = self.connection()
         try:
             return await conn.start_sftp_client()
         except asyncssh.Error as exc:
@@ -135,7 +137,7 @@ class SshClient:
         """:meth:`attach` with terminal name ``term`` and Docker-format ``detach_keys``."""
         from msb_proxy.client.attach import attach
 
-        return await attach(self._connection(), term=term or self.term,
+        return await attach(self.connection(), term=term or self.term,
                             detach_keys=detach_keys)
 
     async def close(self) -> None:
@@ -149,7 +151,7 @@ class SshClient:
         await _finish(self._server_task, self._tracker)
 
     async def __aenter__(self) -> SshClient:
-        self._connection()
+        self.connection()
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
