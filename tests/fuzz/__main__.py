@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,10 @@ class Tally:
         self.stats["asyncssh decode errors"] += result.decode_errors
         if os.environ.get("FUZZ_ENDS") and result.ended_early:
             self.stats[f"end {case.stage}: {result.end or 'closed'}"] += 1
+        for bug in result.asyncssh_bugs:
+            self.stats[f"asyncssh bug: {bug}"] += 1
+            print(f"asyncssh bug [{self.mode} seed {self.seed} case {index}] {bug} -- "
+                  f"{describe(case)}", flush=True)
         for reason in result.asyncssh_disconnects:
             self.stats[f"asyncssh disconnect: {reason}"] += 1
         if result.seconds > 5:
@@ -205,6 +210,8 @@ def main(argv: list[str]) -> int:
         print(f"fuzz: no {PROXY}: run 'make install' first", file=sys.stderr)
         return 1
     home = Path(tempfile.mkdtemp(prefix="msb-fuzz-"))
+    # Stopped by a signal, the sandbox and its home still go (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     try:
         return _run(args, home)
     finally:

@@ -139,12 +139,39 @@ ASYNCSSH_DISCONNECTS = {
 }
 
 
+# Bugs of asyncssh the fuzzer meets, by what it reports (a text of the finding); a case that
+# meets one counts it, and the end of the connection that follows, instead of failing.
+ASYNCSSH_BUGS = {
+    "queued channel request after close": (
+        ("'create_task'", "'attach_x11_listener'"),
+        "a channel request that asyncssh answers in a task (auth-agent-req@openssh.com, "
+        "x11-req) finishes after its channel closed and asyncssh serves the next request "
+        "queued behind it with the channel's connection gone (channel.py, _report_response -> "
+        "_service_next_request): an AttributeError ends the whole connection"),
+    "global request after close": (
+        ("'server_requested'",),
+        "a global request asyncssh finishes in a task (tcpip-forward) runs after the "
+        "connection closed (connection.py, _finish_port_forward with _owner gone): an "
+        "AttributeError logged on a connection that is ending anyway"),
+}
+
+
+def _known_bug(finding: str) -> str | None:
+    if not finding.startswith("uncaught: ") or "'NoneType' object has no attribute" not in finding:
+        return None
+    for name, (attributes, _) in ASYNCSSH_BUGS.items():
+        if any(f"attribute {attribute}" in finding for attribute in attributes):
+            return name
+    return None
+
+
 @dataclass
 class Result:
     """What one case did: ``findings`` lists what did not hold (empty: all held)."""
 
     findings: list[str] = field(default_factory=list)
     asyncssh_disconnects: list[str] = field(default_factory=list)  # see ASYNCSSH_DISCONNECTS
+    asyncssh_bugs: list[str] = field(default_factory=list)  # see ASYNCSSH_BUGS
     end: str = ""  # how the server ended it (its disconnect reason), when it did
     decode_errors: int = 0  # packets asyncssh failed to decode in its own code
     ended_early: bool = False  # the connection ended before all steps were sent
@@ -603,6 +630,8 @@ def _send(conn: _Connection, step: Step, payloads: list[bytes], index: int) -> N
     if step.cut_payload is not None or step.append:
         conn.suspect(f"step {index}: payload cut or lengthened")
     for payload in payloads:
+        if client.write_broken:
+            return  # the server has stopped reading: the rest would go nowhere
         client.send(_damaged(step, payload), step.mutation)
 
 
@@ -743,6 +772,12 @@ def play(case: Case, server: Server, key: UserKey, *, bound_s: float = END_BOUND
         result.findings.append(f"hang: the server side did not end within {bound_s:.0f} s "
                                "of our end of file")
     result.findings += [f"uncaught: {error}" for error in ending.errors]
+    known = [bug for bug in map(_known_bug, result.findings) if bug is not None]
+    if known:
+        # The bug, and the end of the connection it causes, are asyncssh's.
+        result.asyncssh_bugs = sorted(set(known))
+        result.findings = [finding for finding in result.findings if _known_bug(finding) is None
+                           and not finding.startswith("connection-ended:")]
     result.decode_errors = ending.decode_errors
     if ending.exit_code is not None:
         if ending.exit_code == 70 or ending.exit_code < 0:

@@ -607,7 +607,9 @@ class Client:
             sender = fields.u32()
             self.send(bytes([OPEN_FAILURE]) + u32(sender) + u32(1) + string("no") + string(""))
             return
-        if kind < CHANNEL_OPEN or kind > CHANNEL_FAILURE:
+        if kind < GLOBAL_REQUEST:
+            return  # transport and authentication answers (a case may send KEXINIT, userauth)
+        if kind > CHANNEL_FAILURE or kind < CHANNEL_OPEN:
             raise NotSsh(f"unexpected message {kind} from the server")
         chan = self.channels.get(fields.u32())
         if chan is None:

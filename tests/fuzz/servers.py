@@ -93,8 +93,8 @@ class _Recorder(logging.Handler):
         self.decode_errors = 0  # asyncssh's own PacketDecodeError (see emit)
 
     def emit(self, record: logging.LogRecord) -> None:
-        template = str(record.msg)
-        if template.startswith("Uncaught exception") or "after a fault" in template:
+        template = str(record.msg)  # asyncssh puts "[conn=N, chan=M] " in front
+        if "Uncaught exception" in template or "after a fault" in template:
             message = record.getMessage()
             if record.exc_info and isinstance(record.exc_info, tuple) and record.exc_info[1]:
                 error = record.exc_info[1]
@@ -107,15 +107,17 @@ class _Recorder(logging.Handler):
 
 
 def _decode_error(error: BaseException) -> bool:
-    """asyncssh failing to decode a packet in its own code (its PacketDecodeError, or a
-    UnicodeDecodeError of a name it decodes). It ends the connection through its internal-error
+    """asyncssh failing to decode a packet in its own code (its PacketDecodeError, a
+    UnicodeDecodeError of a name it decodes, an IndexError on a packet that is too short, which
+    it meets going on with its input buffer after an earlier error closed the connection).
+    It ends the connection through its internal-error
     path instead of a protocol error; msb-proxy ends such a connection as it does any protocol
     error (``server/endpoint.py``), so it is counted, not reported."""
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     raised_in = str(tb.tb_frame.f_globals.get("__name__", "")) if tb is not None else ""
-    return (isinstance(error, UnicodeDecodeError)
+    return (isinstance(error, (UnicodeDecodeError, IndexError))
             or type(error).__name__ == "PacketDecodeError") and raised_in.startswith("asyncssh.")
 
 
