@@ -53,6 +53,7 @@ from msb_proxy.backends.base import (
 from msb_proxy.backends.microsandbox.backend import (
     LABELS,
     MicrosandboxBackend,
+    MicrosandboxCloudBackend,
     MicrosandboxSandbox,
 )
 from msb_proxy.config import SandboxTemplate
@@ -1584,3 +1585,189 @@ def test_over_ssh_a_terminal_has_the_clients_size_and_ssh_tty_and_ctrl_c_interru
     child.close()
     assert (size, ssh_tty == tty, tty.startswith("/dev/pts/")) == ("33 111", True, True)
     assert child.exitstatus == 255  # ssh's status after an exit-signal (SIGINT)
+
+
+# ---- microsandbox cloud
+
+
+@pytest.fixture
+def no_sdk_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """None of the SDK's own variables set, whatever the test's environment has."""
+    for key in ("MSB_BACKEND", "MSB_API_KEY", "MSB_API_URL", "MSB_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def cloud_backend(standin: StandInSDK, guest_root: Path, home: StateDir,
+                  no_sdk_environment: pytest.MonkeyPatch) -> MicrosandboxCloudBackend:
+    standin.add_image(IMAGE, guest_root)
+    return MicrosandboxCloudBackend(home, sdk=standin, wait_s=5.0)
+
+
+CLOUD = SandboxTemplate(backend="microsandbox-cloud", options={"image": IMAGE})
+
+
+def test_microsandbox_cloud_takes_the_sdks_api_key_and_keeps_its_sandboxes_apart(
+        cloud_backend: MicrosandboxCloudBackend, backend: MicrosandboxBackend,
+        standin: StandInSDK, no_sdk_environment: pytest.MonkeyPatch) -> None:
+    no_sdk_environment.setenv("MSB_API_KEY", "test-key")
+
+    async def scenario() -> tuple[bytes, ExitStatus, list[str], list[str]]:
+        sandbox = await cloud_backend.open("web", CLOUD, Progress(quiet=True))
+        recorder = Recorder()
+        await sandbox.spawn(command("echo in the cloud; kill -TERM $$"), recorder)
+        status = await recorder.exited
+        await sandbox.close()
+        return (bytes(recorder.stdout), status,
+                [info.name for info in await cloud_backend.list()],
+                [info.name for info in await backend.list_all()])
+
+    output, status, in_cloud, here = run(scenario())
+    assert (output, status) == (b"in the cloud\n", ExitStatus(signal=signal.SIGTERM))
+    assert (in_cloud, here) == (["web"], ["api"])
+    assert (standin.status_of("web", cloud=True), standin.status_of("web")) == (
+        SandboxStatus.RUNNING, None)
+
+
+def test_a_template_puts_its_sandbox_in_the_cloud_with_a_profile_or_cloud_true(
+        backend: MicrosandboxBackend, standin: StandInSDK, guest_root: Path,
+        no_sdk_environment: pytest.MonkeyPatch) -> None:
+    standin.add_profile("dev")
+    open_sandbox(backend, "by-profile", SandboxTemplate(options={"image": IMAGE,
+                                                                "profile": "dev"}))
+    no_sdk_environment.setenv("MSB_API_KEY", "test-key")
+    open_sandbox(backend, "by-flag", SandboxTemplate(options={"image": IMAGE, "cloud": True}))
+    open_sandbox(backend, "here", TEMPLATE)
+    assert [(name, standin.status_of(name, cloud=True), standin.status_of(name))
+            for name in ("by-profile", "by-flag", "here")] == [
+        ("by-profile", SandboxStatus.RUNNING, None), ("by-flag", SandboxStatus.RUNNING, None),
+        ("here", None, SandboxStatus.RUNNING)]
+
+
+def test_the_sdks_environment_can_make_the_cloud_the_default_and_cloud_false_stays_here(
+        backend: MicrosandboxBackend, standin: StandInSDK,
+        no_sdk_environment: pytest.MonkeyPatch) -> None:
+    no_sdk_environment.setenv("MSB_BACKEND", "cloud")
+    no_sdk_environment.setenv("MSB_API_KEY", "test-key")
+    open_sandbox(backend, "web", TEMPLATE)
+    open_sandbox(backend, "kept-here", SandboxTemplate(options={"image": IMAGE,
+                                                               "cloud": False}))
+    assert (standin.status_of("web", cloud=True), standin.status_of("kept-here")) == (
+        SandboxStatus.RUNNING, SandboxStatus.RUNNING)
+    assert standin.status_of("web") is None
+
+
+def test_microsandbox_cloud_without_credentials_says_where_they_come_from(
+        cloud_backend: MicrosandboxCloudBackend, standin: StandInSDK) -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_sandbox(cloud_backend, "web", CLOUD)
+    assert str(caught.value) == (
+        "microsandbox cloud has no credentials here: set MSB_API_KEY (and MSB_API_URL for "
+        "another endpoint) or MSB_PROFILE in msb-proxy's environment, or profile = \"NAME\" (a "
+        "profile of 'msb login') in the sandbox's template; msb-proxy keeps none itself")
+    assert run(cloud_backend.list()) == []  # ls of every backend stays quiet about it
+    assert standin.calls() == []
+
+
+def test_an_unknown_profile_is_named(cloud_backend: MicrosandboxCloudBackend,
+                                     home: StateDir) -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_sandbox(cloud_backend, "web", SandboxTemplate(options={"image": IMAGE,
+                                                                    "profile": "nope"}))
+    assert str(caught.value) == (
+        "microsandbox cloud: profile \"nope\" not found in global config; see 'msb login', or "
+        f"the profile named in {home.config_file}")
+
+
+def test_a_key_the_cloud_refuses_is_one_line(cloud_backend: MicrosandboxCloudBackend,
+                                             no_sdk_environment: pytest.MonkeyPatch) -> None:
+    no_sdk_environment.setenv("MSB_API_KEY", "not-the-key")
+    with pytest.raises(SandboxError) as caught:
+        open_sandbox(cloud_backend, "web", CLOUD)
+    assert str(caught.value) == "sandbox 'web': cloud HTTP 401: invalid API key"
+
+
+@pytest.mark.parametrize("refused", [
+    ({"image": IMAGE, "volumes": ("/srv:/srv",)},
+     "sandbox 'web' is in microsandbox cloud, which cannot bind this host's directories: "
+     "remove volumes from its template in CONFIG, or keep it on this host (cloud = false)"),
+    ({"image": "/var/lib/rootfs"},
+     "sandbox 'web' is in microsandbox cloud, which cannot boot /var/lib/rootfs, a directory "
+     "of this host: set image to an OCI image (such as \"debian:bookworm\") in CONFIG, or keep "
+     "it on this host (cloud = false)"),
+])
+def test_what_only_a_local_runtime_has_is_refused_for_a_cloud_sandbox(
+        backend: MicrosandboxBackend, standin: StandInSDK, home: StateDir,
+        no_sdk_environment: pytest.MonkeyPatch, refused: tuple[dict[str, Any], str]) -> None:
+    options, message = refused
+    no_sdk_environment.setenv("MSB_API_KEY", "test-key")
+    with pytest.raises(ConfigError) as caught:
+        open_sandbox(backend, "web", SandboxTemplate(options={**options, "cloud": True}))
+    assert str(caught.value) == message.replace("CONFIG", str(home.config_file))
+    assert standin.calls() == []
+
+
+def test_stop_and_rm_reach_the_side_the_sandboxes_template_names(
+        standin: StandInSDK, guest_root: Path, home: StateDir,
+        no_sdk_environment: pytest.MonkeyPatch) -> None:
+    no_sdk_environment.setenv("MSB_API_KEY", "test-key")
+    standin.add_sandbox("web", guest_root)
+    standin.add_sandbox("web", guest_root, cloud=True)
+    in_cloud = SandboxTemplate(options={"cloud": True})
+    backend = MicrosandboxBackend(home, sdk=standin, templates=lambda name: in_cloud)
+    assert run(backend.stop("web")) is True
+    assert (standin.status_of("web", cloud=True), standin.status_of("web")) == (
+        SandboxStatus.STOPPED, SandboxStatus.RUNNING)
+    assert run(backend.remove("web")) is True
+    assert (standin.status_of("web", cloud=True), standin.status_of("web")) == (
+        None, SandboxStatus.RUNNING)
+
+
+def test_msb_proxy_writes_no_cloud_credentials(
+        cloud_backend: MicrosandboxCloudBackend, home: StateDir,
+        no_sdk_environment: pytest.MonkeyPatch) -> None:
+    no_sdk_environment.setenv("MSB_API_KEY", "test-key")
+    open_sandbox(cloud_backend, "web", CLOUD)
+    written = [path for path in home.home.rglob("*") if path.is_file()
+               and b"test-key" in path.read_bytes()]
+    assert written == []
+
+
+def test_the_cloud_backend_takes_neither_volumes_nor_cloud() -> None:
+    from msb_proxy.backends import registry
+
+    assert registry.backend_class("microsandbox-cloud") is MicrosandboxCloudBackend
+    assert set(registry.backend_options("microsandbox")) - set(
+        registry.backend_options("microsandbox-cloud")) == {"volumes", "cloud"}
+
+
+def doctor_rows(backend: type[MicrosandboxBackend], home: StateDir,
+                **defaults: Any) -> list[tuple[str, str, str]]:
+    from msb_proxy.backends import registry
+    from msb_proxy.config import Config
+
+    config = Config(home=home.home, user_home=home.home, catalogue=registry,
+                    backend=backend.name, defaults=SandboxTemplate(options=defaults))
+    return [(check.what, check.status.value, check.detail) for check in backend.checks(config)]
+
+
+def test_doctor_checks_the_clouds_credentials_and_not_kvm(
+        standin: StandInSDK, home: StateDir, no_sdk_environment: pytest.MonkeyPatch) -> None:
+    from msb_proxy.backends.microsandbox import backend as module
+
+    no_sdk_environment.setattr(module, "_load_sdk", lambda: standin)
+    assert doctor_rows(MicrosandboxCloudBackend, home) == [
+        ("cloud", "FAIL", str(ConfigError(
+            "microsandbox cloud has no credentials here: set MSB_API_KEY (and MSB_API_URL for "
+            "another endpoint) or MSB_PROFILE in msb-proxy's environment, or profile = "
+            "\"NAME\" (a profile of 'msb login') in the sandbox's template; msb-proxy keeps "
+            "none itself")))]
+    standin.add_profile("dev", "https://dev.example.invalid")
+    assert doctor_rows(MicrosandboxCloudBackend, home, profile="dev") == [
+        ("cloud", "ok", "https://dev.example.invalid, credentials from profile 'dev'")]
+    no_sdk_environment.setenv("MSB_API_KEY", "test-key")
+    no_sdk_environment.setenv("MSB_API_URL", "https://eu.example.invalid")
+    assert doctor_rows(MicrosandboxCloudBackend, home) == [
+        ("cloud", "ok", "https://eu.example.invalid, credentials from MSB_API_KEY")]
+    assert [row[0] for row in doctor_rows(MicrosandboxBackend, home)] == ["runtime", "KVM"]

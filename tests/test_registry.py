@@ -192,7 +192,8 @@ def test_a_key_of_another_backend_is_refused_naming_file_table_key_and_who_takes
     assert (result.returncode, result.stdout, result.stderr) == (
         EXIT_CONFIG, "",
         f'msb-proxy: {config}: sandbox."web-*".cpus is not an option of the local backend but '
-        'of microsandbox: remove it, or set backend = "microsandbox" in that table\n')
+        'of microsandbox, microsandbox-cloud: remove it, or set backend = "microsandbox" in '
+        'that table\n')
 
 
 def test_a_bad_value_is_named_before_the_backend_that_does_not_take_it(home: Path) -> None:
@@ -225,7 +226,8 @@ def test_tables_of_a_file_that_names_no_backend_are_checked_against_the_chosen_o
         load_config(os.environ, registry)
     assert str(caught.value) == (
         f'{path}: sandbox."web-*".cpus is not an option of the local backend but of '
-        'microsandbox: remove it, or set backend = "microsandbox" in that table')
+        'microsandbox, microsandbox-cloud: remove it, or set backend = "microsandbox" in that '
+        'table')
     monkeypatch.delenv("MSB_PROXY_BACKEND")
     assert load_config(os.environ, registry).template("web-1").options == {"cpus": 2}
 
@@ -240,8 +242,8 @@ def test_a_forced_backend_refuses_another_backends_options_for_the_sandboxes_the
         config.template("web-1")
     assert str(caught.value) == (
         f'{path}: sandbox."web-*".cpus is not an option of the local backend, which sandbox '
-        "'web-1' uses (chosen by MSB_PROXY_BACKEND), but of microsandbox: remove it, or choose "
-        "that backend for 'web-1'")
+        "'web-1' uses (chosen by MSB_PROXY_BACKEND), but of microsandbox, microsandbox-cloud: "
+        "remove it, or choose that backend for 'web-1'")
 
 
 # ---- start-up

@@ -33,6 +33,7 @@ __all__ = [
 # name -> "module:Class"; the first is listed first by ls and in the CLI's help.
 BACKENDS: dict[str, str] = {
     "microsandbox": "msb_proxy.backends.microsandbox:MicrosandboxBackend",
+    "microsandbox-cloud": "msb_proxy.backends.microsandbox:MicrosandboxCloudBackend",
     "local": "msb_proxy.backends.local:LocalBackend",
     "fake": "msb_proxy.backends.fake:FakeBackend",
 }

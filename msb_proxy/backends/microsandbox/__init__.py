@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from msb_proxy.backends.microsandbox.backend import MicrosandboxBackend
+from msb_proxy.backends.microsandbox.backend import MicrosandboxBackend, MicrosandboxCloudBackend
 
-__all__ = ["MicrosandboxBackend"]
+__all__ = ["MicrosandboxBackend", "MicrosandboxCloudBackend"]

@@ -6,6 +6,11 @@ Nothing falls back to another backend: where the host cannot run microVMs the er
 names the local backend. What the SDK does, as read in its source and observed in the 0.7.11
 wheel, is pinned by ``tests/test_sdk_contract.py`` and played by ``tests/microsandbox_standin.py``.
 
+A sandbox lives on this host's runtime or in microsandbox cloud, as its template or the SDK's
+own environment says (``cloud``: the ``cloud`` and ``profile`` options, the
+``microsandbox-cloud`` backend); every lifecycle call below runs inside the SDK's
+``backend_scope`` of that side, and what only a local runtime has is refused for the cloud.
+
 Lifecycle on connect (``open``), decided under the sandbox's exclusive lock
 (``MSB_PROXY_HOME/locks/<slug>.lock``, the local backend's too), held only while deciding,
 creating, starting or resuming, so that any number of msb-proxy processes connecting at once
@@ -134,6 +139,7 @@ from msb_proxy.backends.base import (
     SandboxState,
 )
 from msb_proxy.backends.locking import sandbox_lock
+from msb_proxy.backends.microsandbox import cloud
 from msb_proxy.backends.microsandbox.guest_agent import (
     AgentUnavailable,
     GuestAgent,
@@ -166,7 +172,8 @@ if TYPE_CHECKING:
 
     from msb_proxy.progress import Progress
 
-__all__ = ["DirectProcess", "MicrosandboxBackend", "MicrosandboxSandbox"]
+__all__ = ["DirectProcess", "MicrosandboxBackend", "MicrosandboxCloudBackend",
+           "MicrosandboxSandbox"]
 
 log = logging.getLogger(__name__)
 
@@ -293,30 +300,43 @@ class MicrosandboxBackend(Backend):
         "workdir": Option(parse_string, "a guest directory"),
         "volumes": VOLUMES_OPTION,
         "network": NETWORK_OPTION,
+        # Where the sandbox lives: this host's runtime, or microsandbox cloud (see ``cloud``).
+        "cloud": cloud.CLOUD_OPTION,
+        "profile": cloud.PROFILE_OPTION,
     }
     # Importing the SDK starts no thread, so the connections the warm server forks can share it.
     preload = ("microsandbox",)
+    #: Whether every sandbox of this backend is in microsandbox cloud, whatever its template.
+    always_cloud: ClassVar[bool] = False
 
     def __init__(self, state: StateDir, sdk: ModuleType | None = None, *,
-                 wait_s: float = WAIT_S, lock_wait_s: float = LOCK_WAIT_S) -> None:
+                 wait_s: float = WAIT_S, lock_wait_s: float = LOCK_WAIT_S,
+                 templates: Callable[[str], SandboxTemplate] | None = None) -> None:
         self.state = state
         self._sdk = sdk
         self._wait_s = wait_s
         self._lock_wait_s = lock_wait_s
+        # For the calls that are given only a name (stop, rm, ls, the idle watcher): which
+        # template, and so which side (this host or the cloud), the sandbox has.
+        self._templates = templates
 
     @classmethod
     def from_config(cls, config: Config) -> MicrosandboxBackend:
-        return cls(StateDir(config.home))
+        return cls(StateDir(config.home), templates=config.template)
 
     @classmethod
     def checks(cls, config: Config) -> list[Check]:
-        """The SDK, its runtime and KVM."""
+        """The SDK; then, on this host, its runtime and KVM, or, in the cloud, its
+        credentials."""
         try:
-            import microsandbox
-        except ImportError:
+            sdk = _load_sdk()
+        except BackendUnavailableError:
             return [Check("SDK", CheckStatus.FAIL, "the microsandbox package is not installed: "
                           "pip install microsandbox")]
-        installed = bool(microsandbox.is_runtime_installed())
+        side = cloud.Side.of(config.defaults, cls.always_cloud)
+        if side.resolved(sdk):
+            return cloud.checks(sdk, side, config.config_file)
+        installed = bool(sdk.is_runtime_installed())
         kvm = "/dev/kvm"
         usable = os.path.exists(kvm) and os.access(kvm, os.R_OK | os.W_OK)
         return [
@@ -354,8 +374,9 @@ class MicrosandboxBackend(Backend):
 
         async with self._lock(name, waiting):
             try:
-                sandbox, started = await self._bring_up(name, template, progress)
-                run_id = _run_id(await self._api.get(name))
+                with self._scope(template):
+                    sandbox, started = await self._bring_up(name, template, progress)
+                    run_id = _run_id(await self._api.get(name))
             except sdk.MicrosandboxError as exc:
                 raise self._error(exc, name, self.option(template, "image")) from None
         # Shown only after a step was: a sandbox that was simply running says nothing.
@@ -470,9 +491,12 @@ class MicrosandboxBackend(Backend):
                 f"there is no sandbox {name!r} and its template names no image to create it "
                 f"from; set image (an OCI image such as \"debian:bookworm\", or a root file "
                 f"system directory) for it in {self.state.config_file}")
+        if self._side(template).resolved(sdk) and (
+                refused := cloud.refusal(name, template, self.state.config_file)) is not None:
+            raise refused
         images: type[microsandbox.Image] = sdk.Image
         image = images.bind(reference) if reference.startswith("/") else images.oci(reference)
-        volumes = self._volumes(name, self.option(template, "volumes"))
+        volumes = self._volumes(name, template.options.get("volumes") or ())
         progress.step(f"creating sandbox {name!r} from {reference} ...")
         session = self._api.create_with_progress(
             name, image=image, cpus=self.option(template, "cpus"),
@@ -517,6 +541,24 @@ class MicrosandboxBackend(Backend):
         profiles: type[microsandbox.NetworkProfile] = self.sdk.NetworkProfile
         return networks.from_profiles(profiles(network))
 
+    def _side(self, template: SandboxTemplate) -> cloud.Side:
+        return cloud.Side.of(template, self.always_cloud)
+
+    def _scope(self, template: SandboxTemplate) -> contextlib.AbstractContextManager[None]:
+        """The SDK's calls, while this is entered, reach the side ``template`` puts the
+        sandbox on."""
+        return cloud.scope(self.sdk, self._side(template), self.state.config_file)
+
+    def _template(self, name: str | None) -> SandboxTemplate:
+        """The template of sandbox ``name`` (the defaults for None); the defaults where the
+        config cannot give it (stop and rm work whatever its options say)."""
+        if self._templates is None:
+            return SandboxTemplate()
+        try:
+            return self._templates(name if name is not None else "")
+        except ConfigError:
+            return SandboxTemplate()
+
     def _lock(self, name: str, on_wait: Callable[[], None] | None = None
               ) -> contextlib.AbstractAsyncContextManager[None]:
         return sandbox_lock(self.state.lock_file(name), name, self._lock_wait_s,
@@ -533,7 +575,8 @@ class MicrosandboxBackend(Backend):
     async def _find(self, name: str) -> microsandbox.SandboxHandle | None:
         sdk = self.sdk
         try:
-            return await self._api.get(name)
+            with self._scope(self._template(name)):
+                return await self._api.get(name)
         except sdk.SandboxNotFoundError:
             return None
         except sdk.MicrosandboxError as exc:
@@ -543,10 +586,11 @@ class MicrosandboxBackend(Backend):
         sdk = self.sdk
         async with self._lock(name):
             try:
-                handle = await self._api.get(name)
-                if _state(handle) not in _LIVE_STATES:
-                    return False
-                await handle.stop()
+                with self._scope(self._template(name)):
+                    handle = await self._api.get(name)
+                    if _state(handle) not in _LIVE_STATES:
+                        return False
+                    await handle.stop()
             except sdk.SandboxNotFoundError:
                 raise SandboxNotFoundError(f"there is no sandbox {name!r}") from None
             except sdk.SandboxNotRunningError:
@@ -559,11 +603,12 @@ class MicrosandboxBackend(Backend):
         sdk = self.sdk
         async with self._lock(name):
             try:
-                handle = await self._api.get(name)
-                if _state(handle) in _LIVE_STATES:
-                    with contextlib.suppress(sdk.SandboxNotRunningError):
-                        await handle.stop()
-                await self._api.remove(name)
+                with self._scope(self._template(name)):
+                    handle = await self._api.get(name)
+                    if _state(handle) in _LIVE_STATES:
+                        with contextlib.suppress(sdk.SandboxNotRunningError):
+                            await handle.stop()
+                    await self._api.remove(name)
             except sdk.SandboxNotFoundError:
                 return False
             except sdk.MicrosandboxError as exc:
@@ -575,7 +620,7 @@ class MicrosandboxBackend(Backend):
         """The one-line error a user sees for the SDK's ``exc`` about sandbox ``name``."""
         sdk = self.sdk
         text = one_line(exc)
-        subject = "microsandbox" if name is None else f"sandbox {name!r}"
+        subject = self.name if name is None else f"sandbox {name!r}"
         if (isinstance(exc, (sdk.RuntimeNotInstalledError, sdk.RuntimeIncompleteError))
                 or any(marker in text for marker in _CANNOT_BOOT)):
             return BackendUnavailableError(
@@ -588,6 +633,9 @@ class MicrosandboxBackend(Backend):
             return SandboxError(
                 f"cannot pull image {image!r} for sandbox {name!r} ({text}); check the image "
                 f"name and the network, or set another image in {self.state.config_file}")
+        if isinstance(exc, sdk.UnsupportedError):
+            return SandboxError(f"{subject}: {text} (microsandbox cloud serves less than a "
+                                "local runtime)")
         if isinstance(exc, sdk.InvalidConfigError):
             reason = text.removeprefix("invalid config: ")
             return ConfigError(f"{subject}: the microsandbox SDK refuses its template "
@@ -601,11 +649,12 @@ class MicrosandboxBackend(Backend):
     async def _list(self, labels: Mapping[str, str] | None) -> list[SandboxInfo]:
         sdk = self.sdk
         try:
-            page = await self._api.list_with(labels=labels)
-            handles = list(page.sandboxes)
-            while page.next_cursor:
-                page = await self._api.list_with(cursor=page.next_cursor, labels=labels)
-                handles.extend(page.sandboxes)
+            with self._scope(self._template(None)):
+                page = await self._api.list_with(labels=labels)
+                handles = list(page.sandboxes)
+                while page.next_cursor:
+                    page = await self._api.list_with(cursor=page.next_cursor, labels=labels)
+                    handles.extend(page.sandboxes)
         except sdk.MicrosandboxError as exc:
             raise self._error(exc, None) from None
         # The SDK lists newest first; ls shows sandboxes by name, as the local backend does.
@@ -1070,3 +1119,25 @@ class DirectProcess(GuestProcess):
         if self._stdin_paused:
             self._stdin_paused = False
             self._listener.stdin_resumed()
+
+
+class MicrosandboxCloudBackend(MicrosandboxBackend):
+    """microsandbox's sandboxes in microsandbox cloud (see ``cloud``): the microsandbox backend
+    with every sandbox in the cloud, so ``volumes`` and ``cloud`` are not among its options."""
+
+    name = "microsandbox-cloud"
+    options: ClassVar[Mapping[str, Option]] = {
+        key: option for key, option in MicrosandboxBackend.options.items()
+        if key not in ("volumes", "cloud")}
+    always_cloud = True
+
+    async def _list(self, labels: Mapping[str, str] | None) -> list[SandboxInfo]:
+        """None where the cloud is not set up at all (ls of every backend stays quiet)."""
+        try:
+            with self._scope(self._template(None)):
+                pass
+        except ConfigError as exc:
+            if str(exc) == cloud.NO_CREDENTIALS:
+                return []
+            raise
+        return await super()._list(labels)
