@@ -6,7 +6,7 @@ ROOTFS ?= $(or $(MSB_PROXY_ROOTFS),/var/cache/msb-proxy/rootfs/bookworm-v1)
 export MSB_PROXY_ROOTFS := $(ROOTFS)
 
 .PHONY: help install client-key system-deps system-deps-demo rootfs demo test test-nofastpath \
-	test-fast lint bench clean
+	test-fast lint bench fuzz stress clean
 
 # Debian/Ubuntu packages: demo, test, test-nofastpath and bench install the missing ones first
 # (scripts/install-system-deps: as root; a no-op for any user when all are there; one line naming
@@ -38,6 +38,8 @@ help:
 	@echo "                       any user, no root, no rootfs, under two minutes"
 	@echo "make lint              ruff, mypy --strict and the layering (import contracts, private names)"
 	@echo "make bench             msb-proxy against OpenSSH's sshd on the same jail, ratios printed"
+	@echo "make fuzz              10,000 mutated SSH streams in-process, 300 through msb-proxy stdio"
+	@echo "make stress            50 concurrent mixed connections for 60 s, 1,000 sequential, leaks"
 	@echo "make clean             remove $(VENV) and build and tool caches"
 
 $(BIN)/msb-proxy: pyproject.toml setup.py msb_proxy/fastpath/_relay.c
@@ -92,6 +94,15 @@ lint: install
 bench: system-deps
 	$(PREPARE)
 	$(BIN)/python -m bench
+
+# Long runs of our own suite (tests/fuzz, tests/stress.py); make test runs a short fuzz slice.
+fuzz: system-deps
+	$(PREPARE)
+	cd tests && ../$(BIN)/python -m fuzz --findings ../fuzz-findings.jsonl
+
+stress: system-deps
+	$(PREPARE)
+	$(BIN)/python tests/stress.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -12,8 +12,11 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from msb_proxy.state import StateDir
+
+T = TypeVar("T")
 
 __all__ = ["cmdline", "guest_processes", "open_descriptors", "processes", "settle",
            "state_files", "unique_kib"]
@@ -85,7 +88,7 @@ def unique_kib(pid: int) -> int | None:
     return total
 
 
-def settle(measure: Callable[[], object], expected: object, timeout: float) -> object:
+def settle(measure: Callable[[], T], expected: T, timeout: float) -> T:
     """``measure()`` once it equals ``expected``, or its last value after ``timeout``: what is
     torn down asynchronously (a process reaped, a socket file removed) gets that long."""
     deadline = time.monotonic() + timeout

@@ -149,12 +149,17 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+_workers: list[subprocess.Popen[str]] = []  # ended with the run, however it ends
+
+
 def _spawn(args: argparse.Namespace, mode: str, seed: int, count: int,
            home: Path) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "fuzz", "--worker", "--mode", mode, "--seed", str(seed),
             "--cases", str(count), "--home", str(home), "--sandbox", args.sandbox,
             "--rootfs", str(args.rootfs), "--findings", str(args.findings)]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    _workers.append(process)
+    return process
 
 
 def _collect(workers: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
@@ -215,6 +220,10 @@ def main(argv: list[str]) -> int:
     try:
         return _run(args, home)
     finally:
+        for process in _workers:
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
         subprocess.run([str(PROXY), "rm", args.sandbox], env=dict(
             os.environ, MSB_PROXY_HOME=str(home), MSB_PROXY_BACKEND="local"),
             capture_output=True, check=False, timeout=60)

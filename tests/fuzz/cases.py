@@ -148,11 +148,12 @@ ASYNCSSH_BUGS = {
         "x11-req) finishes after its channel closed and asyncssh serves the next request "
         "queued behind it with the channel's connection gone (channel.py, _report_response -> "
         "_service_next_request): an AttributeError ends the whole connection"),
-    "global request after close": (
-        ("'server_requested'",),
-        "a global request asyncssh finishes in a task (tcpip-forward) runs after the "
-        "connection closed (connection.py, _finish_port_forward with _owner gone): an "
-        "AttributeError logged on a connection that is ending anyway"),
+    "connection request after close": (
+        ("'server_requested'", "'begin_auth'"),
+        "a request asyncssh finishes in a task (tcpip-forward, a userauth request awaiting "
+        "reload_config) goes on after the connection closed (connection.py, "
+        "_finish_port_forward and _finish_userauth with _owner gone): an AttributeError "
+        "logged on a connection that is ending anyway"),
 }
 
 
