@@ -129,11 +129,15 @@ class Round:
         self.tally.record("exec cat", ok, f"exit {done.returncode}, {len(done.stdout)} bytes "
                                           f"back, {done.stderr[-200:]!r}")
 
-    def sftp(self) -> None:
-        local = self.work / "sftp.up"
-        back = self.work / "sftp.down"
+    def _files(self, name: str) -> tuple[Path, Path, bytes]:
+        """A local file of random bytes to send, where to fetch it back to, and its bytes."""
         data = os.urandom(PAYLOAD)
+        local = self.work / f"{name}.up"
         local.write_bytes(data)
+        return local, self.work / f"{name}.down", data
+
+    def sftp(self) -> None:
+        local, back, data = self._files("sftp")
         remote = f"/tmp/stress-{self.work.name}.sftp"
         batch = self.work / "batch"
         batch.write_text(f"put {local} {remote}\nget {remote} {back}\nrm {remote}\n")
@@ -146,17 +150,14 @@ class Round:
         back.unlink(missing_ok=True)
 
     def scp(self) -> None:
-        local = self.work / "scp.up"
-        back = self.work / "scp.down"
-        data = os.urandom(PAYLOAD)
-        local.write_bytes(data)
+        local, back, data = self._files("scp")
         remote = f"{self.host}:/tmp/stress-{self.work.name}.scp"
         base = ["scp", "-q", "-F", str(self.env.config), "-o", f"ControlPath={self.control}"]
         up = subprocess.run([*base, str(local), remote], capture_output=True,
                             timeout=OP_TIMEOUT_S, check=False, stdin=subprocess.DEVNULL)
         down = subprocess.run([*base, remote, str(back)], capture_output=True,
                               timeout=OP_TIMEOUT_S, check=False, stdin=subprocess.DEVNULL)
-        ok = up.returncode == down.returncode == 0 and back.read_bytes() == data
+        ok = up.returncode == down.returncode == 0 and back.exists() and back.read_bytes() == data
         self.tally.record("scp up+down", ok, f"exit {up.returncode}/{down.returncode} "
                                              f"{(up.stderr + down.stderr)[-200:]!r}")
         self.ssh(self.host, f"rm -f /tmp/stress-{self.work.name}.scp")
