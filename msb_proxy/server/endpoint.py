@@ -159,10 +159,10 @@ def _malformed_packet(exc: ValueError) -> bool:
 
     asyncssh turns most malformed packets into a protocol error, but a few fail before that and
     end the handshake with the decoding error itself: a packet with an empty payload (or a
-    padding length that leaves none) raises its PacketDecodeError (fuzz seed 20261201, case
-    113), a KEXINIT whose name-lists are not ASCII a UnicodeDecodeError (seed 20261202, case
-    173). Those are the client's bytes, not a fault of ours. PacketDecodeError by name: asyncssh
-    does not export it."""
+    padding length that leaves none) raises its PacketDecodeError, a KEXINIT whose name-lists
+    are not ASCII a UnicodeDecodeError (both found by the fuzzer, tests/test_fuzz.py). Those
+    are the client's bytes, not a fault of ours. PacketDecodeError by name: asyncssh does not
+    export it."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
