@@ -72,8 +72,8 @@ def test_mutated_streams_end_cleanly_through_msb_proxy_stdio(case: Case,
 
 def test_a_packet_without_payload_ends_the_connection_without_internal_error(
         process: ProcessServer) -> None:
-    """asyncssh fails to decode it before its protocol-error handling (fuzz seed 20261201,
-    case 113); msb-proxy reported "internal error: PacketDecodeError", exit 70."""
+    """asyncssh fails to decode it before its protocol-error handling; msb-proxy reported
+    "internal error: PacketDecodeError", exit 70 (found by the fuzzer)."""
     client, conn = connect(process)
     client.send(b"")
     client.close_write()
@@ -84,8 +84,8 @@ def test_a_packet_without_payload_ends_the_connection_without_internal_error(
 
 def test_a_kexinit_with_non_ascii_names_ends_the_connection_without_internal_error(
         process: ProcessServer) -> None:
-    """asyncssh's UnicodeDecodeError on the name-list (fuzz seed 20261202, case 173) was
-    reported as "internal error", exit 70."""
+    """asyncssh's UnicodeDecodeError on the name-list was reported as "internal error", exit 70
+    (found by the fuzzer)."""
     client, conn = connect(process)
     kexinit = client.kexinit_payload(cipher="aes128-ctr", mac="hmac-sha2-256", strict=False,
                                      kex=[b"curve25519-sha256", "\u00e9".encode()])
@@ -100,8 +100,8 @@ def test_a_forward_requested_as_the_connection_ends_leaves_no_guest_helper(
         fuzz_env: tuple[Env, str], in_process: InProcessServer) -> None:
     """``tcpip-forward`` and at once the end of the connection: the guest tunnel helper
     started for it was left running in a long-lived process serving connections through the
-    Python API (fuzz seed 20262202). msb-proxy stdio ends with its connection, and the helper
-    with it."""
+    Python API (found by the leak check below). ``msb-proxy stdio`` exits with its connection,
+    which ends the helper too."""
     env, sandbox = fuzz_env
     before = guest_processes(env.home, sandbox)
     for _ in range(3):
