@@ -25,10 +25,11 @@ environment with ours merged in and ``/.msb/scripts`` put first on ``PATH``, in 
 their own, on pipes or on a terminal that starts at 24x80. What the agent does between them and
 the host is modelled too:
 
-* the agent has ONE loop per sandbox (``crates/agentd/lib/agent.rs``): every stdin write,
-  signal and resize, and the forwarding of every process's output, go through it in turn, and
-  a stdin write waits until the process has taken all of it, so a process that does not read
-  its stdin stalls every process of the sandbox;
+* the agent has ONE loop per sandbox (``crates/agentd/lib/agent.rs``): every exec request,
+  stdin write, signal and resize, and the sending of every process's output to the host (its
+  readers keep reading into the agent's own unbounded queue), go through it in turn, and a
+  stdin write waits until the process has taken all of it, so a process that does not read its
+  stdin stalls every process of the sandbox;
 * the SDK drains each process's output into an unbounded channel whether or not anyone calls
   ``recv()`` (``sdk/rust/lib/sandbox/exec.rs``): nothing the caller does slows the guest;
 * every ``exec_stream`` and every connected ``Sandbox`` is a client of the sandbox's agent
@@ -45,8 +46,8 @@ Where it knowingly differs from the real SDK:
 * The wording of the STARTUP event, of digests, of a refused relay client, of an fs error, of a
   stale handle's connect and of cloud errors is plausible (taken from the upstream sources
   named), not observed.
-* A blocked agent loop stops the agent's output readers here; upstream's readers keep reading
-  into the agent's own unbounded queue, so only delivery stops. The host sees the same.
+* Programs can be taken out of the guest or replaced (``remove_program``,
+  ``substitute_program``), to play a guest without ``python3`` or with an old one.
 """
 
 from __future__ import annotations
