@@ -114,6 +114,29 @@ def test_a_forward_requested_as_the_connection_ends_leaves_no_guest_helper(
     assert settle(lambda: guest_processes(env.home, sandbox), before, 15) == before
 
 
+@pytest.mark.xfail(strict=True, reason="asyncssh 2.24 serves a channel's queued requests "
+                   "after the channel closed (channel.py _report_response -> "
+                   "_service_next_request, _conn gone): the connection ends")
+def test_a_channel_closed_while_its_agent_request_runs_leaves_the_connection_up(
+        in_process: InProcessServer) -> None:
+    """Two ``auth-agent-req@openssh.com`` on a session, then its close: asyncssh answers the
+    first in a task (msb-proxy starts the agent socket in the guest) and, once that is done,
+    serves the second on a channel already gone. sshd keeps the connection."""
+    client, conn = connect(in_process, key=KEY)
+    chan = client.open_session()
+    for _ in range(2):
+        client.send(client.request(chan, "auth-agent-req@openssh.com"))
+    chan.we_closed = True
+    client.send(bytes([ssh.CHANNEL_CLOSE]) + ssh.u32(chan.remote or 0))
+    try:
+        probe = client.run(b"echo up")
+    finally:
+        client.close_write()
+        client.drain(10)
+        conn.finish(10)
+    assert (bytes(probe.data), probe.exit_status) == (b"up\n", 0)
+
+
 def test_fuzzed_connections_leave_no_guest_process_behind(
         fuzz_env: tuple[Env, str], in_process: InProcessServer) -> None:
     env, sandbox = fuzz_env
