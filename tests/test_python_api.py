@@ -244,3 +244,15 @@ await serving
 print(json.dumps([ssh.returncode, out.decode(), err.decode()]))
 """, name, str(msb.key))
     assert outputs(done) == [[0, "over a socket\n", ""]]
+
+
+def test_attach_with_bad_detach_keys_is_a_value_error_naming_them(msb: Env) -> None:
+    done = run_script(msb, """
+async with await msb_proxy.ssh(args[0]).connect() as client:
+    try:
+        await client.attach_with(detach_keys="ctrl-p,meta-x")
+    except ValueError as exc:
+        print(json.dumps(str(exc)))
+""", sandbox(msb))
+    assert outputs(done) == [
+        "bad detach keys 'ctrl-p,meta-x': 'meta-x' is not a-z or ctrl-<a-z, @, [, \\, ], ^ or _>"]
