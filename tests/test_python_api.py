@@ -14,21 +14,25 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Env
+from conftest import Env, install
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def run_script(msb: Env, body: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run_script(msb: Env, body: str, *args: str, extra: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
     """``body`` (an async function ``main(*args)``'s statements) run by this Python in a
     process of its own with the installation's environment; its stdout is what it prints."""
     source = "import asyncio, json, sys\nimport msb_proxy\n\nasync def main(*args):\n" \
         + textwrap.indent(textwrap.dedent(body), "    ") \
         + "\n\nasyncio.run(main(*sys.argv[1:]))\n"
     env = msb.proxy_env()
+    env.update(extra or {})
     return subprocess.run([sys.executable, "-c", source, *args], capture_output=True,
                           text=True, timeout=150, env=env, check=False)
 
@@ -256,3 +260,48 @@ async with await msb_proxy.ssh(args[0]).connect() as client:
 """, sandbox(msb))
     assert outputs(done) == [
         "bad detach keys 'ctrl-p,meta-x': 'meta-x' is not a-z or ctrl-<a-z, @, [, \\, ], ^ or _>"]
+
+
+# ---- the same API on the microsandbox backend, its SDK the stand-in (no microVM needed)
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Env, dict[str, str]]]:
+    """An installation on the microsandbox backend whose SDK is the stand-in (loaded into the
+    script by tests/standin_site), with running sandbox "e2e"; and the script's environment."""
+    from microsandbox_standin import StandInSDK
+    from test_microsandbox_backend import GROUP, PASSWD
+
+    from msb_proxy.backends.microsandbox.backend import LABELS
+
+    root = tmp_path_factory.mktemp("api-standin")
+    guest = root / "guest"
+    (guest / "etc").mkdir(parents=True)
+    (guest / "etc" / "passwd").write_text(PASSWD)
+    (guest / "etc" / "group").write_text(GROUP)
+    sdk = StandInSDK(root / "runtime")
+    sdk.add_sandbox("e2e", guest, labels=LABELS)
+    env = install(root / "install", "microsandbox", guest)
+    here = Path(__file__).parent
+    extra = {"PYTHONPATH": f"{here / 'standin_site'}:{here}",
+             "MSB_PROXY_TEST_STANDIN": str(root / "runtime")}
+    yield env, extra
+    sdk.close()
+
+
+def test_the_same_api_runs_on_the_microsandbox_backend_given_a_sandbox_object(
+        standin: tuple[Env, dict[str, str]]) -> None:
+    env, extra = standin
+    done = run_script(env, SHOW + """
+class Sandbox:  # what ssh() reads of a microsandbox.Sandbox
+    name = "e2e"
+
+async with await msb_proxy.ssh(Sandbox()).connect() as client:
+    show(await client.exec("echo out; echo err >&2; exit 3"))
+    show(await client.exec_with("cat", stdin=b"through the stand-in"))
+""", extra=extra)
+    assert outputs(done) == [
+        {"status": 3, "stdout": "out\n", "stderr": "err\n", "signal": None,
+         "success": False},
+        {"status": 0, "stdout": "through the stand-in", "stderr": "", "signal": None,
+         "success": True},
+    ]
