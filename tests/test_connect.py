@@ -6,7 +6,9 @@ given), the shell's exit code and the terminal's modes afterwards."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import termios
 import uuid
 from collections.abc import Iterator
 
@@ -155,3 +157,19 @@ def test_sshclient_attach_with_from_a_script_returns_at_its_detach_keys(
     terminal.expect_exact("attach returned 0\r\n")
     terminal.expect_exact(OUTER)
     assert outer(terminal, "stty -g") == modes
+
+
+def test_sigterm_while_attached_restores_the_terminal_and_exits_128_plus_15(
+        msb: Env, name: str) -> None:
+    child = pexpect.spawn(str(PROXY), ["connect", "-q", name], env=dict(msb.proxy_env(),
+                          TERM="xterm"), dimensions=(24, 80), timeout=TIMEOUT_S)
+    cooked = termios.tcgetattr(child.child_fd)
+    child.expect_exact(f"root@{name}:~# ".encode())
+    raw = termios.tcgetattr(child.child_fd)
+    assert (cooked[3] & termios.ICANON, raw[3] & termios.ICANON) == (termios.ICANON, 0)
+    child.kill(signal.SIGTERM)
+    child.expect(pexpect.EOF)
+    restored = termios.tcgetattr(child.child_fd)
+    child.wait()
+    child.close()
+    assert (child.exitstatus, restored) == (143, cooked)
