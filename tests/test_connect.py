@@ -48,6 +48,12 @@ def test_a_command_killed_by_a_signal_exits_128_plus_its_number(msb: Env, name: 
     assert (done.returncode, done.stdout, done.stderr) == (137, b"", b"")
 
 
+def test_dash_t_gives_a_command_a_pty_that_folds_stderr_into_stdout(msb: Env,
+                                                                     name: str) -> None:
+    done = msb.msb_proxy("connect", "-q", "-t", name, "tty -s && echo a pty; echo err >&2")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"a pty\r\nerr\r\n", b"")
+
+
 def test_a_user_option_runs_as_that_user(msb: Env, name: str) -> None:
     done = msb.msb_proxy("connect", "-q", "--user", "dev", name, "id -un")
     assert (done.returncode, done.stdout) == (0, f"{msb.guest_user('dev')}\n".encode())
