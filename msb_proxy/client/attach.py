@@ -17,7 +17,7 @@ import tty
 
 import asyncssh
 
-from msb_proxy.client.session import status_of
+from msb_proxy.client.status import status_of
 
 __all__ = ["DEFAULT_DETACH_KEYS", "attach", "parse_detach_keys"]
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal as signals
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
+from msb_proxy.client.status import status_of
 from msb_proxy.errors import UserError
 from msb_proxy.transport.memory import duplex_pair
 
@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     from msb_proxy.server.endpoint import SshServer
 
 __all__ = ["SshClient", "SshOutput"]
-
-EXIT_NO_STATUS = 255  # ssh's exit status when the channel closes without one
 
 
 @dataclass(frozen=True)
@@ -183,14 +181,3 @@ def _output(result: asyncssh.SSHCompletedProcess) -> SshOutput:
     stderr = result.stderr if isinstance(result.stderr, bytes) else b""
     status, name = status_of(result.exit_status, result.exit_signal)
     return SshOutput(status, stdout, stderr, name)
-
-
-def status_of(exit_status: int | None, exit_signal: tuple[str, bool, str, str] | None
-              ) -> tuple[int, str | None]:
-    """The exit status ``ssh`` would give (128 + N for signal N, 255 for none at all), and
-    the SSH name of the signal when there was one."""
-    if exit_signal is not None:
-        name = str(exit_signal[0])
-        member = signals.Signals.__members__.get(f"SIG{name}")
-        return 128 + (member.value if member is not None else 0), name
-    return (EXIT_NO_STATUS if exit_status is None else exit_status), None

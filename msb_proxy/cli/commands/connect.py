@@ -15,7 +15,8 @@ import asyncssh
 
 from msb_proxy.client.attach import attach, parse_detach_keys
 from msb_proxy.client.namespace import SandboxSsh
-from msb_proxy.client.session import SshClient, status_of
+from msb_proxy.client.session import SshClient
+from msb_proxy.client.status import status_of
 from msb_proxy.config import Config, sandbox_name_from_host
 from msb_proxy.errors import UserError
 
