@@ -96,6 +96,24 @@ def test_a_kexinit_with_non_ascii_names_ends_the_connection_without_internal_err
     assert (ending.ended, ending.exit_code, ending.stderr) == (True, 0, "")
 
 
+def test_a_direct_tcpip_port_past_65535_is_refused_and_the_connection_goes_on(
+        process: ProcessServer) -> None:
+    """The port is a uint32 on the wire: 70000 reached the socket's connect(), whose
+    OverflowError msb-proxy printed as "internal error" (found by the fuzzer). sshd refuses
+    it as administratively prohibited; the connection serves on."""
+    client, conn = connect(process, key=KEY)
+    chan = client.new_channel()
+    client.send(client.open_payload(chan, b"direct-tcpip", ssh.string("127.0.0.1")
+                                    + ssh.u32(70000) + ssh.string("127.0.0.1") + ssh.u32(1)))
+    client.pump(lambda: chan.failed is not None or chan.remote is not None)
+    probe = client.run(b"echo up")
+    client.close_write()
+    client.drain(10)
+    ending = conn.finish(10)
+    assert (chan.failed, bytes(probe.data), probe.exit_status) == (1, b"up\n", 0)
+    assert (ending.ended, ending.exit_code, ending.stderr) == (True, 0, "")
+
+
 def test_a_forward_requested_as_the_connection_ends_leaves_no_guest_helper(
         fuzz_env: tuple[Env, str], in_process: InProcessServer) -> None:
     """``tcpip-forward`` and at once the end of the connection: the guest tunnel helper

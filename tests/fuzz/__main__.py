@@ -278,8 +278,9 @@ def _replay(args: argparse.Namespace, home: Path) -> int:
             server = InProcessServer(home, Path(args.rootfs), args.sandbox, key.openssh)
         result = play(case, server, key)
         failed += bool(result.findings)
+        known = f" (asyncssh: {', '.join(result.asyncssh_bugs)})" if result.asyncssh_bugs else ""
         print(f"replay seed {entry['seed']} case {entry['index']}: "
-              f"{result.findings or 'held'} -- {describe(case)}")
+              f"{result.findings or 'held'}{known} -- {describe(case)}")
     return 1 if failed else 0
 
 

@@ -143,26 +143,43 @@ ASYNCSSH_DISCONNECTS = {
 # meets one counts it, and the end of the connection that follows, instead of failing.
 ASYNCSSH_BUGS = {
     "queued channel request after close": (
-        ("'create_task'", "'attach_x11_listener'"),
+        "asyncssh.channel",
         "a channel request that asyncssh answers in a task (auth-agent-req@openssh.com, "
-        "x11-req) finishes after its channel closed and asyncssh serves the next request "
-        "queued behind it with the channel's connection gone (channel.py, _report_response -> "
-        "_service_next_request): an AttributeError ends the whole connection"),
+        "x11-req) finishes after its channel closed, and asyncssh serves the requests queued "
+        "behind it (pty-req, env, exec ...) with the channel's connection gone (channel.py, "
+        "_report_response -> _service_next_request): an AttributeError on None ends the whole "
+        "connection"),
     "connection request after close": (
-        ("'server_requested'", "'begin_auth'"),
-        "a request asyncssh finishes in a task (tcpip-forward, a userauth request awaiting "
-        "reload_config) goes on after the connection closed (connection.py, "
-        "_finish_port_forward and _finish_userauth with _owner gone): an AttributeError "
-        "logged on a connection that is ending anyway"),
+        "asyncssh.connection",
+        "a request asyncssh finishes in a task (tcpip-forward, streamlocal-forward, a userauth "
+        "request awaiting reload_config) goes on after the connection closed (connection.py, "
+        "_finish_port_forward, _finish_path_forward, _finish_userauth with _owner gone): an "
+        "AttributeError on None, logged on a connection that is ending anyway"),
 }
 
 
-def _known_bug(finding: str) -> str | None:
-    if not finding.startswith("uncaught: ") or "'NoneType' object has no attribute" not in finding:
+HANDSHAKE_ERROR = "internal error on a hostile handshake"
+
+
+def _innermost(finding: str) -> str:
+    """The module an "uncaught" finding's exception was raised in (its last frame)."""
+    return finding.rsplit(" > ", 1)[-1].rsplit(" at ", 1)[-1].split(":", maxsplit=1)[0]
+
+
+def _known_bug(finding: str, stage: str = "connection") -> str | None:
+    """Which of ASYNCSSH_BUGS an "uncaught" finding is: an AttributeError on None raised in
+    asyncssh's own code; or, before authentication, any exception raised in asyncssh's own
+    code (HANDSHAKE_ERROR): nothing need survive a hostile handshake, and msb-proxy's end of it
+    is checked by the "serve raised" finding and, through the process, its exit status."""
+    if not finding.startswith("uncaught: asyncssh: "):
         return None
-    for name, (attributes, _) in ASYNCSSH_BUGS.items():
-        if any(f"attribute {attribute}" in finding for attribute in attributes):
-            return name
+    innermost = _innermost(finding)
+    if "AttributeError: 'NoneType' object has no attribute" in finding:
+        for name, (module, _) in ASYNCSSH_BUGS.items():
+            if innermost == module:
+                return name
+    if stage != "connection" and innermost.startswith("asyncssh."):
+        return HANDSHAKE_ERROR
     return None
 
 
@@ -773,11 +790,13 @@ def play(case: Case, server: Server, key: UserKey, *, bound_s: float = END_BOUND
         result.findings.append(f"hang: the server side did not end within {bound_s:.0f} s "
                                "of our end of file")
     result.findings += [f"uncaught: {error}" for error in ending.errors]
-    known = [bug for bug in map(_known_bug, result.findings) if bug is not None]
+    known = [bug for finding in result.findings
+             if (bug := _known_bug(finding, case.stage)) is not None]
     if known:
         # The bug, and the end of the connection it causes, are asyncssh's.
         result.asyncssh_bugs = sorted(set(known))
-        result.findings = [finding for finding in result.findings if _known_bug(finding) is None
+        result.findings = [finding for finding in result.findings
+                           if _known_bug(finding, case.stage) is None
                            and not finding.startswith("connection-ended:")]
     result.decode_errors = ending.decode_errors
     if ending.exit_code is not None:

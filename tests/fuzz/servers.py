@@ -122,12 +122,12 @@ def _decode_error(error: BaseException) -> bool:
 
 
 def _where(error: BaseException) -> str:
-    """The innermost frames of ``error``'s traceback, for a one-line report."""
+    """The innermost frames of ``error``'s traceback (module:line), for a one-line report."""
     frames = []
     tb = error.__traceback__
     while tb is not None:
-        code = tb.tb_frame.f_code
-        frames.append(f"{Path(code.co_filename).name}:{tb.tb_lineno}")
+        module = tb.tb_frame.f_globals.get("__name__", "?")
+        frames.append(f"{module}:{tb.tb_lineno}")
         tb = tb.tb_next
     return " > ".join(frames[-4:])
 

@@ -46,6 +46,8 @@ from msb_proxy.server.tunnels.sockets import connect_direct
 
 __all__ = ["Tunnels"]
 
+_MAX_PORT = 0xFFFF
+
 
 def _is_address(host: str) -> bool:
     try:
@@ -109,6 +111,10 @@ class Tunnels:
         guest. asyncssh awaits this in a task of the connection's, where anything but
         :class:`asyncssh.ChannelOpenError` would end the connection: every failure becomes
         this channel's open failure."""
+        if path is None and not 0 <= port <= _MAX_PORT:
+            # The port is a uint32 on the wire; sshd refuses what is not a port, as here.
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "invalid target port")
         try:
             return self._session(await self._connect(host, port, path))
         except asyncssh.ChannelOpenError:
@@ -144,6 +150,8 @@ class Tunnels:
                      path: str | None = None) -> GuestListener | None:
         """A listener in the guest; None when it cannot be had (asyncssh: "failed"), as
         anything else escaping asyncssh's task for the request would end the connection."""
+        if path is None and not 0 <= port <= _MAX_PORT:
+            return None
         try:
             mux = await self.mux()
             return await listen_in_guest(mux, self._conn, self._session, host=host, port=port,
