@@ -8,6 +8,7 @@
       known_hosts              every sandbox alias's host key, for ssh's UserKnownHostsFile
       host_keys/<slug>         one ed25519 host key per sandbox name, 0600, kept across rm
       sandboxes/<slug>/        the local backend's sandboxes (see backends/local/)
+      fake/<slug>/             the fake backend's sandboxes (see backends/fake.py)
       locks/<slug>.lock        held while a sandbox is being decided on or started
       locks/<slug>.active ...  idle tracking (see backends/idle.py)
 

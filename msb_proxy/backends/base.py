@@ -13,8 +13,9 @@ calls (write stdin, close stdin, resize, signal) and reports back through a
   passes its high-water mark it calls :meth:`ProcessListener.stdin_paused`, and
   :meth:`ProcessListener.stdin_resumed` once it has drained.
 
-Two implementations sit beside this file: ``local`` (a Linux namespace jail over a rootfs
-directory) and ``microsandbox`` (the microsandbox SDK). Neither is imported by anything above:
+Three implementations sit beside this file: ``local`` (a Linux namespace jail over a rootfs
+directory), ``microsandbox`` (the microsandbox SDK) and ``fake`` (processes of this host as the
+invoking user, for the rootless test tier). None is imported by anything above:
 ``registry`` names them, and imports a backend's module only when it is chosen.
 
 Adding a backend ``NAME`` is one module and one registry line:
