@@ -166,3 +166,19 @@ def test_msb_proxy_fastpath_0_serves_on_asyncssh_s_own_path(msb: Env, gate_sandb
     code, _, err = _transfer(msb, gate_sandbox, tmp_path, extra_env={"MSB_PROXY_FASTPATH": "0"})
     assert code == 3
     assert "fast path not installed (MSB_PROXY_FASTPATH=0)" in err
+
+
+def test_mypy_sees_a_private_name_asyncssh_renamed(tmp_path: Path) -> None:
+    """The fast path is typed with asyncssh's own classes, so the type check of an upgrade
+    already names a private attribute it uses that asyncssh renamed, before any test runs."""
+    import subprocess
+    import sys
+
+    _renamed_copy(ASYNCSSH, tmp_path / "stubs" / "asyncssh", "_send_seq")
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental", "--follow-imports=silent",
+         str(FASTPATH / "send.py")],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "MYPYPATH": str(tmp_path / "stubs")}, cwd=FASTPATH.parents[1])
+    assert done.returncode == 1, done.stdout
+    assert '"SSHServerConnection" has no attribute "_send_seq"' in done.stdout

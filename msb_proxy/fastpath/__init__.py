@@ -63,7 +63,7 @@ class FastPath(ConnectionHooks):
     the first session whose process offers plain pipes, on a pipe transport."""
 
     def __init__(self, conn: asyncssh.SSHServerConnection, *, relay_loop: str = "c") -> None:
-        self._conn: Any = conn
+        self._conn = conn
         self._relay_loop = relay_loop
         self.active = True
         self.receiver = Receiver(conn, self.fail)
@@ -85,7 +85,7 @@ class FastPath(ConnectionHooks):
         _log.debug("fast path off for this connection after a fault: %s", reason)
         if self.relay is not None:
             self.relay.detach()
-            client = self._conn._transport
+            client: Any = self._conn._transport  # the stdio transport the relay hooked
             if getattr(client, "after_read", None) == self.relay.run:
                 client.after_read = None
         self.sender.uninstall()
@@ -124,7 +124,8 @@ class FastPath(ConnectionHooks):
         if self.relay is not None or self._relay_refused or not self.active:
             return self.relay
         self._relay_refused = True
-        client = self._conn._transport
+        # Over stdio, our pipe-pair transport (transport/stdio.py: pipes(), after_read).
+        client: Any = self._conn._transport
         pipes = getattr(client, "pipes", None)
         loop = asyncio.get_running_loop()
         if not callable(pipes) or pipes() is None or not hasattr(client, "after_read"):
@@ -134,8 +135,9 @@ class FastPath(ConnectionHooks):
             _say_once(refusal)
             return None
         native = relay.compiled_loop() if self._relay_loop == "c" else None
-        self.relay = relay.Relay(self._conn, loop=loop, receiver=self.receiver, sender=self.sender,
-                           client=client, native=native, failed=self.fail)
+        self.relay = relay.Relay(self._conn, loop=loop, receiver=self.receiver,
+                                 sender=self.sender, client=client, native=native,
+                                 failed=self.fail)
         self._relay_refused = False
         client.after_read = self.relay.run
         _log.debug("relay on, %s loop", "C" if native is not None else "Python")

@@ -30,12 +30,15 @@ its owner, which takes the fast path off the connection: never a lost byte, neve
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import asyncssh
 
 from msb_proxy.fastpath import gate
 from msb_proxy.transport.batching import feed_slices
+
+if TYPE_CHECKING:
+    from asyncssh.encryption import Encryption, ETMEncryption
 
 __all__ = ["Receiver"]
 
@@ -75,7 +78,7 @@ class Receiver:
 
     def __init__(self, conn: asyncssh.SSHServerConnection,
                  failed: Callable[[str], None]) -> None:
-        self._conn: Any = conn
+        self._conn = conn
         self._receive = conn.data_received  # asyncssh's own
         self._failed = failed
         self._broken = False
@@ -98,7 +101,7 @@ class Receiver:
 
     def install(self) -> None:
         """Answer the connection's ``data_received`` (an instance attribute)."""
-        self._conn.data_received = self.feed
+        self._conn.data_received = self.feed  # type: ignore[method-assign,assignment]
 
     def uninstall(self) -> None:
         """Give ``data_received`` back to asyncssh; held input goes to it now."""
@@ -217,7 +220,7 @@ class Receiver:
         """Whether the next packet may take the short path (see :meth:`_ready`)."""
         return not self._broken and self._ready(self._conn)
 
-    def _ready(self, conn: Any) -> bool:
+    def _ready(self, conn: asyncssh.SSHServerConnection) -> bool:
         """Whether the next packet may take the short path: asyncssh between packets, and the
         connection established with an EtM cipher, nothing more to it."""
         encryption = conn._recv_encryption
@@ -248,7 +251,8 @@ class Receiver:
             end = body_end + conn._recv_macsize
             if end > size:
                 return pos
-            encryption = conn._recv_encryption
+            # _ready() checked its type; the cast lets mypy check the names we use of it.
+            encryption = cast("ETMEncryption", conn._recv_encryption)
             seq = conn._recv_seq
             if not encryption._mac.verify(seq, buf[pos:body_end], buf[body_end:end]):
                 self._pass(buf, pos)  # asyncssh checks it again and closes the connection
@@ -267,7 +271,7 @@ class Receiver:
             if (plain[1] == _CHANNEL_DATA and padding >= _MIN_PADDING
                     and data_end > _DATA_HEADER
                     and int.from_bytes(plain[6:10], "big") == data_end - _DATA_HEADER):
-                chan: Any = channels.get(int.from_bytes(plain[2:6], "big"))
+                chan = channels.get(int.from_bytes(plain[2:6], "big"))
                 if (chan is not None and self._channel_ok(chan)
                         and chan._recv_state == "open"
                         and data_end - _DATA_HEADER <= chan._recv_window
@@ -306,7 +310,7 @@ class Receiver:
 
     def _replay(self, packet: bytes, encryption: Any, plain: bytes) -> None:
         conn = self._conn
-        stand_in = _Decrypted(conn, encryption, plain)
+        stand_in = cast("Encryption", _Decrypted(conn, encryption, plain))  # duck-typed
         conn._recv_encryption = stand_in
         try:
             self._receive(packet)

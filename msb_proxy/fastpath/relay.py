@@ -52,7 +52,7 @@ import select
 import struct
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import asyncssh
 
@@ -64,6 +64,9 @@ from msb_proxy.fastpath.umac import CachedKeyUMAC
 from msb_proxy.server.hooks import RelayedSession
 from msb_proxy.transport.batching import batch
 from msb_proxy.transport.stdio import ClientPipes
+
+if TYPE_CHECKING:
+    from asyncssh.encryption import ETMEncryption
 
 __all__ = ["Relay", "compiled_loop"]
 
@@ -93,8 +96,8 @@ class Relay:
     our code fails, and the owner then stops the relay.
     """
 
-    def __init__(self, conn: Any, *, loop: Any, receiver: Receiver, sender: Sender,
-                 client: Any, native: ModuleType | None,
+    def __init__(self, conn: asyncssh.SSHServerConnection, *, loop: Any, receiver: Receiver,
+                 sender: Sender, client: Any, native: ModuleType | None,
                  failed: Callable[[str], None]) -> None:
         self._loop = loop
         self._conn = conn
@@ -105,7 +108,7 @@ class Relay:
         self._failed = failed
         self._running = False
         self._session: RelayedSession | None = None
-        self._chan: Any = None
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._process: GuestProcess | None = None
         self._payloads: list[bytes] = []
         self._backlog = b""  # client bytes the C loop handed back, from a packet's start
@@ -115,7 +118,8 @@ class Relay:
     def attached(self) -> bool:
         return self._session is not None
 
-    def attach(self, session: RelayedSession, chan: Any, process: GuestProcess) -> bool:
+    def attach(self, session: RelayedSession, chan: asyncssh.SSHServerChannel[bytes],
+               process: GuestProcess) -> bool:
         """Relay ``chan``, carried by ``process``; False if another is, or it has no pipes."""
         if self._session is not None or process.raw_pipes() is None:
             return False
@@ -193,13 +197,18 @@ class Relay:
         nothing is queued for the guest's stdin; otherwise the C loop hands it back."""
         conn, chan, receiver, loop = self._conn, self._chan, self._receiver, self._loop
         session, out = self._session, self._client
-        if (loop._ready or loop._stopping or session is None or not receiver.ready()
-                or not self._sender.ready()):
+        if (loop._ready or loop._stopping or session is None or chan is None
+                or not receiver.ready() or not self._sender.ready()):
             return None
-        inbound, outbound = conn._recv_encryption, conn._send_encryption
+        # ready() checked both are encrypt-then-MAC; the casts let mypy check the names used.
+        inbound = cast("ETMEncryption", conn._recv_encryption)
+        outbound = cast("ETMEncryption", conn._send_encryption)
         decryptor = getattr(inbound._cipher, "_decryptor", None)
         encryptor = getattr(outbound._cipher, "_encryptor", None)
-        if (type(inbound._mac) is not CachedKeyUMAC or type(outbound._mac) is not CachedKeyUMAC
+        # asyncssh's MAC objects or ours, which it calls alike (CachedKeyUMAC is not its class)
+        in_mac: Any = inbound._mac
+        out_mac: Any = outbound._mac
+        if (type(in_mac) is not CachedKeyUMAC or type(out_mac) is not CachedKeyUMAC
                 or decryptor is None or encryptor is None):
             return None
         if (out.queued() or chan._send_state != "open" or chan._send_buf or chan._send_paused
@@ -214,9 +223,8 @@ class Relay:
         return (
             (loop._selector._selector.fileno(), client.read_fd, client.write_fd,
              guest.stdin if take_data else -1, guest.stdout),
-            (decryptor.update, *inbound._mac.native, inbound._mac.next_seq, conn._recv_seq),
-            (encryptor.update, *outbound._mac.native, outbound._mac.next_seq,
-             conn._send_seq),
+            (decryptor.update, *in_mac.native, in_mac.next_seq, conn._recv_seq),
+            (encryptor.update, *out_mac.native, out_mac.next_seq, conn._send_seq),
             (conn._recv_blocksize, conn._max_recv_pktlen, conn._send_blocksize,
              conn._send_enchdrlen, chan._recv_chan, chan._send_chan, take_data,
              chan._recv_window, chan._init_recv_window, chan._send_window, chan._send_pktsize,
@@ -231,8 +239,10 @@ class Relay:
         whether the relay may go on (the C loop stopped only to hand something back)."""
         conn, chan, receiver = self._conn, self._chan, self._receiver
         session, process = self._session, self._process
-        inbound, outbound = conn._recv_encryption, conn._send_encryption
+        inbound = cast("ETMEncryption", conn._recv_encryption)  # as _native_arguments saw
+        outbound = cast("ETMEncryption", conn._send_encryption)
         assert self._native is not None and session is not None and process is not None
+        assert chan is not None
         try:
             result = self._native.run(*arguments)
         except TypeError as exc:  # refused its arguments before reading anything: give the
@@ -246,8 +256,10 @@ class Relay:
         reason, state, to_client, to_guest, packet, plain, client_rest, guest_rest = result
         in_seq, in_nonce, out_seq, out_nonce, recv_window, send_window, sent, packets, reads \
             = state
-        conn._recv_seq, inbound._mac.next_seq = in_seq, in_nonce
-        conn._send_seq, outbound._mac.next_seq = out_seq, out_nonce
+        in_mac: Any = inbound._mac  # CachedKeyUMAC both, as _native_arguments checked
+        out_mac: Any = outbound._mac
+        conn._recv_seq, in_mac.next_seq = in_seq, in_nonce
+        conn._send_seq, out_mac.next_seq = out_seq, out_nonce
         conn._rekey_bytes_sent += sent
         chan._recv_window, chan._send_window = recv_window, send_window
         if packets:
@@ -342,7 +354,7 @@ class Relay:
             return False  # end of file: the backend's own read meets it
         self.inline_reads += 1
         chan, conn, out, session = self._chan, self._conn, self._client, self._session
-        assert session is not None
+        assert session is not None and chan is not None
         size = len(data)
         if (size <= chan._send_window and size <= chan._send_pktsize
                 and chan._send_state == "open" and not chan._send_buf

@@ -30,12 +30,15 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import asyncssh
 
 from msb_proxy.fastpath import gate
 from msb_proxy.fastpath.umac import JOIN_BELOW, CachedKeyUMAC
+
+if TYPE_CHECKING:
+    from asyncssh.encryption import ETMEncryption
 
 __all__ = ["Sender", "seal"]
 
@@ -50,7 +53,7 @@ class Sender:
 
     def __init__(self, conn: asyncssh.SSHServerConnection,
                  failed: Callable[[str], None]) -> None:
-        self._conn: Any = conn
+        self._conn = conn
         self._send_packet = conn.send_packet  # asyncssh's own
         self._failed = failed
         self._broken = False
@@ -60,7 +63,7 @@ class Sender:
 
     def install(self) -> None:
         """Answer the connection's ``send_packet`` (an instance attribute)."""
-        self._conn.send_packet = self.send
+        self._conn.send_packet = self.send  # type: ignore[method-assign]
 
     def uninstall(self) -> None:
         self._broken = True
@@ -90,11 +93,14 @@ class Sender:
         except Exception as exc:  # nothing was sent: asyncssh sends it
             self._failed(f"{type(exc).__name__}: {exc}")
             return False
-        self._conn._transport.writelines(parts)
+        transport = self._conn._transport
+        assert transport is not None  # ready() checked it
+        transport.writelines(parts)
         self.sealed += 1
         return True
 
-    def write_channel(self, chan: Any, data: bytes, datatype: int | None) -> None:
+    def write_channel(self, chan: asyncssh.SSHServerChannel[bytes], data: bytes,
+                      datatype: int | None) -> None:
         """``chan.write(data, datatype)``, with asyncssh's channel bookkeeping done inline
         when the data goes out as one packet at once (nothing queued before it, window and
         packet size allow): its log line, buffer copy and flush loop cost more than the packet
@@ -125,7 +131,7 @@ class Sender:
         chan.write(data, datatype)
 
 
-def fast_state(conn: Any) -> bool:
+def fast_state(conn: asyncssh.SSHServerConnection) -> bool:
     """Whether a data packet may be sealed by :func:`seal` now: an established connection
     with an encrypt-then-MAC cipher, no key exchange due, no compression."""
     return (type(conn._send_encryption) is gate.ETM_ENCRYPTION and conn._kex_complete
@@ -135,13 +141,15 @@ def fast_state(conn: Any) -> bool:
             and conn._transport is not None)
 
 
-def seal(conn: Any, pkttype: int, args: tuple[bytes, ...]) -> tuple[bytes, bytes, bytes]:
+def seal(conn: asyncssh.SSHServerConnection, pkttype: int,
+         args: tuple[bytes, ...]) -> tuple[bytes, bytes, bytes]:
     """The packet asyncssh's ``send_packet`` would send, as (length, ciphertext, MAC), with
     fewer copies; the connection's send state moves past it. :func:`fast_state` must hold.
 
     Everything that can fail comes before the cipher is used, so a failure leaves the state as
     it was and the packet can still go out through asyncssh."""
-    encryption = conn._send_encryption
+    # fast_state() checked its type; the cast lets mypy check the names we use of it.
+    encryption = cast("ETMEncryption", conn._send_encryption)
     mac = encryption._mac
     cipher = encryption._cipher
     seq = conn._send_seq
