@@ -11,6 +11,11 @@ poll of the descriptors and the loop's bookkeeping). The read callbacks that cau
 writes (the client's packets, the guest's output) run inside :func:`batch` instead: what they
 write is handed over when they return, and a request and its answer cost one loop turn each
 rather than two. That is most of the per-message cost a file-by-file transfer pays here.
+
+One write joins at most ``JOIN_SIZE`` bytes, and each piece is let go of once written: a turn
+can collect far more (a session hands a process that has just started the 4 MiB its client sent
+meanwhile), and one join copied it all while the pieces were still held, on top of what the
+transport then copies of it for a guest that does not read.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["FEED_SIZE", "BatchedWriter", "after_batch", "batch", "feed_slices"]
+__all__ = ["FEED_SIZE", "JOIN_SIZE", "BatchedWriter", "after_batch", "batch", "feed_slices"]
 
 FEED_SIZE = 32 * 1024
+JOIN_SIZE = 1 << 20  # a pipe's size: what one write can hand the kernel at most
 
 
 class _Batches(threading.local):
@@ -121,13 +127,26 @@ class BatchedWriter:
     def flush(self) -> None:
         """Hand everything collected so far to the transport now."""
         self._scheduled = False
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             return
-        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-        self._pending.clear()
+        self._pending = []
         self._pending_size = 0
-        if not self.transport.is_closing():
-            self.transport.write(data)
+        if self.transport.is_closing():
+            return
+        if len(pending) == 1:
+            self.transport.write(pending[0])
+            return
+        # From the back, so that each piece is let go of once it is written: what the
+        # transport keeps it has copied.
+        pending.reverse()
+        while pending:
+            group = [pending.pop()]
+            size = len(group[0])
+            while pending and size + len(pending[-1]) <= JOIN_SIZE:
+                size += len(pending[-1])
+                group.append(pending.pop())
+            self.transport.write(group[0] if len(group) == 1 else b"".join(group))
 
     def close(self) -> None:
         """Write what is collected, then close once the transport has written it all."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from msb_proxy.transport.batching import FEED_SIZE, BatchedWriter, batch, feed_slices
+from msb_proxy.transport.heap import HeapTrimmer
 
 __all__ = ["ClientPipes", "DuplexStream", "SshSocketStream", "SshStdioStream"]
 
@@ -47,7 +48,9 @@ class SshStdioStream:
     """This process's stdin (client to server) and stdout (server to client) as one stream.
 
     Both descriptors are switched to non-blocking mode. Nothing else may write to stdout while
-    the stream is in use: every byte there is SSH protocol.
+    the stream is in use: every byte there is SSH protocol. While the stream is open the
+    process hands back the heap memory bursts of traffic leave behind (:mod:`.heap`): it
+    serves this one connection, as a ProxyCommand does.
     """
 
     def __init__(self, read_fd: int = 0, write_fd: int = 1) -> None:
@@ -106,6 +109,7 @@ class _PipePairTransport(asyncio.Transport):
         self._closing = False
         self._lost = False
         self._pipes: ClientPipes | None = None
+        self._heap = HeapTrimmer(loop)
         self.after_read: Callable[[], None] | None = None
 
     async def attach(self, read_fd: int, write_fd: int) -> None:
@@ -131,6 +135,7 @@ class _PipePairTransport(asyncio.Transport):
                 self._pipes = ClientPipes(read_fd, write_fd)
         else:
             self._reader = _ThreadReader(self._loop, read_fd, _ReadSide(self))
+        self._heap.start()
 
     # ---- asyncio.Transport
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -143,6 +148,7 @@ class _PipePairTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
+        self._heap.stop()
         if self._reader is not None:
             self._reader.close()
         if self._writer is not None:
@@ -150,6 +156,7 @@ class _PipePairTransport(asyncio.Transport):
 
     def abort(self) -> None:
         self._closing = True
+        self._heap.stop()
         if self._reader is not None:
             self._reader.close()
         if self._writer is not None and not self._writer.is_closing():
