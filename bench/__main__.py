@@ -22,7 +22,7 @@ from msb_proxy.fastpath import relay
 
 from .harness import SIDES, BenchError, Harness, check_host
 from .report import Machine, cpu_busy, machine_cpu_seconds, render, size_words
-from .rows import FETCHES, ROWS, WORKLOADS, Row, Sample, Workload
+from .rows import CONNECTIONS, FETCHES, READY_LINES, ROWS, WORKLOADS, Row, Sample, Workload
 
 FULL_SIZE = 1 << 30
 QUICK_SIZE = 256 << 20
@@ -108,7 +108,7 @@ def _measure(harness: Harness, workloads: Sequence[Workload], rows: Sequence[Row
     size = plan.size
     for work in workloads:
         count = plan.runs_of(work)
-        timeout = HEAVY_TIMEOUT_S if work.heavy else LIGHT_TIMEOUT_S
+        timeout = HEAVY_TIMEOUT_S if work.heavy or work.connections else LIGHT_TIMEOUT_S
         for number in range(count):
             # Alternate which side goes first, so drift in the machine's load hits both alike.
             order = SIDES if number % 2 == 0 else tuple(reversed(SIDES))
@@ -116,13 +116,24 @@ def _measure(harness: Harness, workloads: Sequence[Workload], rows: Sequence[Row
                 if (work.key, side) in failures:
                     continue
                 try:
-                    sample = harness.timed(side, work, size, timeout, check=number == 0)
+                    if work.connections:
+                        taken = harness.concurrent(side, work, timeout)
+                    else:
+                        taken = [harness.timed(side, work, size, timeout, check=number == 0)]
                 except BenchError as exc:
                     failures[(work.key, side)] = str(exc)
                     samples[(work.key, side)].clear()
                     _progress(f"{work.key} {number + 1}/{count} {side}: failed: {exc}")
                     continue
-                samples[(work.key, side)].append(sample)
+                samples[(work.key, side)] += taken
+                if work.connections:
+                    unique = sorted(sample.uss_kib or 0 for sample in taken)
+                    _progress(f"{work.key} {number + 1}/{count} {side}: {len(taken)} "
+                              f"connections, unique memory median "
+                              f"{statistics.median(unique) / 1024:.1f} MiB, largest "
+                              f"{unique[-1] / 1024:.1f} MiB")
+                    continue
+                sample = taken[0]
                 rate = f", {size / sample.seconds / 1e6:.0f} MB/s" if work.key in rated else ""
                 checked = ", checked" if number == 0 and work.check else ""
                 _progress(f"{work.key} {number + 1}/{count} {side}: "
@@ -149,7 +160,7 @@ def _notes(plan: Plan, busy: float, harness: Harness, workloads: Sequence[Worklo
     runs, size, files = plan.runs, plan.size, plan.files
     fewer: dict[int, list[str]] = {}
     for work in workloads:
-        if plan.runs_of(work) < (runs[1] if work.heavy else runs[0]):
+        if not work.connections and plan.runs_of(work) < (runs[1] if work.heavy else runs[0]):
             fewer.setdefault(plan.runs_of(work), []).append(work.key)
     notes = [
         f"median (min..max) over {runs[0]} runs per side for latency rows and {runs[1]} for "
@@ -204,8 +215,21 @@ def _notes(plan: Plan, busy: float, harness: Harness, workloads: Sequence[Worklo
             "(each a new TCP connection, so a new direct-tcpip channel, to python's "
             "http.server in the guest); the figure is the run's time per curl, curl's own "
             "start-up included; msb-proxy's warm server serves that tunnel")
-    lingers = {side: [sample.linger * 1000 for (_, each), taken in samples.items()
-                      if each == side for sample in taken] for side in SIDES}
+    if any(work.connections for work in workloads):
+        notes.append(
+            f"memory rows: {CONNECTIONS} `ssh` clients at once, each running a session that "
+            f"prints a line a second (one such run per side unless `--runs` says otherwise, "
+            f"each connection a sample); once each has printed {READY_LINES} lines, "
+            "/proc/PID/smaps_rollup of the processes serving each connection: USS = "
+            "Private_Clean + Private_Dirty (what the connection costs the machine: pages "
+            "shared with the warm server it was forked from are not counted), PSS = Pss; "
+            "median (min..max) over the connections. msb-proxy: the warm server's child "
+            "(matched to its client by the pipe it serves); sshd: the sshd processes below "
+            "the connection's nsenter. The guest's processes count on neither side")
+    untimed = {work.key for work in workloads if work.connections}
+    lingers = {side: [sample.linger * 1000 for (key, each), taken in samples.items()
+                      if each == side and key not in untimed for sample in taken]
+               for side in SIDES}
     if all(lingers.values()):
         notes.append(
             "after the ssh client exited, its ProxyCommand took a further median "

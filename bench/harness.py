@@ -25,6 +25,7 @@ import ctypes
 import os
 import re
 import secrets
+import selectors
 import shlex
 import shutil
 import signal
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import IO
 
 from . import datasets
-from .rows import FETCHES, Sample, Workload
+from .rows import FETCHES, READY_LINES, Sample, Workload
 
 __all__ = ["SIDES", "BenchError", "Handshake", "Harness", "check_host"]
 
@@ -364,6 +365,72 @@ class Harness:
         return Sample(outcome.seconds, rss_kib,
                       None if proxy_cpu is None else proxy_cpu + guest, outcome.linger)
 
+    def concurrent(self, side: str, work: Workload, timeout: float) -> list[Sample]:
+        """``work.connections`` clients of ``work.command`` on ``side`` at once; once each has
+        printed ``READY_LINES`` lines, one sample per connection of the memory its server side
+        holds (see ``Sample``). All of them are ended before this returns."""
+        command = self.command(side, work.command, warm=work.warm)
+        clients: list[subprocess.Popen[bytes]] = []
+        with tempfile.TemporaryFile() as err:
+            try:
+                start = time.perf_counter()
+                for _ in range(work.connections):
+                    # exec: SIGTERM reaches ssh itself, which ends its ProxyCommand in turn.
+                    clients.append(subprocess.Popen(
+                        ["bash", "-c", f"trap '' HUP; exec {command}"], env=self._env(None),
+                        cwd=self.root, start_new_session=True, stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE, stderr=err))
+                try:
+                    ready = _lines_printed(clients, start, timeout)
+                except BenchError as exc:
+                    err.seek(0)
+                    last = err.read().decode(errors="replace").strip().splitlines()
+                    raise BenchError(f"{side}: `{command}`: {exc} "
+                                     f"({last[-1] if last else 'no error output'})") from None
+                samples = []
+                for client, seconds in zip(clients, ready, strict=True):
+                    serving, proxy_command = self._serving(side, client.pid)
+                    held = [_memory_kib(pid) for pid in serving]
+                    own = _memory_kib(proxy_command)
+                    samples.append(Sample(
+                        seconds, None, None, uss_kib=sum(uss for uss, _ in held),
+                        pss_kib=sum(pss for _, pss in held), command_uss_kib=own[0]))
+                return samples
+            finally:
+                for client in clients:
+                    client.terminate()
+                for client in clients:
+                    client.wait()
+                    if client.stdout is not None:
+                        client.stdout.close()
+                self._reap_orphans(command)
+
+    def _serving(self, side: str, ssh: int) -> tuple[list[int], int]:
+        """The processes serving the connection of the ssh client ``ssh``, and its ProxyCommand
+        process (under ``time``). msb-proxy's ``stdio`` hands the connection to the warm
+        server's child that has the very same pipe as its standard input; sshd's are the
+        ``sshd`` processes below nsenter (the guest's, below them, are left out)."""
+        timers = _children(ssh)
+        proxy_commands = {child for timer in timers for child in _children(timer)}
+        if len(proxy_commands) != 1:
+            raise BenchError(f"{side}: ssh client {ssh} has {len(proxy_commands)} ProxyCommand "
+                             "processes under time, not 1")
+        proxy_command = proxy_commands.pop()
+        if side == "sshd":
+            below = _descendants(proxy_command)
+            return [pid for pid in below if _comm(pid) == "sshd"], proxy_command
+        stdin = _stdin(proxy_command)
+        marker = str(self.runtime_dir).encode()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != proxy_command:
+                with contextlib.suppress(OSError):
+                    argv = (entry / "cmdline").read_bytes().split(b"\0")
+                    if (b"msb_proxy.cli.warm" in argv and any(a.startswith(marker) for a in argv)
+                            and _stdin(int(entry.name)) == stdin):
+                        return [int(entry.name)], proxy_command
+        raise BenchError(f"{side}: no warm server's child serves the connection of ssh client "
+                         f"{ssh}: its ProxyCommand served it itself")
+
     def _host(self, side: str, template: str, size: int, timeout: float) -> str:
         """Run an untimed host command for ``side`` (remote only through ``{ssh}``, the warm one);
         its standard output; fails on a non-zero exit."""
@@ -641,6 +708,72 @@ def _children(pid: int) -> set[int]:
             with contextlib.suppress(OSError):
                 found.update(int(child) for child in (task / "children").read_text().split())
     return found
+
+
+def _lines_printed(clients: list[subprocess.Popen[bytes]], start: float,
+                   timeout: float) -> list[float]:
+    """Wait until every client has printed ``READY_LINES`` lines on its standard output; when
+    each had (seconds since ``start``)."""
+    lines = {client.pid: 0 for client in clients}
+    when: dict[int, float] = {}
+    with selectors.DefaultSelector() as selector:
+        for client in clients:
+            assert client.stdout is not None
+            selector.register(client.stdout, selectors.EVENT_READ, client)
+        while len(when) < len(clients):
+            left = start + timeout - time.perf_counter()
+            if left <= 0:
+                raise BenchError(f"{len(clients) - len(when)} of {len(clients)} clients had not "
+                                 f"printed {READY_LINES} lines within {timeout:.0f} s")
+            for key, _ in selector.select(left):
+                pid = key.data.pid
+                chunk = os.read(key.fd, 4096)
+                if not chunk:
+                    raise BenchError(f"a client ended after {lines[pid]} lines")
+                lines[pid] += chunk.count(b"\n")
+                if lines[pid] >= READY_LINES and pid not in when:
+                    when[pid] = time.perf_counter() - start
+                    selector.unregister(key.fileobj)
+    return [when[client.pid] for client in clients]
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _comm(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    return ""
+
+
+def _stdin(pid: int) -> str:
+    """What ``pid``'s standard input is (``pipe:[inode]``), or "" once it is gone."""
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/{pid}/fd/0")
+    return ""
+
+
+def _memory_kib(pid: int) -> tuple[int, int]:
+    """(USS, PSS) of ``pid`` in KiB, from ``smaps_rollup``: its private pages (clean and
+    dirty), and every page it maps divided by the number of processes mapping it."""
+    fields: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                name, _, value = line.partition(":")
+                if name in ("Private_Clean", "Private_Dirty", "Pss"):
+                    fields[name] = int(value.split()[0])
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cannot read the memory of process {pid}: {exc}") from None
+    return fields["Private_Clean"] + fields["Private_Dirty"], fields["Pss"]
 
 
 def _become_subreaper() -> None:

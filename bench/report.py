@@ -148,15 +148,24 @@ def _cell(metric: Metric, value: Figure | None) -> str:
 
 def _target(metric: Metric) -> str:
     better = "lower is better" if metric.lower_is_better else "higher is better"
+    if metric.limit is not None:
+        bound = "≤" if metric.lower_is_better else "≥"
+        return f"msb-proxy {bound} {metric.limit:g} {metric.unit} each ({better})"
     if metric.target is None:
         return f"none ({better})"
     bound = "≤" if metric.lower_is_better else "≥"
     return f"{bound} {metric.target:.2f} ({better})"
 
 
-def _met(metric: Metric, ratio: float | None, mine: str) -> str:
-    if metric.target is not None and mine == FAILED:
+def _met(metric: Metric, ratio: float | None, mine: str, figure: Figure | None) -> str:
+    if (metric.target is not None or metric.limit is not None) and mine == FAILED:
         return "**no**"
+    if metric.limit is not None:
+        if figure is None:
+            return "-"
+        worst = figure.high if metric.lower_is_better else figure.low
+        ok = worst <= metric.limit if metric.lower_is_better else worst >= metric.limit
+        return "yes" if ok else "**no**"
     if metric.target is None or ratio is None:
         return "-"
     ok = ratio <= metric.target if metric.lower_is_better else ratio >= metric.target
@@ -195,7 +204,7 @@ def render(machine: Machine, handshakes: Mapping[str, Handshake], rows: Sequence
         lines.append(
             f"| {row.label.format(**words)} | {cells['msb-proxy']} "
             f"| {cells['sshd']} | {'n/a' if ratio is None else f'{ratio:.2f}'} "
-            f"| {_target(row.metric)} | {_met(row.metric, ratio, cells['msb-proxy'])} |")
+            f"| {_target(row.metric)} | {_met(row.metric, ratio, cells['msb-proxy'], mine)} |")
     lines += ["", *(f"- **{key} failed on {side}**: {why}"
                     for (key, side), why in failures.items())]
     lines += [f"- {note}" for note in notes]

@@ -19,6 +19,10 @@ text may use these placeholders, filled in per side (paths need no quoting):
     {fetches}     how many fetches the tunnel-open workload makes per run (``FETCHES``)
     {tree_digest} the shell pipeline that prints a tree's digest (see datasets.py)
 
+A workload with ``connections`` is not timed: that many clients of its command run at once,
+and once each has printed ``READY_LINES`` lines the memory of every connection's server side is
+read, one sample per connection (see :class:`Sample`).
+
 A *row* reduces the samples of one or more workloads to one figure per side and compares them,
 msb-proxy over sshd. Adding a benchmark is adding a :class:`Workload` to ``WORKLOADS`` and a
 :class:`Row` to ``ROWS``; nothing else needs to change.
@@ -29,10 +33,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["FETCHES", "LATENCY", "PEAK_RSS", "ROWS", "SERVER_CPU", "THROUGHPUT", "TREE_TIME",
-           "TUNNEL_OPEN", "TUNNEL_THROUGHPUT", "WORKLOADS", "Metric", "Row", "Sample", "Workload"]
+__all__ = ["CONNECTIONS", "CONNECTION_MEMORY", "FETCHES", "LATENCY", "PEAK_RSS",
+           "PROPORTIONAL_MEMORY", "READY_LINES", "ROWS", "SERVER_CPU", "THROUGHPUT", "TREE_TIME",
+           "TUNNEL_OPEN", "TUNNEL_THROUGHPUT", "UNIQUE_MEMORY", "WORKLOADS", "Metric", "Row",
+           "Sample", "Workload"]
 
 FETCHES = 50  # curls per run of the tunnel-open workload
+CONNECTIONS = 50  # clients at once in the memory workload (issue 12)
+READY_LINES = 3  # lines each of them prints before its memory is read: two of slow output
 # Runs per side of each 1 GiB and 10,000-file transfer of issues 3 and 5 (--runs overrides): one
 # each already takes some eight minutes on a 2-core machine, and `make bench` should take ten.
 TRANSFER_RUNS = 1
@@ -59,6 +67,9 @@ class Workload:
     ``check`` proves the first run on each side moved the right bytes: it runs after that run
     (with a ``background`` of its own, before ``teardown``) and must print the digest of data
     set ``data`` (see datasets.py), the first word of its output compared.
+
+    ``connections``: a memory workload (see the module's docstring); ``command`` must print
+    lines on its standard output.
     """
 
     key: str
@@ -71,6 +82,7 @@ class Workload:
     background: str = ""
     check: str = ""
     teardown: str = ""
+    connections: int = 0
 @dataclass(frozen=True)
 class Sample:
     """One run of a workload on one side.
@@ -83,12 +95,23 @@ class Sample:
     sshd's are sshd's). Both are None when no ProxyCommand reported. ``linger`` is how long
     after the command exited its ProxyCommand took to end on its own (the bench shields it
     from ssh's SIGHUP): not part of ``seconds``.
+
+    A memory workload's sample is one connection: ``seconds`` until it had printed
+    ``READY_LINES`` lines; ``uss_kib`` and ``pss_kib``, the private memory (USS) and the
+    proportional share (PSS, shared pages divided among their users) of the processes that
+    serve it (msb-proxy: the warm server's child; sshd: its sshd processes, one for a root
+    login, which sshd serves without a privilege-separated child);
+    ``command_uss_kib``, the USS of its ProxyCommand process besides (msb-proxy: the ``stdio``
+    that handed the connection over and waits for its end; sshd: nsenter).
     """
 
     seconds: float
     rss_kib: int | None
     server_cpu: float | None
     linger: float = 0.0
+    uss_kib: int | None = None
+    pss_kib: int | None = None
+    command_uss_kib: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +119,8 @@ class Metric:
     """How a sample becomes a figure, and which ratio (msb-proxy / sshd) counts as good.
 
     ``target`` bounds the ratio from above when ``lower_is_better``, else from below; None
-    means the issue set no target for it.
+    means the issue set no target for it. ``limit`` is a target in the metric's own unit
+    instead, for msb-proxy's every sample (its largest figure is held to it).
     """
 
     unit: str
@@ -104,6 +128,7 @@ class Metric:
     lower_is_better: bool
     target: float | None
     decimals: int = 0
+    limit: float | None = None
 
 
 def _milliseconds(sample: Sample, _size: int) -> float:
@@ -120,6 +145,24 @@ def _rss_mib(sample: Sample, _size: int) -> float | None:
 
 def _cpu_milliseconds(sample: Sample, _size: int) -> float | None:
     return None if sample.server_cpu is None else sample.server_cpu * 1000
+
+
+def _kib_as_mib(kib: int | None) -> float | None:
+    return None if kib is None else kib / 1024
+
+
+def _uss_mib(sample: Sample, _size: int) -> float | None:
+    return _kib_as_mib(sample.uss_kib)
+
+
+def _pss_mib(sample: Sample, _size: int) -> float | None:
+    return _kib_as_mib(sample.pss_kib)
+
+
+def _connection_uss_mib(sample: Sample, _size: int) -> float | None:
+    if sample.uss_kib is None or sample.command_uss_kib is None:
+        return None
+    return (sample.uss_kib + sample.command_uss_kib) / 1024
 
 
 def _seconds(sample: Sample, _size: int) -> float:
@@ -140,6 +183,12 @@ TUNNEL_THROUGHPUT = Metric("MB/s", _megabytes_per_second, lower_is_better=False,
 TUNNEL_OPEN = Metric("ms per fetch", _milliseconds_per_fetch, lower_is_better=True, target=1.5,
                      decimals=1)
 PEAK_RSS = Metric("MiB", _rss_mib, lower_is_better=True, target=None, decimals=1)
+# Issue 12: under 15 MiB of its own per connection (what it shares with the warm server is free).
+UNIQUE_MEMORY = Metric("MiB", _uss_mib, lower_is_better=True, target=None, decimals=1,
+                       limit=15.0)
+PROPORTIONAL_MEMORY = Metric("MiB", _pss_mib, lower_is_better=True, target=None, decimals=1)
+CONNECTION_MEMORY = Metric("MiB", _connection_uss_mib, lower_is_better=True, target=None,
+                           decimals=1)
 # CPU time barely moves when other work shares the machine, unlike wall time: the rows to
 # trust on a busy host.
 SERVER_CPU = Metric("ms CPU", _cpu_milliseconds, lower_is_better=True, target=None)
@@ -236,6 +285,9 @@ WORKLOADS: tuple[Workload, ...] = (
              "for i in $(seq {fetches}); do " + _CURL + " -o /dev/null || exit 1; done",
              data="page", setup=_listen("page {guest_port} {guest_data}/www"),
              background=_FORWARD, check=_CURL + " | sha256sum", teardown=_STOP_LISTENER),
+    # Issue 12: sessions that print a line a second, as a build or a log tail does, all at once.
+    Workload("memory", "{ssh} 'echo up; while sleep 1; do echo .; done'", max_runs=1,
+             connections=CONNECTIONS),
 )
 
 _TRANSFERS = (
@@ -266,6 +318,13 @@ ROWS: tuple[Row, ...] = (
     Row("forward-open", f"time to open a tunnel: one `curl` of a 1 KiB page through an "
         f"established `ssh -L` ({FETCHES} per run)", ("forward-open",), TUNNEL_OPEN),
     Row("rss", "proxy peak RSS (upload + download runs)", ("upload", "download"), PEAK_RSS),
+    Row("memory", f"unique memory (USS) per connection of the processes serving it, "
+        f"{CONNECTIONS} at once (msb-proxy: the warm server's child; sshd: its sshd)",
+        ("memory",), UNIQUE_MEMORY),
+    Row("memory-pss", f"PSS per connection of the same processes, {CONNECTIONS} at once",
+        ("memory",), PROPORTIONAL_MEMORY),
+    Row("memory-all", f"unique memory per connection with its ProxyCommand process "
+        f"(msb-proxy stdio; nsenter), {CONNECTIONS} at once", ("memory",), CONNECTION_MEMORY),
     Row("cpu-true", "server CPU per `ssh host true` (no warm server)", ("true-cold",),
         SERVER_CPU),
     Row("cpu-upload", "server CPU per upload of {size}", ("upload",), SERVER_CPU),
