@@ -243,6 +243,8 @@ def test_killed_warm_server_leaves_its_connections_running_and_is_replaced(
         assert env.ssh(sandbox, "true").returncode == 0
         assert _wait(lambda: len(_servers(env)) == 1)
         (server,) = _servers(env)
+        # The server holds its lock a moment before its socket is bound.
+        assert _wait(lambda: len(_sockets(env)) == 1)
         (socket_file,) = _sockets(env)
 
         def kill_server() -> None:
@@ -301,7 +303,7 @@ def test_upgrade_leaves_live_connections_running_and_serves_new_ones_with_the_ne
 
         _echo_across(env, sandbox, upgrade)
         (new_server,) = set(_servers(env)) - {old_server}
-        assert len(_sockets(env)) == 2  # one per version of the code
+        assert _wait(lambda: len(_sockets(env)) == 2)  # one per version of the code
         _assert_serves(env, sandbox, new_server, not_by=old_server)
         assert _server_software(env, sandbox) == f"msb_proxy_{new_version}"
     finally:
