@@ -39,22 +39,33 @@ from fuzz.servers import PROXY, InProcessServer, ProcessServer, Server
 DEFAULT_ROOTFS = Path("/var/cache/msb-proxy/rootfs/bookworm-v1")
 DEFAULT_SEED = 20261201
 PROCESS_SEED_OFFSET = 1000  # the process slice draws with seed + this
+CHUNK = 500  # cases per hypothesis run (see run_cases)
+# An in-process worker: the servers of all its connections, one at a time, and hypothesis.
+WORKER_MAX_RSS_KIB = 384 * 1024
 SETTLE_S = 15.0
 
 
 def run_cases(count: int, seed: int, each: Callable[[int, Case], None]) -> None:
-    """Draw ``count`` cases with hypothesis seeded with ``seed`` and call ``each(i, case)``.
+    """Draw ``count`` cases with hypothesis and call ``each(i, case)``; case ``i`` is drawn in
+    chunk ``i // CHUNK``, seeded with ``seed * 1000 + chunk``.
 
     Generation only (no shrinking: ``each`` records rather than raises, so the run goes on).
+    In chunks, because hypothesis keeps a record of every choice it made for the examples of
+    one run (~60 KiB a case here): 10,000 in one run would hold ~600 MiB of it.
     """
-    counter = iter(range(count))
+    for chunk, start in enumerate(range(0, count, CHUNK)):
+        _run_chunk(range(start, min(start + CHUNK, count)), seed * 1000 + chunk, each)
 
-    @settings(max_examples=count, database=None, deadline=None, phases=[Phase.generate],
+
+def _run_chunk(indices: range, seed: int, each: Callable[[int, Case], None]) -> None:
+    counter = iter(indices)
+
+    @settings(max_examples=len(indices), database=None, deadline=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet)
     @hypothesis_seed(seed)
     @given(cases())
     def one(case: Case) -> None:
-        each(next(counter, count), case)
+        each(next(counter, indices.stop), case)
 
     one()
 
@@ -139,11 +150,16 @@ def worker(args: argparse.Namespace) -> int:
 
     run_cases(args.cases, args.seed, each)
     tally.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.mode != "process" and peak > WORKER_MAX_RSS_KIB:
+        tally.stats["failed"] += 1
+        print(f"FINDING [{args.mode} seed {args.seed}] memory: the worker's peak RSS "
+              f"{peak // 1024} MiB is over {WORKER_MAX_RSS_KIB // 1024} MiB", flush=True)
     summary = {"mode": args.mode, "seed": args.seed, "stats": dict(tally.stats),
                "seconds": round(time.monotonic() - started, 1),
                "slowest_case_s": round(tally.slowest, 2),
                "rss_after_100_kib": rss_after_warmup, "rss_end_kib": rss_kib(),
-               "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               "max_rss_kib": peak,
                "peak_case_rss_kib": tally.peak_case_rss}
     print("SUMMARY " + json.dumps(summary), flush=True)
     return 0

@@ -32,6 +32,7 @@ import base64
 import json
 import random
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -552,38 +553,43 @@ class _Connection:
         return chan, chan.remote if chan.remote is not None else step.raw_chan
 
 
-def _payloads(conn: _Connection, step: Step, index: int) -> list[bytes]:
-    """The payloads a connection-stage step sends; marks what may end the connection."""
+def _payloads(conn: _Connection, step: Step, index: int) -> Iterator[bytes]:
+    """The payloads a connection-stage step sends, one at a time (a few thousand of a MiB
+    each must not be held at once); marks what may end the connection."""
     client = conn.client
     kind = step.kind
     if not step.well_formed:
         conn.suspect(f"step {index}: malformed {kind} {step.name!r}")
     if kind == "open":
-        payloads = []
+        if step.max_packet == 0:
+            conn.suspect(f"step {index}: channel open with a maximum packet size of 0")
         for _ in range(step.repeat):
             fresh = client.new_channel()
             conn.opened.append(fresh)
-            payloads.append(client.open_payload(fresh, step.name, step.body, window=step.window,
-                                                max_packet=step.max_packet))
-        if step.max_packet == 0:
-            conn.suspect(f"step {index}: channel open with a maximum packet size of 0")
-        return payloads
+            yield client.open_payload(fresh, step.name, step.body, window=step.window,
+                                      max_packet=step.max_packet)
+        return
     if kind == "global":
         if step.name == b"no-more-sessions@openssh.com":
             conn.no_more_sessions = True
-        return [bytes([ssh.GLOBAL_REQUEST]) + ssh.string(step.name)
-                + ssh.boolean(step.want_reply) + step.body] * step.repeat
+        yield from [bytes([ssh.GLOBAL_REQUEST]) + ssh.string(step.name)
+                    + ssh.boolean(step.want_reply) + step.body] * step.repeat
+        return
     if kind == "raw":
         if step.code < 128:
             conn.suspect(f"step {index}: message type {step.code} with a body of our own")
-        return [bytes([step.code]) + step.body] * step.repeat
+        yield from [bytes([step.code]) + step.body] * step.repeat
+        return
     if kind == "ignore":
-        return [bytes([ssh.IGNORE]) + ssh.string(step.body)] * step.repeat
+        yield from [bytes([ssh.IGNORE]) + ssh.string(step.body)] * step.repeat
+        return
     if kind == "debug":
-        return [bytes([ssh.DEBUG]) + ssh.boolean(False) + ssh.string(step.body)
-                + ssh.string(b"")] * step.repeat
+        yield from [bytes([ssh.DEBUG]) + ssh.boolean(False) + ssh.string(step.body)
+                    + ssh.string(b"")] * step.repeat
+        return
     if kind == "unimplemented":
-        return [bytes([ssh.UNIMPLEMENTED]) + ssh.u32(step.size)] * step.repeat
+        yield from [bytes([ssh.UNIMPLEMENTED]) + ssh.u32(step.size)] * step.repeat
+        return
     chan, recipient = conn.target(step)
     if chan is None or chan.remote is None:
         conn.suspect(f"step {index}: {kind} for channel {recipient}, which is not open")
@@ -593,10 +599,10 @@ def _payloads(conn: _Connection, step: Step, index: int) -> list[bytes]:
     if kind == "request":
         if not step.name.isascii():
             conn.suspect(f"step {index}: a request name that is not ASCII")
-        return [bytes([ssh.CHANNEL_REQUEST]) + head + ssh.string(step.name)
+        yield from [bytes([ssh.CHANNEL_REQUEST]) + head + ssh.string(step.name)
                 + ssh.boolean(step.want_reply) + step.body] * step.repeat
+        return
     if kind in ("data", "ext"):
-        payloads = []
         for _ in range(step.repeat):
             data = step.body or client.rng.randbytes(step.size)
             if chan is not None:
@@ -608,30 +614,33 @@ def _payloads(conn: _Connection, step: Step, index: int) -> list[bytes]:
                 chan.window = max(0, chan.window - len(data))
             if kind == "ext":
                 conn.suspect(f"step {index}: extended data from the client")
-                payloads.append(bytes([ssh.EXTENDED_DATA]) + head + ssh.u32(step.code)
-                                + ssh.string(data))
+                yield (bytes([ssh.EXTENDED_DATA]) + head + ssh.u32(step.code)
+                       + ssh.string(data))
             else:
-                payloads.append(bytes([ssh.CHANNEL_DATA]) + head + ssh.string(data))
-        return payloads
+                yield bytes([ssh.CHANNEL_DATA]) + head + ssh.string(data)
+        return
     if kind == "eof":
         if chan is not None:
             if chan.we_eof or step.repeat > 1:
                 conn.suspect(f"step {index}: a second EOF")
             chan.we_eof = True
-        return [bytes([ssh.CHANNEL_EOF]) + head] * step.repeat
+        yield from [bytes([ssh.CHANNEL_EOF]) + head] * step.repeat
+        return
     if kind == "close":
         if chan is not None:
             if step.repeat > 1:
                 conn.suspect(f"step {index}: a second close")
             chan.we_closed = True
-        return [bytes([ssh.CHANNEL_CLOSE]) + head] * step.repeat
+        yield from [bytes([ssh.CHANNEL_CLOSE]) + head] * step.repeat
+        return
     if kind == "adjust":
         if chan is not None:
             total = chan.our_window + step.size * step.repeat
             if total > 2**32 - 1:
                 conn.suspect(f"step {index}: a window adjustment past 2^32")
             chan.our_window = min(total, 2**32 - 1)
-        return [bytes([ssh.WINDOW_ADJUST]) + head + ssh.u32(step.size)] * step.repeat
+        yield from [bytes([ssh.WINDOW_ADJUST]) + head + ssh.u32(step.size)] * step.repeat
+        return
     raise ValueError(f"unknown step kind {kind!r}")
 
 
@@ -641,7 +650,7 @@ def _damaged(step: Step, payload: bytes) -> bytes:
     return payload + step.append
 
 
-def _send(conn: _Connection, step: Step, payloads: list[bytes], index: int) -> None:
+def _send(conn: _Connection, step: Step, payloads: Iterable[bytes], index: int) -> None:
     client = conn.client
     if step.mutation is not None:
         conn.suspect(f"step {index}: framing damaged ({step.mutation})")
