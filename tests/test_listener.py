@@ -4,14 +4,18 @@ connections are open; a port in use; a non-loopback address."""
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from conftest import PROXY, Env
@@ -162,3 +166,63 @@ def test_a_non_loopback_address_gets_a_one_line_warning(msb: Env) -> None:
         "msb-proxy: warning: listening on 0.0.0.0, not a loopback address: other machines "
         f"can reach sandbox {name!r} (with an authorized key)\n")
     assert listener.stop() == (0, "")
+
+
+GUEST_ECHO = ("import socket, sys\n"
+              "server = socket.create_server(('127.0.0.1', 0))\n"
+              "print(server.getsockname()[1], flush=True)\n"
+              "conn, _ = server.accept()\n"
+              "conn.sendall(conn.recv(100).upper())\n")
+
+
+def test_a_tunnel_and_the_agent_go_through_the_listener(msb: Env, served: tuple[str, Listener],
+                                                        tmp_path: Path) -> None:
+    """The listener's connections are served like ssh msb-NAME's: -L to a guest port, and
+    -A (the guest's ssh-add lists the client's key)."""
+    _, listener = served
+    guest = subprocess.Popen(["ssh", "-p", str(listener.port), *client_options(msb),
+                              "root@127.0.0.1", f"python3 -c {shlex.quote(GUEST_ECHO)}"],
+                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert guest.stdout is not None
+    guest_port = int(guest.stdout.readline())
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        local_port = free.getsockname()[1]
+    tunnel = subprocess.Popen(["ssh", "-p", str(listener.port), *client_options(msb), "-N",
+                               "-o", "ExitOnForwardFailure=yes",
+                               "-L", f"{local_port}:127.0.0.1:{guest_port}", "root@127.0.0.1"],
+                              stdin=subprocess.DEVNULL)
+    try:
+        answer = b""
+        for _ in range(WAIT_S * 10):  # until the client's -L listens
+            try:
+                with socket.create_connection(("127.0.0.1", local_port), timeout=WAIT_S) as sock:
+                    sock.sendall(b"through the tunnel")
+                    answer = sock.recv(100)
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.1)
+        assert answer == b"THROUGH THE TUNNEL"
+    finally:
+        tunnel.terminate()
+        tunnel.wait(timeout=WAIT_S)
+        guest.kill()
+        guest.wait(timeout=WAIT_S)
+    started = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True)
+    sock_path = re.search(r"SSH_AUTH_SOCK=([^;]+);", started.stdout)
+    pid = re.search(r"SSH_AGENT_PID=(\d+);", started.stdout)
+    assert sock_path is not None and pid is not None
+    env = dict(os.environ, SSH_AUTH_SOCK=sock_path.group(1))
+    try:
+        key = tmp_path / "agent_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
+        subprocess.run(["ssh-add", "-q", str(key)], env=env, check=True, capture_output=True)
+        listed = subprocess.run(["ssh-keygen", "-l", "-f", f"{key}.pub"], capture_output=True,
+                                text=True, check=True).stdout
+        run = subprocess.run(["ssh", "-A", "-p", str(listener.port), *client_options(msb),
+                              "root@127.0.0.1", "ssh-add -l"], capture_output=True, text=True,
+                             env=env, stdin=subprocess.DEVNULL, timeout=WAIT_S, check=False)
+        assert (run.returncode, run.stdout) == (0, listed), run.stderr
+    finally:
+        os.kill(int(pid.group(1)), signal.SIGTERM)
