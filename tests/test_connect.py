@@ -179,3 +179,20 @@ def test_sigterm_while_attached_restores_the_terminal_and_exits_128_plus_15(
     child.wait()
     child.close()
     assert (child.exitstatus, restored) == (143, cooked)
+
+
+def test_dash_t_from_a_terminal_runs_the_command_on_a_pty_of_its_size_in_raw_mode(
+        terminal: pexpect.spawn, name: str) -> None:
+    """As ``ssh -t host COMMAND``: a PTY of the terminal's size, this terminal raw while it
+    runs (the typed line is echoed once, by the guest's terminal, not twice), the command's
+    exit status, and the terminal's modes as they were."""
+    modes = outer(terminal, "stty -g")
+    terminal.sendline(f"{PROXY} connect -q -t {name} "
+                      "'stty size; read line; echo \"got $line\"; exit 5'")
+    terminal.expect_exact("24 80\r\n")
+    terminal.send("typed\r")
+    terminal.expect_exact("got typed\r\n")
+    assert str(terminal.before).count("typed") == 1
+    terminal.expect_exact(OUTER)
+    assert outer(terminal, "echo rc=$?") == "rc=5\n"
+    assert outer(terminal, "stty -g") == modes

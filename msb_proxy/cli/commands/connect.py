@@ -40,9 +40,11 @@ def run(config: Config, args: argparse.Namespace) -> int:
     async def connect() -> int:
         client = await SandboxSsh(name, config=config).connect(user=args.user)
         async with client:
-            if not command:
+            if not command or (args.tty and os.isatty(sys.stdin.fileno())):
+                # A shell, or -t from a terminal: raw mode, window changes, detach keys
                 return await attach(client.connection(), term=client.term,
-                                    detach_keys=args.detach_keys, pty=args.tty)
+                                    detach_keys=args.detach_keys, pty=args.tty,
+                                    command=command or None)
             return await _exec(client, command, tty=bool(args.tty))
 
     return asyncio.run(connect())
