@@ -226,3 +226,20 @@ def test_a_tunnel_and_the_agent_go_through_the_listener(msb: Env, served: tuple[
         assert (run.returncode, run.stdout) == (0, listed), run.stderr
     finally:
         os.kill(int(pid.group(1)), signal.SIGTERM)
+
+
+def test_msb_proxy_config_prints_a_block_that_reaches_the_listener_with_checking_on(
+        msb: Env, served: tuple[str, Listener], tmp_path: Path) -> None:
+    name, listener = served
+    block = msb.msb_proxy("config", "--listener", name, "--listen-port", str(listener.port))
+    assert block.returncode == 0, block.err
+    assert block.out.splitlines()[:5] == [
+        f"Host msb-{name}-listener", "  HostName 127.0.0.1", f"  Port {listener.port}",
+        "  User root", f"  HostKeyAlias msb-{name}"]
+    config = tmp_path / "ssh_config"
+    config.write_text(block.out + f"  IdentityFile {msb.key}\n  IdentitiesOnly yes\n"
+                      "  BatchMode yes\n")
+    run = subprocess.run(["ssh", "-F", str(config), f"msb-{name}-listener", "echo checked"],
+                         capture_output=True, stdin=subprocess.DEVNULL, timeout=WAIT_S,
+                         check=False)
+    assert (run.returncode, run.stdout) == (0, b"checked\n"), run.stderr

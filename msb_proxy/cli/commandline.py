@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
+from msb_proxy.client import DEFAULT_SSH_HOST, DEFAULT_SSH_PORT
 from msb_proxy.errors import ConfigError, UserError
 from msb_proxy.version import __version__
 
@@ -87,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--user", default="root", help="guest user to log in as (default: root)")
     config.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra ssh_config option for these hosts (repeatable)")
+    config.add_argument("--listener", metavar="NAME",
+                        help="print instead a block for 'msb-proxy serve NAME': host "
+                             "PREFIXNAME-listener, checked against the sandbox's pinned key")
+    config.add_argument("--listen-host", default=DEFAULT_SSH_HOST, metavar="HOST",
+                        help=f"with --listener: where it listens (default: {DEFAULT_SSH_HOST})")
+    config.add_argument("--listen-port", type=_port, default=DEFAULT_SSH_PORT, metavar="PORT",
+                        help=f"with --listener: its port (default: {DEFAULT_SSH_PORT})")
 
     authorize = commands.add_parser(
         "authorize", parents=[common], help="allow a public key to log in to every sandbox",
@@ -114,8 +122,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_client_commands(add_parser: Callable[..., argparse.ArgumentParser],
                          common: _Parser) -> None:
-    from msb_proxy.client.namespace import DEFAULT_SSH_HOST, DEFAULT_SSH_PORT
-
     serve = add_parser(
         "serve", parents=[common], help="serve a sandbox on a TCP port (ssh -p PORT)",
         description="Listen on HOST:PORT and serve every connection to sandbox NAME with the "

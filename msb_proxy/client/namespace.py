@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
+from msb_proxy.client import DEFAULT_SSH_HOST, DEFAULT_SSH_PORT
 from msb_proxy.errors import UserError
 
 if TYPE_CHECKING:
@@ -35,10 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_SSH_HOST", "DEFAULT_SSH_PORT", "SandboxSsh", "ssh"]
 
-DEFAULT_SSH_HOST = "127.0.0.1"
-"""Where ``msb-proxy serve`` listens unless told otherwise (the seed's constant)."""
-DEFAULT_SSH_PORT = 2222
-"""The port ``msb-proxy serve`` listens on unless told otherwise (the seed's constant)."""
 
 _CLIENT_KEY_TYPE = "ssh-ed25519"
 

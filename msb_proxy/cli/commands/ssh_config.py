@@ -89,6 +89,14 @@ class SshFiles:
 def run(config: Config, args: argparse.Namespace) -> int:
     """Print the block, or install or uninstall it; see the module docstring."""
     files = SshFiles(config.user_home)
+    if args.listener is not None:
+        if args.install or args.uninstall:
+            raise ConfigError("--listener prints a block; add it to ~/.ssh/config yourself")
+        sys.stdout.write(listener_block(StateDir(config.home), args.listener,
+                                        prefix=args.prefix, user=args.user,
+                                        host=args.listen_host, port=args.listen_port,
+                                        options=args.ssh_option))
+        return 0
     if args.uninstall:
         print(uninstall(files))
         return 0
@@ -123,6 +131,42 @@ def render_block(state: StateDir, proxy: Sequence[str], *, prefix: str, user: st
         f"Host {prefix}*",
         f"  ProxyCommand {proxy_command}",
         f"  User {user}",
+        f'  UserKnownHostsFile "{known_hosts.replace("%", "%%")}"',
+        "  StrictHostKeyChecking yes",
+        *(f"  {key} {value}" for key, value in extra),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def listener_block(state: StateDir, name: str, *, prefix: str, user: str, host: str,
+                   port: int, options: Sequence[str]) -> str:
+    """The ``Host PREFIXNAME-listener`` block for ``msb-proxy serve NAME`` on ``host:port``.
+
+    The listener presents the sandbox's own host key, the one ``ssh PREFIXNAME`` pins: the
+    block checks it under that alias (HostKeyAlias), and pins it now, so checking stays on and
+    never prompts even before the first ``ssh PREFIXNAME``.
+    """
+    from msb_proxy.config import sandbox_name_from_host
+    from msb_proxy.server.keys import load_or_create_host_key
+    from msb_proxy.server.known_hosts import pin
+
+    name = sandbox_name_from_host(name, None)
+    alias = f"{prefix}{name}"
+    if not _PREFIX.fullmatch(alias):
+        raise ConfigError(f"--listener {name!r}: the alias {alias!r} cannot be an ssh host name")
+    if not _USER.fullmatch(user):
+        raise ConfigError(f"--user {user!r}: use a user name of the guest such as root: letters, "
+                          "digits, '_', '.', '@' and '-'")
+    extra = [_parse_option(text) for text in options]
+    key = load_or_create_host_key(state.host_key(name)).export_public_key("openssh").decode()
+    pin(state.known_hosts, alias, " ".join(key.split()[:2]))
+    known_hosts = _checked_path(state.known_hosts, "MSB_PROXY_HOME")
+    lines = [
+        f"Host {alias}-listener",
+        f"  HostName {host}",
+        f"  Port {port}",
+        f"  User {user}",
+        f"  HostKeyAlias {alias}",
         f'  UserKnownHostsFile "{known_hosts.replace("%", "%%")}"',
         "  StrictHostKeyChecking yes",
         *(f"  {key} {value}" for key, value in extra),
