@@ -194,7 +194,8 @@ def test_channel_data_is_exact_on_either_path(
     sent: list[int] = []
     original = send.seal
 
-    def counting(conn: object, pkttype: int, args: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    def counting(conn: asyncssh.SSHServerConnection, pkttype: int,
+                 args: tuple[bytes, ...]) -> tuple[bytes, ...]:
         sent.append(pkttype)
         return original(conn, pkttype, args)
 
