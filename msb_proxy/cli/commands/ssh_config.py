@@ -118,24 +118,12 @@ def render_block(state: StateDir, proxy: Sequence[str], *, prefix: str, user: st
     if not _PREFIX.fullmatch(prefix):
         raise ConfigError(f"--prefix {prefix!r}: use letters, digits, '.', '_' and '-' only, "
                           "starting with a letter or digit (e.g. --prefix msb-)")
-    if not _USER.fullmatch(user):
-        raise ConfigError(f"--user {user!r}: use a user name of the guest such as root: letters, "
-                          "digits, '_', '.', '@' and '-'")
-    extra = [_parse_option(text) for text in options]
+    _check_user(user)
     command = ["env", f"MSB_PROXY_HOME={_checked_path(state.home, 'MSB_PROXY_HOME')}",
                *proxy, "stdio", "--host-prefix", prefix]
     # ssh expands %-tokens in ProxyCommand, then hands it to the user's shell after 'exec'.
     proxy_command = " ".join(shlex.quote(word).replace("%", "%%") for word in command) + " %n"
-    known_hosts = _checked_path(state.known_hosts, "MSB_PROXY_HOME")
-    lines = [
-        f"Host {prefix}*",
-        f"  ProxyCommand {proxy_command}",
-        f"  User {user}",
-        f'  UserKnownHostsFile "{known_hosts.replace("%", "%%")}"',
-        "  StrictHostKeyChecking yes",
-        *(f"  {key} {value}" for key, value in extra),
-    ]
-    return "\n".join(lines) + "\n"
+    return _block(state, f"{prefix}*", [f"  ProxyCommand {proxy_command}"], user, options)
 
 
 def listener_block(state: StateDir, name: str, *, prefix: str, user: str, host: str,
@@ -154,19 +142,29 @@ def listener_block(state: StateDir, name: str, *, prefix: str, user: str, host: 
     alias = f"{prefix}{name}"
     if not _PREFIX.fullmatch(alias):
         raise ConfigError(f"--listener {name!r}: the alias {alias!r} cannot be an ssh host name")
+    _check_user(user)
+    key = load_or_create_host_key(state.host_key(name)).export_public_key("openssh").decode()
+    pin(state.known_hosts, alias, " ".join(key.split()[:2]))
+    return _block(state, f"{alias}-listener",
+                  [f"  HostName {host}", f"  Port {port}"], user, options,
+                  checks=[f"  HostKeyAlias {alias}"])
+
+
+def _check_user(user: str) -> None:
     if not _USER.fullmatch(user):
         raise ConfigError(f"--user {user!r}: use a user name of the guest such as root: letters, "
                           "digits, '_', '.', '@' and '-'")
+
+
+def _block(state: StateDir, host: str, reach: Sequence[str], user: str, options: Sequence[str],
+           *, checks: Sequence[str] = ()) -> str:
+    """A ``Host`` block: how to reach it, the user, host key checking against our known_hosts
+    (always on), then the ``--ssh-option`` lines."""
     extra = [_parse_option(text) for text in options]
-    key = load_or_create_host_key(state.host_key(name)).export_public_key("openssh").decode()
-    pin(state.known_hosts, alias, " ".join(key.split()[:2]))
     known_hosts = _checked_path(state.known_hosts, "MSB_PROXY_HOME")
     lines = [
-        f"Host {alias}-listener",
-        f"  HostName {host}",
-        f"  Port {port}",
-        f"  User {user}",
-        f"  HostKeyAlias {alias}",
+        f"Host {host}", *reach,
+        f"  User {user}", *checks,
         f'  UserKnownHostsFile "{known_hosts.replace("%", "%%")}"',
         "  StrictHostKeyChecking yes",
         *(f"  {key} {value}" for key, value in extra),
