@@ -113,7 +113,10 @@ def test_attach_runs_a_shell_that_sees_resizes_and_ctrl_c_then_detaches_with_mod
     terminal.sendline("stty size")
     terminal.expect_exact("30 100\r\n")
     terminal.expect_exact(prompt)
-    terminal.sendline("sleep 1000")
+    # Ctrl-C once the shell runs the line: typed ahead, it would reach the shell itself at its
+    # prompt and the sleep after it would never end.
+    terminal.sendline("echo started; sleep 1000")
+    terminal.expect_exact("started\r\n")
     terminal.sendintr()
     terminal.expect_exact(prompt)
     terminal.sendline("echo after interrupt")
