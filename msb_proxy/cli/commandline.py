@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from msb_proxy.config import Config
-    from msb_proxy.server.hooks import HooksFactory
 
 __all__ = ["run"]
 
@@ -244,6 +243,7 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
 
     from msb_proxy.backends.idle import ConnectionTracker
     from msb_proxy.backends.registry import open_backend
+    from msb_proxy.client.namespace import data_path, default_authorized_keys
     from msb_proxy.progress import Progress
     from msb_proxy.server.endpoint import SshServer, SshServerOptions
     from msb_proxy.server.known_hosts import pin
@@ -252,12 +252,10 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
 
     state = StateDir(config.home)
     template = config.template(name)
-    keys = [state.authorized_keys,
-            config.user_home / ".microsandbox" / "ssh" / "authorized_keys",
-            *sorted((config.user_home / ".ssh").glob("*.pub"))]
-    options = SshServerOptions(host_key_path=state.host_key(name), authorized_keys_paths=keys,
+    options = SshServerOptions(host_key_path=state.host_key(name),
+                               authorized_keys_paths=default_authorized_keys(config),
                                template=template, progress=Progress(quiet=config.quiet),
-                               connection_hooks=_data_path(config))
+                               connection_hooks=data_path(config))
 
     def report(error: UserError) -> None:
         error.reported = True  # type: ignore[attr-defined]
@@ -293,21 +291,6 @@ def _more_open_files() -> None:
     if soft != resource.RLIM_INFINITY and soft < wanted:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-
-def _data_path(config: Config) -> HooksFactory | None:
-    """The fast path for every connection, unless MSB_PROXY_FASTPATH=0 turned it off."""
-    if not config.fastpath:
-        import logging
-
-        logging.getLogger("msb_proxy.fastpath").debug(
-            "fast path not installed (MSB_PROXY_FASTPATH=0): asyncssh's own path")
-        return None
-    import functools
-
-    from msb_proxy import fastpath
-
-    return functools.partial(fastpath.install, relay_loop=config.relay_loop)
 
 
 def _lifecycle(config: Config, command: str, name: str) -> int:

@@ -184,6 +184,10 @@ def default_authorized_keys(config: Config) -> list[Path]:
 def data_path(config: Config) -> HooksFactory | None:
     """The fast path for every connection, unless MSB_PROXY_FASTPATH=0 turned it off."""
     if not config.fastpath:
+        import logging
+
+        logging.getLogger("msb_proxy.fastpath").debug(
+            "fast path not installed (MSB_PROXY_FASTPATH=0): asyncssh's own path")
         return None
     from msb_proxy import fastpath
 
