@@ -24,8 +24,10 @@ overriding the keys it sets. Every value is checked when the file is read; a bad
 one-line error naming the file, the table, the key and the form it must take.
 
 Every table takes the common keys (``backend``, ``env``, ``user``, ``create``,
-``stop_after_idle``, ``accept_env``, ``keepalive``, ``inactivity_timeout``, and the limits
-``max_auth_tries``, ``max_channels``, ``max_env``, ``login_grace_time``) and the options of
+``stop_after_idle``, ``ephemeral``, ``accept_env``, ``keepalive``, ``inactivity_timeout``, the
+limits ``max_auth_tries``, ``max_channels``, ``max_env``, ``login_grace_time``, the named
+sessions' ``session_timeout``, and the opt-in ``record``, ``audit``, ``audit_max_size``,
+``audit_keep``) and the options of
 its backend (``image``, ``cpus`` ...: the backend class's ``options``, see
 ``msb_proxy.backends.base``; this module, below the backends, learns them from the
 :class:`BackendCatalogue` its caller passes: the registry). A table's backend is the one it
@@ -63,16 +65,19 @@ __all__ = [
     "VOLUMES_OPTION",
     "BackendCatalogue",
     "Config",
+    "HostTarget",
     "Option",
     "PatternTable",
     "SandboxTemplate",
     "default_home",
     "load_config",
     "parse_duration",
+    "parse_host",
     "parse_positive_int",
     "parse_size_mib",
     "parse_string",
     "sandbox_name_from_host",
+    "session_name",
     "unknown_backend",
     "user_home",
 ]
@@ -90,6 +95,11 @@ DEFAULT_LOGIN_GRACE_S = 120.0
 DEFAULT_MAX_ENV = 128
 DEFAULT_MAX_CHANNELS = 1024
 MIN_CHANNELS = 256
+DEFAULT_AUDIT_MAX_MIB = 16  # one audit log's size before it is rotated
+DEFAULT_AUDIT_KEEP = 4  # rotated audit logs kept beside the live one
+FORK_SUFFIX = ".fork"  # ssh msb-api.fork: a throwaway fork; msb-api.fork-NAME: a kept one
+SESSION_SEPARATOR = "+"  # ssh msb-api+work: the named session "work"
+_SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,15 @@ class SandboxTemplate:
     The limits hold per connection: failed authentication attempts (``max_auth_tries``),
     channels open at once (``max_channels``), variables one session's ``env`` requests may set
     (``max_env``) and seconds to authenticate in (``login_grace_time``).
+    ``ephemeral``: a sandbox a connection created is removed once its last connection has
+    ended (after ``stop_after_idle`` when that is set). ``session_timeout``: seconds a named
+    session may stay detached before its shell is hung up (0: until the sandbox stops).
+    ``record``: PTY sessions are recorded as asciinema casts; ``audit``: every connection,
+    command, transfer and tunnel is logged, the log rotated past ``audit_max_size`` MiB with
+    ``audit_keep`` old logs kept.
+    ``fork_of`` is no key of the file: the CLI sets it for a fork (``ssh msb-api.fork``), whose
+    template is its parent's; a backend's ``open`` makes a missing sandbox with ``fork_of`` set
+    as a fork of that parent instead of creating it.
     ``options`` holds the values of ``backend``'s own options, by key, as they parse; a key
     no table set is absent (``Backend.option`` gives its default).
     """
@@ -144,6 +163,13 @@ class SandboxTemplate:
     max_channels: int = DEFAULT_MAX_CHANNELS
     max_env: int = DEFAULT_MAX_ENV
     login_grace_time: float = DEFAULT_LOGIN_GRACE_S
+    ephemeral: bool = False
+    session_timeout: float = 0.0
+    record: bool = False
+    audit: bool = False
+    audit_max_size: int = DEFAULT_AUDIT_MAX_MIB
+    audit_keep: int = DEFAULT_AUDIT_KEEP
+    fork_of: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -469,6 +495,13 @@ def _common_keys(catalogue: BackendCatalogue) -> dict[str, Option]:
         "max_env": Option(_at_least(0), "an integer of at least 0"),
         "login_grace_time": Option(parse_duration,
                                    'a duration such as "2m" or seconds (0: never)'),
+        "ephemeral": Option(_boolean, "true or false"),
+        "session_timeout": Option(parse_duration,
+                                  'a duration such as "8h" or seconds (0: never)'),
+        "record": Option(_boolean, "true or false"),
+        "audit": Option(_boolean, "true or false"),
+        "audit_max_size": Option(parse_size_mib, 'a size such as "16MiB" (a whole MiB or more)'),
+        "audit_keep": Option(_at_least(0), "an integer of at least 0 (rotated logs kept)"),
     }
 
 
@@ -539,3 +572,55 @@ def sandbox_name_from_host(host: str, prefix: str | None) -> str:
     if name in {".", ".."}:
         raise ConfigError(f"bad host {shown}: {name!r} is not a usable sandbox name")
     return name
+
+
+@dataclass(frozen=True)
+class HostTarget:
+    """What the host OpenSSH was given asks for (see :func:`parse_host`).
+
+    ``sandbox`` is the sandbox the connection uses. For a fork, ``fork_of`` is its parent and
+    ``sandbox`` the fork: ``PARENT.fork-NAME`` for a kept one, and for a throwaway one
+    (``ephemeral_fork``) a name of this connection's own, made by the caller. ``session``
+    names the named session a shell attaches to (``msb-api+work``), None for none.
+    """
+
+    sandbox: str
+    fork_of: str | None = None
+    ephemeral_fork: bool = False
+    session: str | None = None
+
+
+def session_name(value: str, source: str) -> str:
+    """``value`` as a named session's name, or a :class:`ConfigError` naming ``source``."""
+    if not _SESSION_NAME.fullmatch(value):
+        raise ConfigError(f"{source}: bad session name {value!a}: 1-64 letters, digits, "
+                          "'.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+def parse_host(host: str, prefix: str | None) -> HostTarget:
+    """The sandbox, fork and named session the ``HOST`` OpenSSH passed us names:
+    ``[PREFIX]NAME[.fork[-KEPT]][+SESSION]``.
+
+    ``NAME.fork`` is a throwaway fork of ``NAME`` (the caller names it: ``sandbox`` is left
+    as the parent's name here), ``NAME.fork-KEPT`` the fork kept as sandbox
+    ``NAME.fork-KEPT``; ``+SESSION`` attaches the connection's shells to that named session.
+    Every name is checked as :func:`sandbox_name_from_host` checks one.
+    """
+    name = sandbox_name_from_host(host, prefix)
+    session = None
+    if SESSION_SEPARATOR in name:
+        name, _, session_part = name.rpartition(SESSION_SEPARATOR)
+        session = session_name(session_part, f"host {host!a}")
+        if not name:
+            raise ConfigError(f"bad host {host!a}: no sandbox name before "
+                              f"'{SESSION_SEPARATOR}{session}'")
+        name = sandbox_name_from_host(name, None)
+    if name.endswith(FORK_SUFFIX):
+        parent = sandbox_name_from_host(name[:-len(FORK_SUFFIX)], None)
+        return HostTarget(sandbox=parent, fork_of=parent, ephemeral_fork=True, session=session)
+    stem, marker, kept = name.rpartition(FORK_SUFFIX + "-")
+    if marker and stem and kept:
+        parent = sandbox_name_from_host(stem, None)
+        return HostTarget(sandbox=name, fork_of=parent, session=session)
+    return HostTarget(sandbox=name, session=session)

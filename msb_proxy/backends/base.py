@@ -70,6 +70,8 @@ __all__ = [
     "Sandbox",
     "SandboxInfo",
     "SandboxState",
+    "SessionInfo",
+    "SessionListener",
 ]
 
 
@@ -171,6 +173,16 @@ class ProcessListener(Protocol):
         """
 
 
+class SessionListener(ProcessListener, Protocol):
+    """What a named session's shell reports to (:meth:`Sandbox.attach_session`)."""
+
+    def process_detached(self, reason: str) -> None:
+        """Called instead of :meth:`process_exited` when the shell goes on without this
+        listener: another connection took the session over. ``reason`` is one line for the
+        user. Nothing more is reported after it.
+        """
+
+
 @dataclass(frozen=True)
 class RawPipes:
     """A process's stdin and stdout as plain pipe descriptors, for code that serves them itself
@@ -262,12 +274,15 @@ class Sandbox(abc.ABC):
 
     ``run_id`` identifies this run of the sandbox: it changes whenever the sandbox is started
     anew, so that msb-proxy only ever idle-stops a run it started itself. ``started`` says
-    whether the :meth:`Backend.open` that returned it started (or created) it.
+    whether the :meth:`Backend.open` that returned it started (or created) it, ``created``
+    whether it created it (from its template, or as a fork): an ``ephemeral`` template's
+    sandbox is removed after its last connection only then.
     """
 
     name: str
     run_id: str = ""
     started: bool = False
+    created: bool = False
 
     @abc.abstractmethod
     async def lookup_user(self, name: str) -> GuestUser:
@@ -335,6 +350,29 @@ class Sandbox(abc.ABC):
         Not a coroutine; ``ended`` must not block. The default never calls it: on a backend
         that cannot tell, a connection ends with its channels.
         """
+
+    async def attach_session(self, session: str, spec: ProcessSpec, listener: SessionListener,
+                             timeout: float) -> GuestProcess:
+        """Attach ``listener`` to the named session ``session`` of this sandbox and return its
+        shell: the one running under that name, else ``spec`` started as it (``spec.pty`` is
+        always set).
+
+        A running session first delivers, as output, a repaint of its terminal (a bounded
+        replay of its recent output, at least the last screenful), then is resized to
+        ``spec.pty``; its shell keeps the user, cwd, variables and jobs it had. The returned
+        process is driven as any other, except that :meth:`GuestProcess.hangup` *detaches*:
+        the shell keeps running, its output kept for the next attach, until it exits or has
+        been detached ``timeout`` seconds (0: until the sandbox stops). A second attach to a
+        session someone is attached to takes it over: the first listener gets
+        :meth:`SessionListener.process_detached` with the reason. A session whose shell
+        exited is gone; the next attach starts a new one. A session of another user is
+        refused (:class:`~msb_proxy.errors.SandboxError`).
+
+        The default raises :class:`~msb_proxy.errors.SandboxError`: no named sessions.
+        """
+        from msb_proxy.errors import SandboxError
+
+        raise SandboxError(f"sandbox {self.name!r}: its backend keeps no named sessions")
 
     async def checks(self) -> list[Check]:
         """Rows ``msb-proxy doctor`` adds about this running sandbox besides the guest tools it
@@ -424,6 +462,23 @@ class ProcessLink(Link):
     def process_exited(self, status: ExitStatus) -> None:
         detail = self._stderr.decode(errors="replace").strip().splitlines()
         self._lose(EOFError(detail[-1] if detail else f"the guest helper {status.describe()}"))
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """One named session of a sandbox (``msb-proxy sessions NAME``): its ``name``, the guest
+    ``user`` it runs as, when it was made (``created``, Unix time), seconds since its last
+    input or output (``idle``), its terminal size, whether a connection is attached, and
+    seconds since it was left (``detached_for``, 0 while attached)."""
+
+    name: str
+    user: str
+    created: float
+    idle: float
+    cols: int
+    rows: int
+    attached: bool
+    detached_for: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -541,3 +596,28 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def remove(self, name: str) -> bool:
         """Stop and delete the sandbox ``name``; return False when there was none."""
+
+    async def fork(self, parent: str, child: str, progress: Progress) -> None:
+        """Make sandbox ``child`` a copy-on-write copy of sandbox ``parent`` as it is now
+        (``ssh msb-api.fork``), leaving ``parent`` as it was: running or not, untouched.
+
+        Called by :meth:`open` for a missing sandbox whose template has ``fork_of`` set,
+        under ``child``'s lock; the copy is taken consistently (each backend says how).
+        Raises :class:`~msb_proxy.errors.SandboxNotFoundError` when there is no ``parent``.
+        The default raises :class:`~msb_proxy.errors.BackendUnavailableError`: no forks.
+        """
+        from msb_proxy.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"the {self.name} backend cannot fork sandboxes")
+
+    async def sessions(self, name: str) -> Sequence[SessionInfo]:
+        """The named sessions of sandbox ``name`` (none when it is not running); raises
+        :class:`~msb_proxy.errors.SandboxNotFoundError` when there is no such sandbox. The
+        default: none."""
+        return []
+
+    async def kill_session(self, name: str, session: str) -> bool:
+        """End named session ``session`` of sandbox ``name`` (its shell is hung up, and
+        killed when it does not go); False when there is no such session. The default has
+        none."""
+        return False

@@ -29,7 +29,8 @@ __all__ = ["run"]
 
 # Commands that live in msb_proxy/cli/commands/, each a module with run(config, args) -> int.
 COMMAND_MODULES = {"config": "ssh_config", "authorize": "authorize", "doctor": "doctor",
-                   "ls": "ls", "serve": "serve", "connect": "connect"}
+                   "ls": "ls", "serve": "serve", "connect": "connect", "audit": "audit",
+                   "sessions": "sessions"}
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
@@ -116,6 +117,23 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print a JSON list of objects")
     ls.add_argument("--all", action="store_true",
                     help="also sandboxes that other tools made (microsandbox's msb ...)")
+
+    audit = commands.add_parser(
+        "audit", parents=[common], help="show a sandbox's audit log",
+        description="Show the audit log of sandbox NAME (audit = true in its template): "
+                    "connections, commands, transfers, tunnels and exit statuses, oldest first.")
+    audit.add_argument("name", metavar="NAME", help="sandbox name")
+    audit.add_argument("-f", "--follow", action="store_true",
+                       help="keep printing events as they are logged, until interrupted")
+    audit.add_argument("--json", action="store_true", help="print the JSON lines as logged")
+
+    sessions = commands.add_parser(
+        "sessions", parents=[common], help="list or end a sandbox's named sessions",
+        description="List the named sessions of sandbox NAME (ssh msb-NAME+SESSION, or "
+                    "SetEnv=MSB_SESSION=SESSION): user, age, idle time, terminal size.")
+    sessions.add_argument("name", metavar="NAME", help="sandbox name")
+    sessions.add_argument("--kill", metavar="SESSION", help="end named session SESSION")
+    sessions.add_argument("--json", action="store_true", help="print a JSON list of objects")
     return parser
 
 
@@ -233,9 +251,10 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     import asyncio
     import signal
 
-    from msb_proxy.config import sandbox_name_from_host
+    from msb_proxy.config import parse_host
 
-    name = sandbox_name_from_host(host, prefix)
+    target = parse_host(host, prefix)
+    name = target.sandbox
     # Anything printed by accident must not corrupt the protocol on fd 1.
     sys.stdout = sys.stderr
     _setup_logging(config.debug)
@@ -255,7 +274,7 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     options = SshServerOptions(host_key_path=state.host_key(name),
                                authorized_keys_paths=default_authorized_keys(config),
                                template=template, progress=Progress(quiet=config.quiet),
-                               connection_hooks=data_path(config))
+                               connection_hooks=data_path(config), session=target.session)
 
     def report(error: UserError) -> None:
         error.reported = True  # type: ignore[attr-defined]

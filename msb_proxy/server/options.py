@@ -31,6 +31,8 @@ class SshServerOptions:
     is told about starting and creating it. ``connection_hooks`` is called once per
     connection for the hooks its data path runs through (see :mod:`msb_proxy.server.hooks`;
     ``msb_proxy.fastpath.install`` is the one msb-proxy has); None runs asyncssh's own path.
+    ``session`` names the named session the connection's shells attach to unless the client
+    names one (``ssh msb-api+work``; see :mod:`msb_proxy.server.session`).
     """
 
     host_key_path: Path | None = None
@@ -43,3 +45,4 @@ class SshServerOptions:
     template: SandboxTemplate = field(default_factory=SandboxTemplate)
     progress: Progress | None = None
     connection_hooks: HooksFactory | None = None
+    session: str | None = None

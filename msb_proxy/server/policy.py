@@ -167,7 +167,8 @@ class ConnectionPolicy(asyncssh.SSHServer):
                             accept_env=options.accept_env + template.accept_env,
                             sftp=options.sftp, env=dict(template.env), activity=self.activity,
                             tunnels=self.tunnels, hooks=self._hooks,
-                            max_env=template.max_env)
+                            max_env=template.max_env, session=options.session,
+                            session_timeout=template.session_timeout)
         return True
 
     def _sandbox_ended(self, name: str) -> None:

@@ -14,6 +14,12 @@ Behaves as OpenSSH's sshd does, request by request:
   ``exit-signal`` (``SIGNAME@openssh.com``-style names as sshd sends them).
 * Client EOF closes the process's stdin; a channel closed while the process runs hangs it up.
 
+One thing sshd has no counterpart for: a shell with a name (``MSB_SESSION`` set by the client,
+``ssh -o SetEnv=MSB_SESSION=work``, or the connection's default, ``ssh msb-api+work``) is a
+*named session* (:meth:`~msb_proxy.backends.base.Sandbox.attach_session`): a channel that
+closes detaches from it instead of hanging it up, and the next shell with that name gets it
+back, repainted.
+
 Data moves through asyncssh's callback API with flow control both ways, so neither a fast guest
 nor a fast client can make us buffer without bound.
 """
@@ -67,6 +73,7 @@ RFC_SIGNALS = frozenset({"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PI
 SFTP_SERVER_PATHS = ("/usr/lib/openssh/sftp-server", "/usr/lib/ssh/sftp-server",
                      "/usr/libexec/openssh/sftp-server", "/usr/libexec/sftp-server",
                      "/usr/lib/sftp-server")
+SESSION_VARIABLE = "MSB_SESSION"  # the client's name for a named session (ssh -o SetEnv=...)
 MAX_PENDING_INPUT = 4 << 20
 CHANNEL_WRITE_SIZE = 32 * 1024  # OpenSSH's channel packet size
 
@@ -114,6 +121,8 @@ class Login:
     tunnels: Tunnels | None = None
     hooks: ConnectionHooks = field(default_factory=ConnectionHooks)
     max_env: int = DEFAULT_MAX_ENV
+    session: str | None = None  # the named session shells attach to unless they name one
+    session_timeout: float = 0.0
 
     def environment(self, client_env: Mapping[str, str], term: str | None) -> dict[str, str]:
         """The environment sshd would give a session of this user (see module docstring)."""
@@ -218,6 +227,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._pending_signals: list[int] = []
         self._pending_resize: tuple[int, int, int, int] | None = None
         self._exited = False
+        self._detached = False
         self._closed = False
         self._client_reads = True  # False once the client said eow@openssh.com
 
@@ -266,7 +276,12 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             pty=self._pty,
         )
         try:
-            if self._sftp:
+            session = self._session_name()
+            if session is not None:
+                spec = replace(spec, env={**spec.env, SESSION_VARIABLE: session})
+                process = await self._login.sandbox.attach_session(
+                    session, spec, self, self._login.session_timeout)
+            elif self._sftp:
                 process = await self._login.start_sftp(spec, self)
             elif self._command is not None and (scp := parse_scp_command(self._command)):
                 process = await self._login.start_scp(scp, spec, self)
@@ -286,6 +301,24 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._hand_over(process)
         except Exception as exc:  # a bug of ours: this channel ends, the connection goes on
             self._broken(exc)
+
+    def _session_name(self) -> str | None:
+        """The named session this channel's shell attaches to, if any: the client's
+        ``MSB_SESSION``, else the connection's. Only a shell on a terminal is one; a bad name,
+        or one without a terminal, is refused (:class:`UserError`)."""
+        assert self._chan is not None
+        if self._sftp or self._command is not None or self._program is None:
+            return None
+        client = self._chan.get_environment().get(SESSION_VARIABLE)
+        name = client if client else self._login.session
+        if name is None:
+            return None
+        from msb_proxy.config import session_name
+
+        session_name(name, SESSION_VARIABLE if client else "the host's +SESSION")
+        if self._pty is None:
+            raise UserError(f"named session {name!r} needs a terminal: ssh -t")
+        return name
 
     def _hand_over(self, process: GuestProcess) -> None:
         """What the client asked for before ``process`` ran, now applied to it."""
@@ -404,7 +437,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._closed = True
         self._process_done()
         self._login.activity.closed()
-        if self._process is not None and not self._exited:
+        if self._process is not None and not self._exited and not self._detached:
             self._process.hangup()
         elif self._starting is not None and not self._starting.done():
             pass  # _start hangs the process up as soon as it exists
@@ -440,6 +473,19 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._stdin_paused = False
         if self._chan is not None and not self._closed:
             self._chan.resume_reading()
+
+    def process_detached(self, reason: str) -> None:
+        """A named session another connection took over: say why, and close the channel
+        without an exit status (the shell did not exit)."""
+        self._detached = True
+        self._process_done()
+        chan = self._chan
+        if chan is None or self._closed:
+            return
+        newline = "\r\n" if self._pty is not None else "\n"
+        with contextlib.suppress(OSError):
+            chan.write_stderr(f"{newline}msb-proxy: {reason}{newline}".encode())
+        chan.close()
 
     def process_exited(self, status: ExitStatus) -> None:
         self._exited = True
