@@ -124,6 +124,11 @@ BAD_HOSTS = {
     "newline": "msb-a\nb",
     "dot": "msb-.",
     "dot-dot": "msb-..",
+    "empty-session": "msb-api+",
+    "session-only": "msb-+work",
+    "session-with-a-space": "msb-api+my work",
+    "fork-of-nothing": "msb-.fork",
+    "fork-of-a-dot-dot": "msb-...fork",
 }
 
 

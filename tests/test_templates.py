@@ -164,9 +164,26 @@ _BACKEND_KEYS = {"local": ["image", "volumes", "network"],
                  "microsandbox": ["image", "cpus", "memory", "workdir", "volumes", "network"]}
 _KEYS = ", ".join(["backend", "env", "user", "create", "stop_after_idle", "accept_env",
                    "keepalive", "inactivity_timeout", "max_auth_tries", "max_channels",
-                   "max_env", "login_grace_time", *_BACKEND_KEYS[TEST_BACKEND]])
+                   "max_env", "login_grace_time", "ephemeral", "session_timeout", "record",
+                   "audit", "audit_max_size", "audit_keep", *_BACKEND_KEYS[TEST_BACKEND]])
 
 BAD_CONFIGS = {
+    "ephemeral-not-a-boolean": (
+        '[defaults]\nephemeral = "yes"\n',
+        "defaults.ephemeral must be true or false (got 'yes')"),
+    "record-not-a-boolean": (
+        '[sandbox."web-*"]\nrecord = 1\n',
+        'sandbox."web-*".record must be true or false (got 1)'),
+    "bad-session-timeout": (
+        '[defaults]\nsession_timeout = "a while"\n',
+        "defaults.session_timeout must be a duration such as \"8h\" or seconds (0: never) "
+        "(got 'a while')"),
+    "zero-audit-size": (
+        '[defaults]\naudit_max_size = 0\n',
+        'defaults.audit_max_size must be a size such as "16MiB" (a whole MiB or more) (got 0)'),
+    "negative-audit-keep": (
+        '[defaults]\naudit_keep = -1\n',
+        "defaults.audit_keep must be an integer of at least 0 (rotated logs kept) (got -1)"),
     "bad-duration": (
         '[sandbox."web-*"]\nstop_after_idle = "soon"\n',
         'sandbox."web-*".stop_after_idle must be a duration such as "90s", "10m", "1h" or '
