@@ -20,9 +20,9 @@ needs, whatever its transport to the proxy:
   another uid is refused (:class:`SessionRefused`); attaching to an attached session takes it
   over (the keeper tells the connection it displaced :func:`take_over_reason`); a session
   detached longer than its timeout (more than 0) is hung up (:meth:`SessionTable.expired`).
-* :class:`SocketRelay`: a session's terminal relayed to one stream socket with flow control
-  both ways: while the socket is full, the master is not read (the shell waits for the
-  client); while the terminal does not take input, the socket is not read.
+* :class:`PipeRelay`: a session's terminal relayed to a caller's pair of pipes with flow
+  control both ways: while the caller's pipe is full, the master is not read (the shell waits
+  for the client); while the terminal does not take input, the caller's input is not read.
 
 How to embed it (the jail init does it this way, in ``msb_proxy/backends/local/jail.py``):
 
@@ -32,19 +32,20 @@ How to embed it (the jail init does it this way, in ``msb_proxy/backends/local/j
 2. On an attach request: ``session, displaced = table.claim(name, uid)`` (raises
    :class:`SessionRefused`); when ``displaced``, tell the old connection
    ``take_over_reason(name)`` and drop its relay; then ``data = session.attach(cols, rows, px,
-   py)`` (the repaint) and send it ahead of any live output, e.g. ``SocketRelay(session, sock,
-   data)`` over one end of a ``socketpair`` whose other end the caller gets.
+   py)`` (the repaint) and send it ahead of any live output, e.g. ``PipeRelay(session,
+   input_r, output_w, data)`` over two pipes whose other ends the caller gets.
 3. In the event loop: register the fds of ``relay.interest()`` (or of
    ``session.read_interest()`` when detached: the master is read regardless) and call
    ``relay.on_ready(fd, events)`` / ``session.read_master()``; ``relay.on_ready`` returning
    False means the caller went: ``session.detach()``, no hang-up. A keeper whose transport is
-   not a socket (the guest agent's frames) uses :class:`Session` directly: ``read_master``
+   not pipes (the guest agent's frames) uses :class:`Session` directly: ``read_master``
    while it has credit or is detached, ``write_input`` as input comes.
 4. Every turn, ``table.expired(now)``: hang those up (``session.hang_up()``, then
    ``session.kill()`` after ``HANGUP_GRACE_S``); they are out of the table already, so the next
    attach of the name starts a fresh shell.
-5. When the shell is reaped: ``table.remove(session)``, read what is left on the master,
-   ``relay.finish()`` (flush, close), ``session.close()``, report the exit on the attached
+5. When the shell is reaped: ``table.remove(session)``; a moment later (output may still be
+   on its way through the terminal) ``relay.finish()`` (reads what is left, flushes,
+   closes), ``session.close()``, and report the exit on the attached
    connection's control channel, as for any process.
 
 Standard library only, nothing of msb-proxy's outside ``msb_proxy.guest``; runs on Python 3.6
@@ -55,17 +56,24 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import selectors
 import signal
-import socket
 import struct
 import termios
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
-    "HANGUP_GRACE_S", "RING_SIZE", "OutputRing", "Session", "SessionRefused", "SessionTable",
-    "SocketRelay", "repaint", "take_over_reason",
+    "HANGUP_GRACE_S",
+    "RING_SIZE",
+    "OutputRing",
+    "PipeRelay",
+    "Session",
+    "SessionRefused",
+    "SessionTable",
+    "repaint",
+    "take_over_reason",
 ]
 
 RING_SIZE = 256 * 1024
@@ -91,19 +99,19 @@ class OutputRing:
     def __init__(self, size: int = RING_SIZE) -> None:
         self.size = size
         self._data = bytearray()
-        self.dropped = False  # whether anything was dropped: the start may be mid-line
+        self._mid_line = False  # whether what was dropped ended within a line
 
     def append(self, data: bytes) -> None:
         self._data += data
         excess = len(self._data) - self.size
         if excess > 0:
+            self._mid_line = self._data[excess - 1] != 0x0A
             del self._data[:excess]
-            self.dropped = True
 
     def contents(self) -> bytes:
         """What is kept, from its first whole line when the start was cut off."""
         data = bytes(self._data)
-        if self.dropped:
+        if self._mid_line:
             start = data.find(b"\n")
             data = data[start + 1:] if start >= 0 else b""
         return data
@@ -285,33 +293,40 @@ class SessionTable:
         return [self.by_name[name].info(now) for name in sorted(self.by_name)]
 
 
-class SocketRelay:
-    """The terminal of ``session`` relayed to the connected stream socket ``sock`` (which it
-    owns and makes non-blocking), ``first`` (the repaint) sent ahead of live output."""
+class PipeRelay:
+    """The terminal of ``session`` relayed to a caller through two pipes it owns (made
+    non-blocking): ``input_fd``, the read end of what the caller types, and ``output_fd``, the
+    write end of what it is shown, where ``first`` (the repaint) goes ahead of live output.
+    (Pipes, not one socket: asyncio's pipe transports, which the proxy reads and writes them
+    with, take a readable socket for a closed one.)"""
 
-    def __init__(self, session: Session, sock: socket.socket, first: bytes = b"") -> None:
+    def __init__(self, session: Session, input_fd: int, output_fd: int,
+                 first: bytes = b"") -> None:
         self.session = session
-        self.sock = sock
-        sock.setblocking(False)
+        self.input_fd = input_fd
+        self.output_fd = output_fd
+        for fd in (input_fd, output_fd):
+            os.set_blocking(fd, False)
         self._to_client = bytearray(first)
         self._to_terminal = bytearray()
 
     def interest(self) -> Dict[int, int]:
-        """The events to wait for, by fd: the master is read only while the socket took all
-        that was read before, the socket only while the terminal took all input."""
-        wanted = {self.sock.fileno(): 0, self.session.master: 0}
+        """The events to wait for, by fd: the master is read only while the caller took all
+        that was read before, the caller's input only while the terminal took all before."""
+        master = self.session.master
+        wanted = {self.input_fd: 0, self.output_fd: 0, master: 0}
         if self._to_client:
-            wanted[self.sock.fileno()] |= selectors.EVENT_WRITE
+            wanted[self.output_fd] |= selectors.EVENT_WRITE
         else:
-            wanted[self.session.master] |= self.session.read_interest()
+            wanted[master] |= self.session.read_interest()
         if self._to_terminal:
-            wanted[self.session.master] |= selectors.EVENT_WRITE
+            wanted[master] |= selectors.EVENT_WRITE
         else:
-            wanted[self.sock.fileno()] |= selectors.EVENT_READ
+            wanted[self.input_fd] |= selectors.EVENT_READ
         return wanted
 
     def on_ready(self, fd: int, events: int) -> bool:
-        """Move what ``events`` on ``fd`` allow; False when the caller's socket is gone."""
+        """Move what ``events`` on ``fd`` allow; False when the caller is gone."""
         if fd == self.session.master:
             if events & selectors.EVENT_READ:
                 data = self.session.read_master()
@@ -319,19 +334,17 @@ class SocketRelay:
                     self._to_client += data
             if events & selectors.EVENT_WRITE:
                 self._write_terminal()
-            return self._flush()
-        if events & selectors.EVENT_READ:
+        elif fd == self.input_fd and events & selectors.EVENT_READ:
             try:
-                data = self.sock.recv(READ_SIZE)
+                data = os.read(self.input_fd, READ_SIZE)
             except (BlockingIOError, InterruptedError):
-                data = None
+                return True
             except OSError:
-                data = b""
-            if data == b"":
                 return False
-            if data:
-                self._to_terminal += data
-                self._write_terminal()
+            if not data:
+                return False
+            self._to_terminal += data
+            self._write_terminal()
         return self._flush()
 
     def _write_terminal(self) -> None:
@@ -342,7 +355,7 @@ class SocketRelay:
         if not self._to_client:
             return True
         try:
-            sent = self.sock.send(self._to_client)
+            sent = os.write(self.output_fd, self._to_client)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
@@ -351,12 +364,23 @@ class SocketRelay:
         return True
 
     def finish(self, wait_s: float = 2.0) -> None:
-        """The shell ended: send what is left (waiting at most ``wait_s``), then close."""
-        with contextlib.suppress(OSError):
-            self.sock.settimeout(wait_s)
-            self.sock.sendall(self._to_client)
+        """The shell ended: read what is left on the terminal, send it and what is queued
+        (waiting at most ``wait_s`` for the caller to take it), then close."""
+        while True:
+            data = self.session.read_master()
+            if not data:
+                break
+            self._to_client += data
+        deadline = time.monotonic() + wait_s
+        while self._to_client and time.monotonic() < deadline:
+            select.select([], [self.output_fd], [], max(0.0, deadline - time.monotonic()))
+            if not self._flush():
+                break
         self.close()
 
     def close(self) -> None:
         self._to_client.clear()
-        self.sock.close()
+        for fd in (self.input_fd, self.output_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.input_fd = self.output_fd = -1
