@@ -101,7 +101,8 @@ class SandboxSsh:
         The client and a server of our own (the one ``ssh msb-NAME`` talks to, with its
         fast path) are joined by an in-memory stream: no socket, no OpenSSH. Both keys are
         ephemeral and the client's is accepted only on that stream. The sandbox is started
-        or created as for ``ssh``, with the same progress on stderr. ``term`` (default
+        or created as for ``ssh``, with the same progress on stderr, and audited and recorded
+        as its template says. ``term`` (default
         ``$TERM``, else ``xterm``) names the terminal of PTY requests; ``sftp=False`` refuses
         the SFTP subsystem. Raises :class:`UserError` when the sandbox cannot be reached.
         """
@@ -118,7 +119,7 @@ class SandboxSsh:
             authorized_keys=[client_key.export_public_key("openssh").decode()],
             sftp=sftp, template=settings.template,
             progress=Progress(quiet=settings.config.quiet),
-            connection_hooks=data_path(settings.config))
+            connection_hooks=data_path(settings.config), home=settings.config.home)
         server = await SshServer.prepare(settings.backend, self.name, options)
         tracker = ConnectionTracker(StateDir(settings.config.home), self.name,
                                     settings.template, os.environ)
@@ -145,7 +146,9 @@ class SandboxSsh:
         used. Accepted client keys are those of ``authorized_keys_path`` (one path or several)
         and ``authorized_key`` (one public key line or a list); with neither, the keys the CLI
         accepts. No usable key raises :class:`UserError` naming where it looked. ``user`` runs
-        every session as that guest user; ``sftp=False`` refuses the SFTP subsystem.
+        every session as that guest user; ``sftp=False`` refuses the SFTP subsystem. Its
+        connections are audited and recorded as the sandbox's template says, under
+        ``MSB_PROXY_HOME`` as with ``ssh``.
         """
         from msb_proxy.progress import Progress
         from msb_proxy.server.endpoint import SshServer, SshServerOptions
@@ -164,7 +167,7 @@ class SandboxSsh:
             host_key_path=key_path, host_key=key, authorized_keys_paths=paths,
             authorized_keys=lines, user=user, sftp=sftp, template=settings.template,
             progress=Progress(quiet=settings.config.quiet),
-            connection_hooks=data_path(settings.config))
+            connection_hooks=data_path(settings.config), home=settings.config.home)
         return await SshServer.prepare(settings.backend, self.name, options)
 
     prepare_server = server

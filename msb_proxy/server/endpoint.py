@@ -8,7 +8,10 @@
 ``prepare`` loads the host key and the authorized keys once; ``serve`` runs one SSH connection
 over any :class:`~msb_proxy.transport.stdio.DuplexStream`. The sandbox is opened while the key
 exchange runs, so its start-up overlaps the handshake; the version banner goes out first.
-Authentication and channel policy live in :mod:`msb_proxy.server.policy`.
+Authentication and channel policy live in :mod:`msb_proxy.server.policy`. Each connection
+gets its audit events (:class:`~msb_proxy.server.audit.ConnectionAudit`, written to the
+sandbox's log when the template says ``audit = true``) and, with ``record = true``, the
+directory its terminal sessions are recorded in.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -23,6 +27,7 @@ import asyncssh
 from msb_proxy.backends.base import Backend, Sandbox
 from msb_proxy.errors import UserError
 from msb_proxy.progress import Progress
+from msb_proxy.server.audit import MIB, AuditLog, ConnectionAudit, audit_log_path
 from msb_proxy.server.keys import AuthorizedKeys, load_authorized_keys, load_or_create_host_key
 from msb_proxy.server.options import SshServerOptions
 from msb_proxy.server.policy import ConnectionPolicy
@@ -62,10 +67,16 @@ class SshServer:
                       options: SshServerOptions | None = None) -> SshServer:
         """Load keys for serving ``sandbox`` of ``backend``; the sandbox itself is not touched.
 
-        Raises :class:`UserError` when no authorized key is found, and its
+        Raises :class:`UserError` when no authorized key is found or the template asks for
+        an audit log or recordings but ``options.home`` is None, and its
         :class:`~msb_proxy.errors.StateError` when the host key cannot be read or made.
         """
         options = options or SshServerOptions()
+        template = options.template
+        if (template.audit or template.record) and options.home is None:
+            wanted = "audit = true" if template.audit else "record = true"
+            raise UserError(f"sandbox {sandbox!r}: its template says {wanted}, but this server "
+                            "has no state directory to write to (SshServerOptions.home)")
         if options.host_key is not None:
             host_key = options.host_key
         elif options.host_key_path is not None:
@@ -101,7 +112,9 @@ class SshServer:
                 on_error(error)
 
         tunnel = as_duplex_stream(stream)
-        gate = ConnectionPolicy(options, self.authorized, report)
+        audit, recordings = self._observers()
+        gate = ConnectionPolicy(options, self.authorized, report, audit=audit,
+                                recordings=recordings)
         gate.sandbox_task = loop.create_task(
             self.backend.open(self.sandbox, options.template, progress))
         try:
@@ -147,11 +160,27 @@ class SshServer:
             for task in waits:
                 task.cancel()
         sandbox = await gate.release()
+        audit.disconnected()
         if gate.failure is not None:
             raise gate.failure
         return sandbox
 
     serve_connection = serve  # the seed's alias
+
+    def _observers(self) -> tuple[ConnectionAudit, Path | None]:
+        """A new connection's audit events, and where its terminal sessions are recorded
+        (None: they are not), as the template says."""
+        template, home = self.options.template, self.options.home
+        log = None
+        if template.audit and home is not None:
+            log = AuditLog(audit_log_path(home, self.sandbox), template.audit_max_size * MIB,
+                           template.audit_keep)
+        recordings = None
+        if template.record and home is not None:
+            from msb_proxy.server.recording import recordings_dir
+
+            recordings = recordings_dir(home, self.sandbox)
+        return ConnectionAudit(log, self.sandbox), recordings
 
 
 def _malformed_packet(exc: ValueError) -> bool:

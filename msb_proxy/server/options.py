@@ -33,6 +33,10 @@ class SshServerOptions:
     ``msb_proxy.fastpath.install`` is the one msb-proxy has); None runs asyncssh's own path.
     ``session`` names the named session the connection's shells attach to unless the client
     names one (``ssh msb-api+work``; see :mod:`msb_proxy.server.session`).
+    ``home`` is the ``MSB_PROXY_HOME`` whose ``audit/`` and ``recordings/`` take the audit
+    log and the terminal recordings when the template turns ``audit`` or ``record`` on
+    (see :mod:`msb_proxy.server.audit`, :mod:`msb_proxy.server.recording`); without one such
+    a template is refused by ``SshServer.prepare``.
     """
 
     host_key_path: Path | None = None
@@ -46,3 +50,4 @@ class SshServerOptions:
     progress: Progress | None = None
     connection_hooks: HooksFactory | None = None
     session: str | None = None
+    home: Path | None = None

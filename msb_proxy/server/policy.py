@@ -16,6 +16,9 @@ The connection's limits are the template's, enforced as sshd enforces its own:
 * ``max_channels``: a ``session``, ``direct-tcpip`` or ``direct-streamlocal@openssh.com`` open
   while that many channels are open or opening is refused with the failure sshd sends past
   MaxSessions (``connect failed``); the connection and its other channels go on.
+
+Once authenticated, the connection's ``connect`` audit event names the key that did it and
+both users (see :mod:`msb_proxy.server.audit`).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncssh
 
 from msb_proxy.backends.base import GuestUser, Sandbox
 from msb_proxy.errors import UnknownUserError, UserError
+from msb_proxy.server.audit import ConnectionAudit
 from msb_proxy.server.hooks import ConnectionHooks
 from msb_proxy.server.keys import AuthorizedKeys
 from msb_proxy.server.options import SshServerOptions
@@ -50,8 +55,15 @@ class ConnectionPolicy(asyncssh.SSHServer):
     """Authentication and channel policy for one connection (asyncssh's ``SSHServer``)."""
 
     def __init__(self, options: SshServerOptions, authorized: AuthorizedKeys,
-                 on_error: Callable[[UserError], None] | None) -> None:
+                 on_error: Callable[[UserError], None] | None, *,
+                 audit: ConnectionAudit | None = None, recordings: Path | None = None) -> None:
+        """``audit`` takes the connection's audit events (default: none logged);
+        ``recordings`` is where its terminal sessions are recorded (None: not)."""
         self._options = options
+        self._audit = audit or ConnectionAudit()
+        self._recordings = recordings
+        self._login_name = ""
+        self._key: asyncssh.SSHKey | None = None
         self._authorized = authorized
         self._on_error = on_error
         self._conn: asyncssh.SSHServerConnection | None = None
@@ -127,6 +139,12 @@ class ConnectionPolicy(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         self._stop_grace_timer()
+        if self._login is not None:
+            key = self._key
+            self._audit.connected(
+                key_fingerprint=key.get_fingerprint("sha256") if key is not None else "",
+                key_type=key.get_algorithm() if key is not None else "",
+                login_user=self._login_name, guest_user=self._login.user.name)
 
     async def begin_auth(self, username: str) -> bool:
         """Resolve the login user in the guest before any key is checked (``userauth-request``).
@@ -137,6 +155,7 @@ class ConnectionPolicy(asyncssh.SSHServer):
         """
         assert self.sandbox_task is not None
         options = self._options
+        self._login_name = username
         try:
             sandbox = await self.sandbox_task
             user = await self._lookup_user(sandbox, options.user or username)
@@ -158,7 +177,7 @@ class ConnectionPolicy(asyncssh.SSHServer):
         template = options.template
         assert self._conn is not None
         self.tunnels = Tunnels(sandbox, user, self._conn, opened=self.activity.opened,
-                               closed=self.activity.closed)
+                               closed=self.activity.closed, audit=self._audit)
         # asyncssh would make the agent socket on this host; ours lives in the guest.
         self._conn.create_agent_listener = self.tunnels.start_agent  # type: ignore[method-assign]
         if self._login is None:
@@ -168,7 +187,8 @@ class ConnectionPolicy(asyncssh.SSHServer):
                             sftp=options.sftp, env=dict(template.env), activity=self.activity,
                             tunnels=self.tunnels, hooks=self._hooks,
                             max_env=template.max_env, session=options.session,
-                            session_timeout=template.session_timeout)
+                            session_timeout=template.session_timeout, audit=self._audit,
+                            recordings=self._recordings)
         return True
 
     def _sandbox_ended(self, name: str) -> None:
@@ -206,7 +226,10 @@ class ConnectionPolicy(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         """A ``publickey`` request, with or without a signature: is ``key`` authorized?"""
         self._keys_checked += 1
-        return self._login is not None and self._authorized.allows(key)
+        allowed = self._login is not None and self._authorized.allows(key)
+        if allowed:  # the signed request that follows names the same key
+            self._key = key
+        return allowed
 
     def _auth_failed(self, conn: asyncssh.SSHServerConnection) -> Callable[[bool], None]:
         """``send_userauth_failure`` counting failures as sshd does: a first ``none`` is free

@@ -20,6 +20,11 @@ One thing sshd has no counterpart for: a shell with a name (``MSB_SESSION`` set 
 closes detaches from it instead of hanging it up, and the next shell with that name gets it
 back, repainted.
 
+With ``audit = true`` each channel's request (``shell``, ``exec``, ``subsystem``, ``scp``) and
+its end (``exit``, ``hangup``, ``detach``) are audit events, and an SFTP channel runs through
+the audit log's tap (:mod:`~msb_proxy.server.transfers.sftp_tap`); with ``record = true`` a
+session on a terminal is recorded as it goes (:mod:`~msb_proxy.server.recording`).
+
 Data moves through asyncssh's callback API with flow control both ways, so neither a fast guest
 nor a fast client can make us buffer without bound.
 """
@@ -34,6 +39,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar, cast
 
 import asyncssh
@@ -50,11 +56,14 @@ from msb_proxy.backends.base import (
 from msb_proxy.config import DEFAULT_MAX_ENV
 from msb_proxy.errors import UserError
 from msb_proxy.server import requests
+from msb_proxy.server.audit import ConnectionAudit
 from msb_proxy.server.hooks import ConnectionHooks
 from msb_proxy.server.transfers.files import open_files
 from msb_proxy.server.transfers.scp import NativeScp, ScpRequest, parse_scp_command
 
 if TYPE_CHECKING:
+    from msb_proxy.server.recording import Recording
+    from msb_proxy.server.transfers.sftp_tap import SftpTap
     from msb_proxy.server.tunnels import Tunnels
 
 __all__ = ["SFTP_SERVER_PATHS", "Activity", "GuestSession", "Login"]
@@ -109,7 +118,9 @@ class Login:
     """What every session of one authenticated connection shares.
 
     ``env`` is the sandbox template's environment, given to every session (as sshd's PAM
-    gives ``/etc/environment``).
+    gives ``/etc/environment``). ``audit`` takes the connection's audit events (it logs
+    nothing unless the template turned auditing on); ``recordings`` is the directory terminal
+    sessions are recorded in, None when they are not.
     """
 
     sandbox: Sandbox
@@ -123,6 +134,8 @@ class Login:
     max_env: int = DEFAULT_MAX_ENV
     session: str | None = None  # the named session shells attach to unless they name one
     session_timeout: float = 0.0
+    audit: ConnectionAudit = field(default_factory=ConnectionAudit)
+    recordings: Path | None = None
 
     def environment(self, client_env: Mapping[str, str], term: str | None) -> dict[str, str]:
         """The environment sshd would give a session of this user (see module docstring)."""
@@ -230,11 +243,16 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._detached = False
         self._closed = False
         self._client_reads = True  # False once the client said eow@openssh.com
+        self._channel = -1  # the audit log's number for it
+        self._recording: Recording | None = None
+        self._tap: SftpTap | None = None
+        self._named: str | None = None  # the named session the shell is, if it is one
 
     # ---- channel set-up requests
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
         self._login.activity.opened()
+        self._channel = self._login.audit.next_channel()
         chan.set_write_buffer_limits(high=256 * 1024)
         requests.install(chan, eow=self.eow_received, max_env=self._login.max_env)
 
@@ -255,7 +273,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        if subsystem != "sftp" or not self._login.sftp:
+        accepted = subsystem == "sftp" and self._login.sftp
+        self._login.audit.event("subsystem", channel=self._channel, name=subsystem,
+                                accepted=accepted)
+        if not accepted:
             return False
         self._sftp = True
         return True
@@ -275,15 +296,24 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             user=self._login.user,
             pty=self._pty,
         )
+        audit = self._login.audit
         try:
-            session = self._session_name()
+            session = self._named = self._session_name()
+            self._log_request(session)
+            if self._pty is not None and self._login.recordings is not None:
+                self._start_recording(self._login.recordings, spec.env.get("SHELL", ""))
             if session is not None:
                 spec = replace(spec, env={**spec.env, SESSION_VARIABLE: session})
                 process = await self._login.sandbox.attach_session(
                     session, spec, self, self._login.session_timeout)
             elif self._sftp:
                 process = await self._login.start_sftp(spec, self)
+                if audit.enabled:
+                    process = self._tapped(process)
             elif self._command is not None and (scp := parse_scp_command(self._command)):
+                audit.event("scp", channel=self._channel,
+                            direction="upload" if scp.sink else "download",
+                            paths=list(scp.paths), recursive=scp.recursive)
                 process = await self._login.start_scp(scp, spec, self)
             else:
                 process = await self._login.sandbox.spawn(spec, self)
@@ -301,6 +331,59 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
             self._hand_over(process)
         except Exception as exc:  # a bug of ours: this channel ends, the connection goes on
             self._broken(exc)
+
+    def _log_request(self, session: str | None) -> None:
+        """The audit event of the channel's request: ``shell`` or ``exec``."""
+        audit = self._login.audit
+        if not audit.enabled or self._sftp:
+            return  # a subsystem was logged when it was asked for
+        if self._command is None:
+            audit.event("shell", channel=self._channel, pty=self._pty is not None,
+                        session=session)
+        else:
+            audit.event("exec", channel=self._channel, command=self._command,
+                        pty=self._pty is not None)
+
+    def _start_recording(self, directory: Path, shell: str) -> None:
+        """Record this terminal session in ``directory``; one line on the terminal when
+        the cast cannot be made (the session goes on)."""
+        from msb_proxy.server.recording import Recording
+
+        assert self._pty is not None and self._chan is not None
+        audit = self._login.audit
+        what = self._command if self._command is not None else "shell"
+        try:
+            self._recording = Recording.start(
+                directory, self._channel, cols=self._pty.cols, rows=self._pty.rows,
+                term=self._pty.term, shell=shell,
+                title=f"{audit.login_user}@{self._login.sandbox.name}: {what}", audit=audit)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self._chan.write_stderr(f"msb-proxy: cannot record this session in "
+                                        f"{directory}: {exc.strerror or exc}\r\n".encode())
+
+    def _tapped(self, process: GuestProcess) -> GuestProcess:
+        """``process``, an SFTP server, behind the audit log's tap."""
+        from msb_proxy.server.transfers.sftp_tap import SftpTap, TappedProcess
+
+        audit, channel = self._login.audit, self._channel
+
+        def report(**fields: object) -> None:
+            audit.event("sftp", channel=channel, **fields)
+
+        self._tap = SftpTap(report)
+        return TappedProcess(process, self._tap)
+
+    def _ended(self, event: str, **fields: object) -> None:
+        """The channel's process is done with (``exit``, ``hangup``, ``detach``): log it and
+        close its recording and tap."""
+        self._login.audit.event(event, channel=self._channel, **fields)
+        if self._recording is not None:
+            self._recording.close()
+            self._recording = None
+        if self._tap is not None:
+            self._tap.channel_closed()
+            self._tap = None
 
     def _session_name(self) -> str | None:
         """The named session this channel's shell attaches to, if any: the client's
@@ -344,6 +427,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._login.hooks.process_started(self, self._chan, process)
 
     def _fail(self, message: str) -> None:
+        self._ended("exit", status=1, error=message.removeprefix("msb-proxy: "))
         if self._chan is not None and not self._closed:
             newline = "\r\n" if self._pty is not None else "\n"
             with contextlib.suppress(OSError):  # the channel sent EOF already (eow)
@@ -384,6 +468,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     @_contained(None)
     def terminal_size_changed(self, width: int, height: int, pixwidth: int,
                               pixheight: int) -> None:
+        if self._recording is not None:
+            self._recording.resize(width, height)
         if self._process is not None:
             self._process.resize(width, height, pixwidth, pixheight)
         else:  # applied once spawn() returns, in case it raced the terminal's creation
@@ -438,6 +524,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         self._process_done()
         self._login.activity.closed()
         if self._process is not None and not self._exited and not self._detached:
+            if self._named is not None:
+                self._ended("detach", reason="the connection closed")
+            else:
+                self._ended("hangup")
             self._process.hangup()
         elif self._starting is not None and not self._starting.done():
             pass  # _start hangs the process up as soon as it exists
@@ -448,6 +538,10 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
 
     # ---- ProcessListener
     def output_received(self, data: bytes, stderr: bool) -> None:
+        if self._recording is not None:
+            self._recording.output(data)
+        if self._tap is not None:
+            self._tap.from_server(data)
         if self._chan is None or self._closed or not self._client_reads:
             return
         chan, datatype = self._chan, asyncssh.EXTENDED_DATA_STDERR if stderr else None
@@ -479,6 +573,7 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         without an exit status (the shell did not exit)."""
         self._detached = True
         self._process_done()
+        self._ended("detach", reason=reason)
         chan = self._chan
         if chan is None or self._closed:
             return
@@ -490,6 +585,11 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
     def process_exited(self, status: ExitStatus) -> None:
         self._exited = True
         self._process_done()
+        if status.signal is not None:
+            self._ended("exit", signal=signal_label(status.signal),
+                        core_dumped=status.core_dumped)
+        else:
+            self._ended("exit", status=status.code or 0)
         chan = self._chan
         if chan is None or self._closed:
             return
@@ -540,6 +640,15 @@ def signal_number(name: str) -> int | None:
         return int(signal.Signals[f"SIG{bare}"])
     except KeyError:
         return None
+
+
+def signal_label(signum: int) -> str:
+    """``signum``'s name without ``SIG`` (``KILL``), for the audit log; its number if it has
+    none."""
+    try:
+        return signal.Signals(signum).name.removeprefix("SIG")
+    except ValueError:
+        return str(signum)
 
 
 def signal_name(signum: int) -> str:

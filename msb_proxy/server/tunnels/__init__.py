@@ -15,7 +15,9 @@
   and ``-D`` fall back to one ``socat``, ``nc`` or ``bash /dev/tcp`` process per channel
   (:mod:`.processes`); ``-R`` and agent forwarding then report what the sandbox lacks.
 
-Every channel is a :class:`~.channel.TunnelSession` in front of one of those. A connection to a
+Every channel is a :class:`~.channel.TunnelSession` in front of one of those, logged as a
+tunnel of its kind (``local``, ``unix``, ``remote``, ``remote-unix``, ``agent``) when the
+connection is audited. A connection to a
 refused or unreachable target fails the channel open with the ``connect failed`` reason code
 and the system's text, as sshd does, without holding up the connection's other channels.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 from collections.abc import Callable
 
@@ -31,6 +34,7 @@ import asyncssh
 
 from msb_proxy.backends.base import GuestUser, Sandbox
 from msb_proxy.errors import UserError
+from msb_proxy.server.audit import ConnectionAudit
 from msb_proxy.server.tunnels.agent import open_agent_listener
 from msb_proxy.server.tunnels.channel import (
     CONNECT_FAILED,
@@ -62,8 +66,9 @@ class Tunnels:
 
     def __init__(self, sandbox: Sandbox, user: GuestUser,
                  conn: asyncssh.SSHServerConnection, opened: Callable[[], None],
-                 closed: Callable[[], None]) -> None:
+                 closed: Callable[[], None], *, audit: ConnectionAudit | None = None) -> None:
         self._sandbox = sandbox
+        self._audit = audit
         self._user = user
         self._conn = conn
         self._opened = opened
@@ -100,9 +105,10 @@ class Tunnels:
         if self._mux is not None:
             self._mux.close()
 
-    def _session(self, guest: GuestEnd) -> TunnelSession:
+    def _session(self, guest: GuestEnd, *, kind: str, target: str) -> TunnelSession:
         self._opened()
-        return TunnelSession(guest, on_close=self._closed)
+        return TunnelSession(guest, on_close=self._closed, audit=self._audit, kind=kind,
+                             target=target)
 
     # ---- direct-tcpip, direct-streamlocal@openssh.com
     async def connect(self, host: str | None, port: int,
@@ -115,8 +121,10 @@ class Tunnels:
             # The port is a uint32 on the wire; sshd refuses what is not a port, as here.
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "invalid target port")
+        kind, target = ("unix", path) if path is not None else ("local", f"{host}:{port}")
         try:
-            return self._session(await self._connect(host, port, path))
+            return self._session(await self._connect(host, port, path), kind=kind,
+                                 target=target)
         except asyncssh.ChannelOpenError:
             raise
         except (UserError, OSError) as exc:
@@ -152,15 +160,21 @@ class Tunnels:
         anything else escaping asyncssh's task for the request would end the connection."""
         if path is None and not 0 <= port <= _MAX_PORT:
             return None
+        kind = "remote" if path is None else "remote-unix"
         try:
             mux = await self.mux()
-            return await listen_in_guest(mux, self._conn, self._session, host=host, port=port,
-                                         path=path)
+            listener = await listen_in_guest(mux, self._conn,
+                                             functools.partial(self._session, kind=kind),
+                                             host=host, port=port, path=path)
         except (UserError, OSError):
             return None
         except Exception as exc:
             report_bug(exc)
             return None
+        if listener is not None and self._audit is not None:
+            self._audit.event("tunnel-listen", kind=kind, target=path if path is not None else
+                              f"{host}:{listener.get_port()}")
+        return listener
 
     # ---- auth-agent-req@openssh.com
     async def start_agent(self) -> bool:
@@ -173,6 +187,8 @@ class Tunnels:
         try:
             mux = await self.mux()
             self.agent_path = await open_agent_listener(mux, create_channel, self._session)
+            if self._audit is not None:
+                self._audit.event("tunnel-listen", kind="agent", target=self.agent_path)
         except (UserError, OSError):
             return False
         except Exception as exc:  # asyncssh's caller would end the connection

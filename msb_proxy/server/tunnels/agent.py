@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from msb_proxy.server.tunnels.channel import GuestEnd, TunnelSession
+from msb_proxy.server.tunnels.channel import SessionFactory
 from msb_proxy.server.tunnels.listeners import open_to_client
 from msb_proxy.server.tunnels.mux import MuxStream, TunnelMux
 
@@ -21,15 +21,17 @@ __all__ = ["open_agent_listener"]
 
 
 async def open_agent_listener(mux: TunnelMux, create_channel: Callable[[], Any],
-                              session: Callable[[GuestEnd], TunnelSession]) -> str:
+                              session: SessionFactory) -> str:
     """Listen for agent clients at a fresh ``/tmp/ssh-XXXXXXXXXX/agent.N``; return its path.
     Each connection becomes an agent channel from ``create_channel`` (the connection's
     ``create_agent_channel``) whose session ``session`` makes."""
 
-    async def accept(stream: MuxStream, _host: str, _port: int) -> None:
-        await open_to_client(stream, lambda: create_channel().open(lambda: session(stream)))
-
     directory = f"/tmp/ssh-{secrets.token_hex(5)}"
     path = f"{directory}/agent.{os.getpid()}"
+
+    async def accept(stream: MuxStream, _host: str, _port: int) -> None:
+        await open_to_client(stream, lambda: create_channel().open(
+            lambda: session(stream, kind="agent", target=path)))
+
     await mux.listen(accept, path=path, mode=0o600)
     return path

@@ -6,7 +6,9 @@ Every forwarding channel (``direct-tcpip``, ``direct-streamlocal@openssh.com``, 
 in front of one guest end: a stream of the tunnel helper (:mod:`.mux`), a socket of the
 sandbox's network namespace (:mod:`.sockets`) or a guest process (:mod:`.processes`). The
 session is written once so that each guest end deals only in plain calls, and flow control
-between the channel and the guest end works the same for all of them.
+between the channel and the guest end works the same for all of them. It is also where a
+tunnel's ``tunnel-open`` and ``tunnel-close`` audit events come from, the latter with the
+bytes it carried each way.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Protocol
 import asyncssh
 
 from msb_proxy.errors import UserError
+from msb_proxy.server.audit import ConnectionAudit
 
-__all__ = ["CONNECT_FAILED", "HIGH_WATER", "GuestEnd", "TunnelSession", "channel_open_error",
-           "report_bug"]
+__all__ = ["CONNECT_FAILED", "HIGH_WATER", "GuestEnd", "SessionFactory", "TunnelSession",
+           "channel_open_error", "report_bug"]
 
 CONNECT_FAILED = asyncssh.OPEN_CONNECT_FAILED
 #: What a channel or a guest end buffers before the other side is told to stop sending.
@@ -50,23 +53,44 @@ class GuestEnd(Protocol):
         """The channel's send buffer has drained: read from the guest again."""
 
 
+class SessionFactory(Protocol):
+    """Makes the session of a new tunnel channel carried by ``guest``, logged as a tunnel of
+    ``kind`` to ``target``."""
+
+    def __call__(self, guest: GuestEnd, *, kind: str, target: str) -> TunnelSession: ...
+
+
 class TunnelSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes]):
     """An SSH forwarding channel carried by a :class:`GuestEnd`; ``on_close`` is called once
-    when the channel goes."""
+    when the channel goes. ``audit`` takes its open and close events, as a tunnel of
+    ``kind`` to ``target`` (see :mod:`msb_proxy.server.audit`)."""
 
-    def __init__(self, guest: GuestEnd, on_close: Callable[[], None] | None = None) -> None:
+    def __init__(self, guest: GuestEnd, on_close: Callable[[], None] | None = None, *,
+                 audit: ConnectionAudit | None = None, kind: str = "",
+                 target: str = "") -> None:
         self._guest = guest
         self._chan: TunnelChannel | None = None
         self._on_close = on_close
         self._input_paused = False
+        self._audit = audit if audit is not None and audit.enabled else None
+        self._kind = kind
+        self._target = target
+        self._channel = -1
+        self._from_client = 0
+        self._to_client = 0
 
     def connection_made(self, chan: TunnelChannel) -> None:
         self._chan = chan
         chan.set_write_buffer_limits(high=HIGH_WATER)
+        if self._audit is not None:
+            self._channel = self._audit.next_channel()
+            self._audit.event("tunnel-open", channel=self._channel, kind=self._kind,
+                              target=self._target)
         self._to_guest(self._guest.attach, self)
 
     # ---- from the client
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._from_client += len(data)
         self._to_guest(self._guest.send, data)
 
     def eof_received(self) -> bool:
@@ -84,6 +108,11 @@ class TunnelSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes
         if self._on_close is not None:
             self._on_close()
             self._on_close = None
+        if self._audit is not None:
+            self._audit.event("tunnel-close", channel=self._channel, kind=self._kind,
+                              target=self._target, bytes_from_client=self._from_client,
+                              bytes_to_client=self._to_client)
+            self._audit = None
 
     def _to_guest(self, call: Callable[..., None], *args: object) -> None:
         """``call(*args)`` on the guest end from one of asyncssh's callbacks, where whatever
@@ -99,6 +128,7 @@ class TunnelSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes
     # ---- from the guest
     def write(self, data: bytes) -> None:
         if self._chan is not None and not self._chan.is_closing():
+            self._to_client += len(data)
             self._chan.write(data)
 
     def write_eof(self) -> None:

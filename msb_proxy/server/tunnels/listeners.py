@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import asyncssh
 
@@ -18,6 +19,13 @@ from msb_proxy.server.tunnels.channel import GuestEnd, TunnelSession, report_bug
 from msb_proxy.server.tunnels.mux import MuxStream, TunnelMux
 
 __all__ = ["GuestListener", "listen_in_guest", "open_to_client"]
+
+
+class ForwardedSession(Protocol):
+    """Makes the session of a channel carrying ``guest``, a connection a listener accepted,
+    logged as a tunnel to ``target``."""
+
+    def __call__(self, guest: GuestEnd, *, target: str) -> TunnelSession: ...
 
 
 class GuestListener(asyncssh.SSHListener):
@@ -56,11 +64,12 @@ async def open_to_client(stream: MuxStream, open_channel: Callable[[], Awaitable
 
 
 async def listen_in_guest(mux: TunnelMux, conn: asyncssh.SSHServerConnection,
-                          session: Callable[[GuestEnd], TunnelSession], *, host: str | None,
+                          session: ForwardedSession, *, host: str | None,
                           port: int, path: str | None) -> GuestListener | None:
     """Listen in the guest on ``host``:``port`` (or unix ``path``) and forward each connection
-    to the client over a channel whose session ``session`` makes; None when the guest refused
-    the listener (asyncssh then fails the request)."""
+    to the client over a channel whose session ``session(stream, target=...)`` makes (the
+    target: the listener's address and the guest's peer); None when the guest refused the
+    listener (asyncssh then fails the request)."""
     # As sshd with GatewayPorts no: -R listens on the guest's loopback.
     bind_host = None if path is not None else "127.0.0.1" if host in ("", "*", "localhost",
                                                                       "0.0.0.0") else host
@@ -69,10 +78,12 @@ async def listen_in_guest(mux: TunnelMux, conn: asyncssh.SSHServerConnection,
     async def accept(stream: MuxStream, peer_host: str, peer_port: int) -> None:
         if path is not None:
             await open_to_client(stream, lambda: conn.create_unix_connection(
-                lambda: session(stream), path))
+                lambda: session(stream, target=path), path))
         else:
+            target = f"{host or ''}:{listen_port} from {peer_host}:{peer_port}"
             await open_to_client(stream, lambda: conn.create_connection(
-                lambda: session(stream), host or "", listen_port, peer_host, peer_port))
+                lambda: session(stream, target=target), host or "", listen_port, peer_host,
+                peer_port))
 
     try:
         ident, listen_port = await mux.listen(accept, host=bind_host, port=port, path=path)
