@@ -274,7 +274,8 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     options = SshServerOptions(host_key_path=state.host_key(name),
                                authorized_keys_paths=default_authorized_keys(config),
                                template=template, progress=Progress(quiet=config.quiet),
-                               connection_hooks=data_path(config), session=target.session)
+                               connection_hooks=data_path(config), session=target.session,
+                               home=config.home)
 
     def report(error: UserError) -> None:
         error.reported = True  # type: ignore[attr-defined]
