@@ -48,6 +48,13 @@ Where it knowingly differs from the real SDK:
   named), not observed.
 * Programs can be taken out of the guest or replaced (``remove_program``,
   ``substitute_program``), to play a guest without ``python3`` or with an old one.
+* ``fork`` copies the source's root directory and configuration; the real one duplicates its
+  running processes and memory too, which host processes cannot be (see
+  ``SandboxApi.fork_from`` for what is observed and what assumed).
+* A process that leaves its session and process group (a daemon) outlives its exec, as the
+  runtime's agent lets it (it signals only an exec's own group, ``crates/agentd/lib/
+  session.rs``: ``send_signal``; ``process.rs``: ``fail``), and also ``close()``: a test ends
+  such processes itself.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal as _signal
 import struct
 import subprocess
@@ -94,6 +103,7 @@ from microsandbox.errors import (
 from microsandbox.types import (
     BackendKind,
     ExecEventType,
+    GuestFlush,
     Image,
     ImageSource,
     ImageSourceKind,
@@ -121,6 +131,7 @@ __all__ = [
     "ExecFailedError",
     "ExecHandle",
     "FilesystemError",
+    "GuestFlush",
     "Image",
     "ImageNotFoundError",
     "ImagePullFailedError",
@@ -174,6 +185,11 @@ _LIVE = frozenset({SandboxStatus.RUNNING, SandboxStatus.STARTING, SandboxStatus.
 _STARTABLE = frozenset({SandboxStatus.CREATED, SandboxStatus.STOPPED, SandboxStatus.CRASHED})
 # sdk/rust/lib/sandbox/handle.rs: connect_with_timeout accepts these cached statuses.
 _CONNECTABLE = frozenset({SandboxStatus.RUNNING, SandboxStatus.DRAINING})
+# Observed (0.7.11): fork refuses a source that is not running or paused by its user (the .so's
+# own words: "branch requires a running or user-paused source") as SandboxNotRunningError.
+_FORKABLE = frozenset({SandboxStatus.RUNNING, SandboxStatus.PAUSED})
+# Observed (0.7.11): the name check that fork makes before it looks at the source.
+_SANDBOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _CREATE_KEYWORDS = frozenset({"image", "memory", "cpus", "workdir", "env", "labels", "volumes",
                               "network", "detached", "idle_timeout"})
 
@@ -353,6 +369,7 @@ class StandInSDK(ModuleType):
 
     def __init__(self, directory: Path) -> None:
         super().__init__("microsandbox_standin")
+        self.directory = directory
         self.store = _Store(directory)
         self.processes: weakref.WeakSet[ExecHandle] = weakref.WeakSet()
         self._default: _Backend | None = None  # set_default_backend / backend_scope
@@ -367,6 +384,7 @@ class StandInSDK(ModuleType):
         self.NetworkPolicy = NetworkPolicy
         self.NetworkProfile = NetworkProfile
         self.ExecEventType = ExecEventType
+        self.GuestFlush = GuestFlush
         self.Stdin = Stdin
         self.BackendKind = BackendKind
         self.LogReadSource = LogReadSource
@@ -433,6 +451,16 @@ class StandInSDK(ModuleType):
         with self.store.transaction() as state:
             record = state["sandboxes"]["cloud" if cloud else "local"].get(name)
             return None if record is None else SandboxStatus(record["status"])
+
+    def root_of(self, name: str, cloud: bool = False) -> Path:
+        """The host directory that is sandbox ``name``'s guest file system."""
+        with self.store.transaction() as state:
+            return Path(state["sandboxes"]["cloud" if cloud else "local"][name]["root"])
+
+    def labels_of(self, name: str) -> dict[str, str]:
+        with self.store.transaction() as state:
+            labels: dict[str, str] = state["sandboxes"]["local"][name]["config"]["labels"]
+            return labels
 
     def set_delay(self, call: str, seconds: float) -> None:
         """Make ``create`` (after its pull) or ``start`` take ``seconds``, in every process."""
@@ -659,6 +687,50 @@ class SandboxApi:
                 raise SandboxStillRunningError(f"sandbox still running: {name}")
             del state["sandboxes"][backend.table][name]
             self._sdk.note(state, "remove", name)
+
+    async def fork_from(self, backend: _Backend, parent: str, identity: int | None, name: str,
+                        guest_flush: GuestFlush | None) -> Sandbox:
+        """``fork`` of sandbox ``parent`` as ``name`` (SandboxHandle.fork and Sandbox.fork).
+
+        Observed (0.7.11, without a VM): the name is checked first (InvalidConfigError), then
+        the source (SandboxNotFoundError for one removed since the handle was read), then its
+        status (SandboxNotRunningError "has no live runtime" for a stopped one). Read in the
+        wheel's own strings (``_microsandbox.abi3.so``; the Aug 2026 upstream mirror has no
+        fork yet): a fork is a live duplicate ("fork for live execution duplication") of a
+        source that keeps running (or stays paused, "a running or user-paused source"),
+        captured within one pause of it ("pause epoch"), after the guest's page cache is
+        written back when ``guest_flush`` asks ("Optional guest writeback; mandatory storage
+        barriers always apply"); "direct forking requires a local backend". Modelled: the
+        copy is taken under the runtime's lock, so no other call sees the source mid-copy,
+        and the source's status and ``updated_at`` are left as they were (assumed: the pause
+        is the runtime's own, not a status change). A name that is taken is
+        SandboxAlreadyExistsError in create's words (assumed). The fork's configuration,
+        labels included, is its source's (assumed); its root file system is a copy of the
+        source's directory. Not modelled: the source's processes and memory, which the real
+        fork duplicates, are not copied (its guest processes are host processes here).
+        """
+        if not _SANDBOX_NAME.fullmatch(name):
+            raise InvalidConfigError(  # observed wording
+                "invalid config: sandbox name must start with an alphanumeric and contain only "
+                f"alphanumeric, dots, hyphens, and underscores: {name}")
+        if backend.kind is BackendKind.CLOUD:
+            raise UnsupportedError("direct forking requires a local backend")  # the .so's words
+        with self._sdk.store.transaction() as state:
+            record = self._sdk.record(state, backend.table, parent, identity)
+            if SandboxStatus(record["status"]) not in _FORKABLE:
+                raise _no_live_runtime(parent)
+            if name in state["sandboxes"][backend.table]:
+                raise SandboxAlreadyExistsError(f"sandbox already exists: {name}")
+            root = self._sdk.directory / "forks" / f"{name}-{state['next_id']}"
+            shutil.copytree(record["root"], root, symlinks=True)
+            child = _insert(state, backend.table, name, str(root),
+                            status=SandboxStatus.RUNNING, config=json.loads(
+                                json.dumps(record["config"])))
+            _log(child, f"INFO microsandbox_runtime::runner::vm: sandbox forked from {parent}")
+            self._sdk.note(state, "fork", name, parent=parent, parent_status=record["status"],
+                           guest_flush=None if guest_flush is None else str(guest_flush))
+        # Assumed attached, as create is by default: fork takes no ``detached``.
+        return Sandbox(self._sdk, backend, name, root, True)
 
     async def start(self, name: str, *, detached: bool = False) -> Sandbox:
         return await self.boot(self._sdk.backend(), name, None, detached)
@@ -928,6 +1000,23 @@ class SandboxHandle:
                 _set_status(record, SandboxStatus.STOPPED)
         return ()
 
+    async def fork(self, name: str, *, record_integrity: bool = False,
+                   guest_flush: GuestFlush | None = None,
+                   volumes: Mapping[str, MountConfig] | None = None) -> Sandbox:
+        return await self._sdk.Sandbox.fork_from(self._backend, self.name, self._identity, name,
+                                                 guest_flush)
+
+    async def modify(self, *, labels: Mapping[str, str] | None = None,
+                     labels_rm: list[str] | None = None) -> None:
+        """Only the labels (the stubs: ``modify(..., labels=, labels_rm=, ...)``), which a
+        running sandbox takes at once (assumed)."""
+        with self._sdk.store.transaction() as state:
+            config = self._record(state)["config"]
+            config["labels"] = {key: value for key, value in
+                                {**config.get("labels", {}), **(labels or {})}.items()
+                                if key not in (labels_rm or [])}
+            self._sdk.note(state, "modify", self.name, labels=config["labels"])
+
     async def remove(self) -> None:
         await self._sdk.Sandbox.remove_from(self._backend, self.name)
 
@@ -965,7 +1054,27 @@ class Sandbox:
         self._agent = sdk.agent(backend.table, name)
         self._agent.connect_client()
         weakref.finalize(self, self._agent.disconnect_client)
-        self.owns_lifecycle = owns_lifecycle
+        self._owns_lifecycle = owns_lifecycle
+
+    @property
+    def owns_lifecycle(self) -> Any:
+        """The stubs: ``Awaitable[bool]``: whether this process stops the sandbox on exit."""
+        async def owns() -> bool:
+            return self._owns_lifecycle
+
+        return owns()
+
+    async def detach(self) -> None:
+        """The sandbox no longer ends with this process (the stubs' ``Sandbox.detach``)."""
+        self._owns_lifecycle = False
+        with self._sdk.store.transaction() as state:
+            self._sdk.note(state, "detach", self._name)
+
+    async def fork(self, name: str, *, record_integrity: bool = False,
+                   guest_flush: GuestFlush | None = None,
+                   volumes: Mapping[str, MountConfig] | None = None) -> Sandbox:
+        return await self._sdk.Sandbox.fork_from(self._backend, self._name, None, name,
+                                                 guest_flush)
 
     @property
     def fs(self) -> SandboxFsOps:

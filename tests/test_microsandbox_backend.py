@@ -10,6 +10,7 @@ reports an error, such as a task exception nobody retrieved.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import gc
 import io
@@ -1775,3 +1776,129 @@ def test_doctor_checks_the_clouds_credentials_and_not_kvm(
     assert doctor_rows(MicrosandboxCloudBackend, home) == [
         ("cloud", "ok", "https://eu.example.invalid, credentials from MSB_API_KEY")]
     assert [row[0] for row in doctor_rows(MicrosandboxBackend, home)] == ["runtime", "KVM"]
+
+
+# ---- forks (ssh msb-api.fork): SandboxHandle.fork, as the stand-in plays it (a copy of the
+# parent's guest file system and configuration; see SandboxApi.fork_from there)
+
+FORK_OF_API = dataclasses.replace(TEMPLATE, fork_of="api")
+
+
+def forked(backend: MicrosandboxBackend, name: str = "api.fork-a",
+           template: SandboxTemplate = FORK_OF_API, progress: Progress | None = None) -> bool:
+    """Open ``name`` as a fork of api; whether this open created it."""
+    sandbox = run(backend.open(name, template, progress or Progress(quiet=True)))
+    assert (sandbox.name, sandbox.started) == (name, sandbox.created)
+    return sandbox.created
+
+
+def add_user(root: Path, name: str, uid: int) -> None:
+    """What a guest process that adds a user does to the guest's passwd."""
+    with (root / "etc" / "passwd").open("a") as passwd:
+        passwd.write(f"{name}:x:{uid}:{uid}::/home/{name}:/bin/sh\n")
+
+
+def users(backend: MicrosandboxBackend, name: str, *candidates: str) -> list[str]:
+    """Which of ``candidates`` the guest of sandbox ``name`` has, as a login looks them up."""
+    async def lookups() -> list[str]:
+        sandbox = await backend.open(name, TEMPLATE, Progress(quiet=True))
+        found = []
+        for candidate in candidates:
+            try:
+                await sandbox.lookup_user(candidate)
+            except UnknownUserError:
+                continue
+            found.append(candidate)
+        return found
+
+    return run(lookups())
+
+
+def fork_calls(standin: StandInSDK) -> list[dict[str, object]]:
+    return [{key: call[key] for key in ("name", "parent", "parent_status", "guest_flush")}
+            for call in standin.calls("fork")]
+
+
+def test_a_fork_has_its_parents_files_and_each_keeps_its_own_writes(
+        backend: MicrosandboxBackend, standin: StandInSDK, guest_root: Path) -> None:
+    add_user(guest_root, "before", 2001)
+    assert forked(backend) is True
+    add_user(guest_root, "parent-only", 2002)
+    add_user(standin.root_of("api.fork-a"), "fork-only", 2003)
+    everyone = ("alice", "before", "parent-only", "fork-only")
+    assert users(backend, "api", *everyone) == ["alice", "before", "parent-only"]
+    assert users(backend, "api.fork-a", *everyone) == ["alice", "before", "fork-only"]
+
+
+def test_forking_a_running_parent_leaves_it_running_and_the_fork_running_detached(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    updated = run(standin.Sandbox.get("api")).updated_at
+    forked(backend)
+    assert fork_calls(standin) == [{"name": "api.fork-a", "parent": "api",
+                                    "parent_status": "running", "guest_flush": "auto"}]
+    assert [call["call"] for call in standin.calls()] == ["fork", "detach", "modify"]
+    assert (standin.status_of("api"), standin.status_of("api.fork-a")) == (
+        SandboxStatus.RUNNING, SandboxStatus.RUNNING)
+    assert run(standin.Sandbox.get("api")).updated_at == updated
+
+
+def test_forking_a_paused_parent_leaves_it_paused(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    standin.set_status("api", SandboxStatus.PAUSED)
+    forked(backend)
+    assert (standin.status_of("api"), standin.status_of("api.fork-a")) == (
+        SandboxStatus.PAUSED, SandboxStatus.RUNNING)
+    assert [call["parent_status"] for call in standin.calls("fork")] == ["paused"]
+
+
+def test_a_fork_is_msb_proxys_listed_and_removed_as_any_of_its_sandboxes(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    forked(backend)
+    assert standin.labels_of("api.fork-a") == LABELS
+    assert run(backend.list()) == [SandboxInfo("api.fork-a", SandboxState.RUNNING,
+                                               "microsandbox")]
+    assert run(backend.remove("api.fork-a")) is True
+    assert (standin.status_of("api.fork-a"), standin.status_of("api")) == (
+        None, SandboxStatus.RUNNING)
+
+
+def test_a_kept_fork_is_forked_once_and_used_again(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    shown = Shown()
+    first = forked(backend, progress=shown.progress)
+    again = forked(backend)
+    assert (first, again, len(standin.calls("fork"))) == (True, False, 1)
+    assert [re.sub(r"in \d+\.\d s$", "in N s", line) for line in shown.lines()] == [
+        "msb-proxy: forking sandbox 'api' as 'api.fork-a' ...",
+        "msb-proxy: sandbox 'api.fork-a' ready in N s"]
+
+
+def test_forking_a_stopped_parent_is_refused_in_one_line_and_touches_it_not(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    standin.set_status("api", SandboxStatus.STOPPED)
+    with pytest.raises(SandboxError) as caught:
+        forked(backend)
+    assert str(caught.value) == (
+        "cannot fork sandbox 'api': it is stopped, and microsandbox forks only a running or "
+        "paused sandbox (the fork copies its memory too); connect to 'api' once to start it, "
+        "then fork it again")
+    assert (standin.calls(), standin.status_of("api"), standin.status_of("api.fork-a")) == (
+        [], SandboxStatus.STOPPED, None)
+
+
+def test_forking_a_missing_parent_names_it(backend: MicrosandboxBackend,
+                                           standin: StandInSDK) -> None:
+    with pytest.raises(SandboxNotFoundError) as caught:
+        forked(backend, template=dataclasses.replace(TEMPLATE, fork_of="nope"))
+    assert str(caught.value) == "there is no sandbox 'nope' to fork"
+    assert standin.status_of("api.fork-a") is None
+
+
+def test_the_seams_fork_makes_the_fork_and_refuses_a_name_that_is_taken(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    run(backend.fork("api", "copy", Progress(quiet=True)))
+    with pytest.raises(SandboxError) as caught:
+        run(backend.fork("api", "copy", Progress(quiet=True)))
+    assert str(caught.value) == ("cannot fork sandbox 'api' as 'copy': there is a sandbox "
+                                 "'copy' already")
+    assert (standin.status_of("copy"), len(standin.calls("fork"))) == (SandboxStatus.RUNNING, 1)

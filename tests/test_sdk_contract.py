@@ -7,7 +7,8 @@ that stand-in assumes about the real SDK, so that an SDK upgrade that changes it
 * the members of the enums it reads and the error classes it catches;
 * what calls that need no VM answer, exception class and message: a missing sandbox, a template
   the SDK refuses, an image that cannot be pulled, the cloud backend without credentials, and,
-  where microVMs cannot boot (as on our machines), what a failed boot leaves behind.
+  where microVMs cannot boot (as on our machines), what a failed boot leaves behind and what
+  ``fork`` refuses before it copies anything.
 
 Each scenario runs against the real SDK in a subprocess of its own (``MSB_HOME`` a fresh
 directory, so nothing of the user's microsandbox state is read or written, and its environment
@@ -63,6 +64,10 @@ def parameters(function: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
     (microsandbox.SandboxHandle.connect, [("timeout", POSITIONAL, None)]),
     (microsandbox.SandboxHandle.start, [("detached", KEYWORD, False)]),
     (microsandbox.SandboxHandle.resume, []),
+    (microsandbox.SandboxHandle.fork, [
+        ("name", POSITIONAL, EMPTY), ("record_integrity", KEYWORD, False),
+        ("guest_flush", KEYWORD, None), ("volumes", KEYWORD, None)]),
+    (microsandbox.Sandbox.detach, []),
     (microsandbox.SandboxHandle.stop, [("timeout", POSITIONAL, None)]),
     (microsandbox.SandboxHandle.logs, [("tail", POSITIONAL, None), ("since_ms", POSITIONAL, None),
                                        ("until_ms", POSITIONAL, None),
@@ -105,7 +110,7 @@ def test_the_attributes_the_backend_reads_exist() -> None:
         (microsandbox.SandboxPage, ("sandboxes", "next_cursor")),
         (microsandbox.ExecEvent, ("event_type", "pid", "data", "code")),
         (microsandbox.ExecHandle, ("id",)),
-        (microsandbox.Sandbox, ("fs",)),
+        (microsandbox.Sandbox, ("fs", "owns_lifecycle")),
         (microsandbox.PullSession, ("progress", "result", "__aenter__", "__aexit__")),
         (microsandbox.PullEvent, ("event_type", "layer_count", "total_download_bytes",
                                   "layer_index", "downloaded_bytes", "total_bytes")),
@@ -117,6 +122,12 @@ def test_the_attributes_the_backend_reads_exist() -> None:
     assert {name: hasattr(info, name) for name in ("kind", "api_url", "profile", "source")} \
         == dict.fromkeys(("kind", "api_url", "profile", "source"), True)
     assert callable(microsandbox.is_runtime_installed)
+
+
+def test_modify_takes_the_labels_a_fork_is_given() -> None:
+    found = {name: (kind, default) for name, kind, default
+             in parameters(microsandbox.SandboxHandle.modify)}
+    assert found["labels"] == (KEYWORD, None)
 
 
 def test_the_sdk_value_constructors_the_backend_uses_accept_its_arguments(
@@ -146,6 +157,7 @@ def test_sandbox_statuses_are_the_states_msb_proxy_shows() -> None:
     (microsandbox.BackendKind, {"LOCAL", "CLOUD"}),
     (microsandbox.LogReadSource, {"SYSTEM", "ALL"}),
     (microsandbox.MountKind, {"BIND"}),
+    (microsandbox.GuestFlush, {"AUTO"}),
 ])
 def test_the_enum_members_the_backend_uses_exist(enum: type[Any], members: set[str]) -> None:
     assert members <= set(enum.__members__)
@@ -280,6 +292,34 @@ async def failed_boot(m: Any, scratch: Path) -> Observations:
     }
 
 
+async def fork_refused(m: Any, scratch: Path) -> Observations:
+    """What fork answers before it copies anything, of a sandbox whose VM died booting (only
+    where microVMs cannot run): a bad name, a stopped source, a removed one."""
+    (scratch / "root").mkdir()
+    session = m.Sandbox.create_with_progress("parent", image=m.Image.bind(str(scratch / "root")),
+                                             detached=True)
+    async with session:
+        if await _outcome(session.result()) == "ok":
+            return {"booted": True}
+    handle = await m.Sandbox.get("parent")
+    observed = {"bad name": await _outcome(handle.fork("bad/name")),
+                "stopped": await _outcome(handle.fork("child",
+                                                      guest_flush=m.GuestFlush.AUTO)),
+                "no fork left": await _outcome(m.Sandbox.get("child"))}
+    await m.Sandbox.remove("parent")
+    observed["removed"] = await _outcome(handle.fork("child"))
+    return observed
+
+
+FORK_REFUSED: Observations = {
+    "bad name": ["InvalidConfigError", "invalid config: sandbox name must start with an "
+                 "alphanumeric and contain only alphanumeric, dots, hyphens, and underscores: "
+                 "bad/name"],
+    "stopped": ["SandboxNotRunningError", 'sandbox sandbox "parent" has no live runtime'],
+    "no fork left": ["SandboxNotFoundError", "sandbox not found: child"],
+    "removed": ["SandboxNotFoundError", "sandbox not found: parent"],
+}
+
 EXPECTED: dict[str, tuple[Scenario, dict[str, str], Observations]] = {
     "missing sandbox": (missing_sandbox, {}, {
         "get": ["SandboxNotFoundError", "sandbox not found: nope"],
@@ -339,6 +379,7 @@ print(json.dumps(asyncio.run(scenario(microsandbox, Path(sys.argv[2])))))
 SCENARIOS: dict[str, Scenario] = {
     **{name: scenario for name, (scenario, _, _) in EXPECTED.items()},
     "failed boot": failed_boot,
+    "fork refused": fork_refused,
 }
 SDK_ENVIRONMENT = ("MSB_BACKEND", "MSB_API_KEY", "MSB_API_URL", "MSB_PROFILE", "MSB_HOME")
 
@@ -403,15 +444,25 @@ def test_the_standin_answers_as_the_real_sdk_does(
     assert on_the_standin(standin, name, tmp_path, env, monkeypatch) == expected
 
 
-def test_a_failed_boot_leaves_what_the_standin_assumes(tmp_path: Path) -> None:
-    """Only where microVMs cannot boot (our machines: nested KVM); elsewhere skipped."""
-    observed = on_the_real_sdk("failed boot", tmp_path, {}, timeout=300)
+# Scenarios that need a sandbox whose VM died booting: only where microVMs cannot boot (our
+# machines: nested KVM); elsewhere skipped. The stand-in is made to fail its boots for them.
+AFTER_A_FAILED_BOOT: dict[str, Observations] = {
+    "failed boot": FAILED_BOOT,  # what a failed boot leaves behind
+    "fork refused": FORK_REFUSED,  # what fork refuses of the sandbox it left
+}
+
+
+@pytest.mark.parametrize("name", list(AFTER_A_FAILED_BOOT))
+def test_after_a_failed_boot_the_real_sdk_answers_as_the_standin_assumes(
+        name: str, tmp_path: Path) -> None:
+    observed = on_the_real_sdk(name, tmp_path, {}, timeout=300)
     if observed == {"booted": True}:
         pytest.skip("microVMs boot on this host: there is no boot failure to observe")
-    assert observed == FAILED_BOOT
+    assert observed == AFTER_A_FAILED_BOOT[name]
 
 
-def test_the_standin_fails_a_boot_as_the_real_sdk_does(
-        standin: StandInSDK, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", list(AFTER_A_FAILED_BOOT))
+def test_after_a_failed_boot_the_standin_answers_as_the_real_sdk_does(
+        name: str, standin: StandInSDK, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     standin.fail_boot()
-    assert on_the_standin(standin, "failed boot", tmp_path, {}, monkeypatch) == FAILED_BOOT
+    assert on_the_standin(standin, name, tmp_path, {}, monkeypatch) == AFTER_A_FAILED_BOOT[name]

@@ -190,6 +190,8 @@ DECIDE_ATTEMPTS = 3
 # States in which a sandbox has a VM to stop.
 _LIVE_STATES = frozenset({SandboxState.RUNNING, SandboxState.STARTING, SandboxState.PAUSED,
                           SandboxState.DRAINING})
+# States of a sandbox the SDK can fork (observed: any other has "no live runtime").
+_FORKABLE_STATES = frozenset({SandboxState.RUNNING, SandboxState.PAUSED})
 # States that end by themselves, and what the sandbox is doing meanwhile.
 _SETTLING_STATES = {SandboxState.STARTING: "starting", SandboxState.DRAINING: "stopping"}
 # What the runtime and its VMM say (in errors, and in a sandbox's system log) when this host
@@ -375,44 +377,50 @@ class MicrosandboxBackend(Backend):
         async with self._lock(name, waiting):
             try:
                 with self._scope(template):
-                    sandbox, started = await self._bring_up(name, template, progress)
+                    sandbox, started, created = await self._bring_up(name, template, progress)
                     run_id = _run_id(await self._api.get(name))
             except sdk.MicrosandboxError as exc:
                 raise self._error(exc, name, self.option(template, "image")) from None
         # Shown only after a step was: a sandbox that was simply running says nothing.
         progress.done(f"sandbox {name!r} ready")
-        return MicrosandboxSandbox(name, sandbox, sdk, run_id=run_id or "", started=started)
+        opened = MicrosandboxSandbox(name, sandbox, sdk, run_id=run_id or "", started=started)
+        opened.created = created
+        return opened
 
     async def _bring_up(self, name: str, template: SandboxTemplate,
-                        progress: Progress) -> tuple[microsandbox.Sandbox, bool]:
-        """The sandbox connected to, and whether this call started (or created) it."""
+                        progress: Progress) -> tuple[microsandbox.Sandbox, bool, bool]:
+        """The sandbox connected to, whether this call started it, and whether it created
+        it (from its template, or as a fork of ``template.fork_of``)."""
         sdk = self.sdk
         for _ in range(DECIDE_ATTEMPTS):
             try:
                 handle = await self._api.get(name)
             except sdk.SandboxNotFoundError:
-                if not template.create:
-                    raise SandboxNotFoundError(
-                        f"there is no sandbox {name!r} and its template does not allow "
-                        f"creating it; set create = true for it in {self.state.config_file}"
-                    ) from None
                 try:
-                    return await self._create(name, template, progress), True
+                    if template.fork_of is not None:
+                        return (await self._fork(template.fork_of, name, template, progress),
+                                True, True)
+                    if not template.create:
+                        raise SandboxNotFoundError(
+                            f"there is no sandbox {name!r} and its template does not allow "
+                            f"creating it; set create = true for it in {self.state.config_file}"
+                        ) from None
+                    return await self._create(name, template, progress), True, True
                 except sdk.SandboxAlreadyExistsError:
                     continue  # another tool made it meanwhile: use that one
             try:
                 handle = await self._settled(name, handle, progress)
                 state = _state(handle)
                 if state is SandboxState.RUNNING:
-                    return await self._connect(handle), False
+                    return await self._connect(handle), False, False
                 if state is SandboxState.PAUSED:
                     progress.step(f"resuming sandbox {name!r} ...")
                     await handle.resume()
                     # connect() checks the handle's status as of get(), which says PAUSED.
-                    return await self._connect(await handle.refresh()), True
+                    return await self._connect(await handle.refresh()), True, False
                 progress.step(f"starting sandbox {name!r} ...")
                 try:
-                    return await handle.start(detached=True), True
+                    return await handle.start(detached=True), True, False
                 except sdk.MicrosandboxError as exc:
                     if _DIED_BOOTING not in str(exc):
                         raise
@@ -465,6 +473,67 @@ class MicrosandboxBackend(Backend):
                 f"({reason}); {LOCAL_BACKEND_HINT}")
         return SandboxError(f"sandbox {name!r} failed to boot: {reason}; see "
                             f"'msb logs {command}'")
+
+    async def fork(self, parent: str, child: str, progress: Progress) -> None:
+        """``SandboxHandle.fork`` of ``parent`` as ``child`` (see :meth:`_fork`), the fork
+        left running. Called under ``child``'s lock, as :meth:`open` calls it."""
+        sdk = self.sdk
+        template = self._template(parent)  # a fork's template is its parent's
+        try:
+            with self._scope(template):
+                await self._fork(parent, child, template, progress)
+        except sdk.SandboxAlreadyExistsError:
+            raise SandboxError(f"cannot fork sandbox {parent!r} as {child!r}: there is a "
+                               f"sandbox {child!r} already") from None
+        except sdk.MicrosandboxError as exc:
+            raise self._error(exc, child) from None
+
+    async def _fork(self, parent: str, child: str, template: SandboxTemplate,
+                    progress: Progress) -> microsandbox.Sandbox:
+        """Fork ``parent`` as ``child`` and return the fork, connected and running.
+
+        The SDK's fork is a live duplicate, memory and processes too, of a sandbox that is
+        running or paused (one that is not has "no live runtime": refused here in one line),
+        which goes on as it was: it is held still for the copy and its guest's writes are
+        flushed first when the runtime can (``GuestFlush.AUTO``; storage barriers always
+        apply), so the fork is the parent as of one instant. The fork gets msb-proxy's
+        ``LABELS`` (it has its parent's otherwise) and is detached from this process, as a
+        created sandbox is.
+        """
+        sdk = self.sdk
+        if self._side(template).resolved(sdk):
+            raise SandboxError(f"cannot fork sandbox {parent!r}: microsandbox cloud forks no "
+                               "sandboxes (the SDK forks only on this host's runtime)")
+        try:
+            handle = await self._settled(parent, await self._api.get(parent), progress)
+        except sdk.SandboxNotFoundError:
+            raise SandboxNotFoundError(f"there is no sandbox {parent!r} to fork") from None
+        state = _state(handle)
+        if state not in _FORKABLE_STATES:
+            raise SandboxError(
+                f"cannot fork sandbox {parent!r}: it is {state.value}, and microsandbox forks "
+                f"only a running or paused sandbox (the fork copies its memory too); connect "
+                f"to {parent!r} once to start it, then fork it again")
+        progress.step(f"forking sandbox {parent!r} as {child!r} ...")
+        try:
+            sandbox: microsandbox.Sandbox = await handle.fork(
+                child, guest_flush=sdk.GuestFlush.AUTO)
+        except sdk.InvalidConfigError as exc:
+            raise ConfigError(f"cannot fork sandbox {parent!r} as {child!r}: "
+                              f"{one_line(exc).removeprefix('invalid config: ')}") from None
+        except (sdk.SandboxNotFoundError, sdk.SandboxReplacedError):
+            raise SandboxNotFoundError(f"sandbox {parent!r} was removed while msb-proxy was "
+                                       "forking it") from None
+        except sdk.SandboxNotRunningError:
+            raise SandboxError(f"cannot fork sandbox {parent!r}: it stopped while msb-proxy "
+                               "was forking it; connect to it and fork it again") from None
+        if await sandbox.owns_lifecycle:
+            await sandbox.detach()
+        try:
+            await (await self._api.get(child)).modify(labels=LABELS)
+        except sdk.MicrosandboxError as exc:  # only 'ls' misses it: the fork itself is fine
+            log.debug("cannot label fork %r as msb-proxy's: %s", child, exc)
+        return sandbox
 
     async def _settled(self, name: str, handle: microsandbox.SandboxHandle,
                        progress: Progress) -> microsandbox.SandboxHandle:
