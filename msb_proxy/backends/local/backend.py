@@ -48,6 +48,7 @@ from msb_proxy.backends.base import (
     SandboxInfo,
     SandboxState,
 )
+from msb_proxy.backends.local.forks import copy_sandbox, thaw_abandoned
 from msb_proxy.backends.locking import sandbox_lock
 from msb_proxy.backends.processes import PipedProcess
 from msb_proxy.config import (
@@ -163,21 +164,31 @@ class LocalBackend(Backend):
         directory = self.state.sandbox_dir(name)
         socket_path = directory / "init.sock"
         volumes = self.option(template, "volumes")
+        created = False
         async with self._lock(name):
+            thaw_abandoned(self.state, name)  # a frozen init would not even answer the ping
             protocol = await _ping(socket_path)
             started = protocol is None
             if protocol is None:
                 settings = _read_settings(directory)
                 if settings is None:
-                    if not template.create:
-                        raise SandboxNotFoundError(
-                            f"there is no sandbox {name!r} and its template does not allow "
-                            f"creating it; set create = true for it in {self.state.config_file}"
-                        )
-                    rootfs = self._base_rootfs(name, template)
-                    _check_volumes(name, volumes)
-                    progress.step(f"creating sandbox {name!r} from {rootfs} ...")
-                    settings = self._create(name, directory, rootfs)
+                    if template.fork_of is not None:
+                        _check_volumes(name, volumes)
+                        progress.step(f"forking sandbox {template.fork_of!r} as {name!r} ...")
+                        await self.fork(template.fork_of, name, progress)
+                        settings = _read_settings(directory) or {}
+                    else:
+                        if not template.create:
+                            raise SandboxNotFoundError(
+                                f"there is no sandbox {name!r} and its template does not "
+                                f"allow creating it; set create = true for it in "
+                                f"{self.state.config_file}"
+                            )
+                        rootfs = self._base_rootfs(name, template)
+                        _check_volumes(name, volumes)
+                        progress.step(f"creating sandbox {name!r} from {rootfs} ...")
+                        settings = self._create(name, directory, rootfs)
+                    created = True
                     try:
                         await self._start(name, directory, settings, volumes)
                     except BaseException:
@@ -196,7 +207,23 @@ class LocalBackend(Backend):
         if started:
             progress.done(f"sandbox {name!r} ready")
         run_id = str(_read_pid(directory / "init.pid"))
-        return LocalSandbox(name, socket_path, run_id=run_id, started=started)
+        sandbox = LocalSandbox(name, socket_path, run_id=run_id, started=started)
+        sandbox.created = created
+        return sandbox
+
+    async def fork(self, parent: str, child: str, progress: Progress) -> None:
+        """A new jail's directory over a copy of ``parent``'s writable layer, taken while
+        ``parent``'s processes are frozen (see ``forks.py``); ``parent`` keeps running, or
+        stays stopped. Holds ``parent``'s lock meanwhile, so that it is not started, stopped
+        or removed under the copy."""
+        source = self.state.sandbox_dir(parent)
+        if _read_settings(source) is None:
+            raise SandboxNotFoundError(f"there is no sandbox {parent!r} to fork")
+        async with self._lock(parent):
+            running = await _ping(source / "init.sock") is not None
+            await copy_sandbox(parent, source, child, self.state.sandbox_dir(child),
+                               init_pid=_read_pid(source / "init.pid") if running else None,
+                               state=self.state, progress=progress)
 
     def _create(self, name: str, directory: Path, rootfs: Path) -> dict[str, str]:
         self.state.ensure("sandboxes")
