@@ -3,7 +3,9 @@
 Lists the sandboxes of every backend in the registry (one that cannot list them, such as
 microsandbox without its SDK, is named in a warning), or only of the backend ``--backend``
 names; only those msb-proxy made unless ``--all``. ``--json`` prints a list of objects with
-``name``, ``state``, ``backend`` and ``alias``.
+``name``, ``state``, ``backend`` and ``alias``. First it sweeps: throwaway forks and
+``ephemeral`` sandboxes whose msb-proxy was killed before their last connection ended are
+handed to their watcher to be removed (``backends/idle.py``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 from msb_proxy.backends.base import SandboxInfo
+from msb_proxy.backends.idle import sweep
 from msb_proxy.backends.registry import backend_names, open_backend
 from msb_proxy.config import Config
 from msb_proxy.errors import UserError
+from msb_proxy.state import StateDir
 
 __all__ = ["run"]
 
@@ -24,6 +29,7 @@ ALIAS_PREFIX = "msb-"  # what 'msb-proxy config' uses unless told otherwise
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
+    sweep(StateDir(config.home), os.environ)
     names = [args.backend] if args.backend else backend_names()
     found: list[SandboxInfo] = []
     for name in names:
