@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     import asyncio
     from pathlib import Path
 
-    from msb_proxy.config import Config
+    from msb_proxy.config import Config, SandboxTemplate
+    from msb_proxy.state import StateDir
 
 __all__ = ["run"]
 
@@ -271,7 +272,11 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
 
     state = StateDir(config.home)
     template = config.template(name)
-    options = SshServerOptions(host_key_path=state.host_key(name),
+    host_key = state.host_key(name)
+    if target.fork_of is not None:
+        name, template, host_key = _fork_target(config, state, target.fork_of,
+                                                target.ephemeral_fork, name)
+    options = SshServerOptions(host_key_path=host_key,
                                authorized_keys_paths=default_authorized_keys(config),
                                template=template, progress=Progress(quiet=config.quiet),
                                connection_hooks=data_path(config), session=target.session,
@@ -299,6 +304,33 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     with ConnectionTracker(state, name, template, os.environ) as tracker:
         asyncio.run(serve(tracker))
     return 0
+
+
+def _fork_target(config: Config, state: StateDir, parent: str, throwaway: bool,
+                 kept: str) -> tuple[str, SandboxTemplate, Path]:
+    """The sandbox, template and host key file of a connection to a fork of ``parent``.
+
+    A throwaway fork (``NAME.fork``) is a sandbox of this connection's own, ``NAME.fork.<8
+    hex>``, removed after its last connection and never idle-stopped; it presents the
+    parent's host key from the parent's own file. A kept fork (``NAME.fork-KEPT``) is
+    sandbox ``kept``, which is given a copy of the parent's key the first time, so that it
+    keeps presenting it. Both take the parent's template; the backend's ``open`` makes the
+    fork when the sandbox is missing.
+    """
+    from dataclasses import replace
+
+    from msb_proxy.state import write_private
+
+    parent_key = state.host_key(parent)
+    if throwaway:
+        name = f"{parent}.fork.{os.urandom(4).hex()}"
+        return name, replace(config.template(parent), fork_of=parent, ephemeral=True,
+                             stop_after_idle=0.0), parent_key
+    own_key = state.host_key(kept)
+    if not own_key.exists():
+        with contextlib.suppress(FileNotFoundError):
+            write_private(own_key, parent_key.read_bytes())
+    return kept, replace(config.template(parent), fork_of=parent), own_key
 
 
 def _more_open_files() -> None:
