@@ -1,0 +1,324 @@
+"""Forks through the real ProxyCommand: ``ssh msb-api.fork`` (throwaway), ``ssh
+msb-api.fork-NAME`` (kept until ``msb-proxy rm``), and ``ephemeral = true`` templates.
+
+A fork starts as a copy of its parent's files, taken while the parent's processes are frozen,
+and from then on the two are apart both ways; the parent's processes run on. A throwaway fork
+goes once its last connection ends, also when its client was killed, and a fork whose msb-proxy
+was killed is swept by the next ``msb-proxy ls``. Every fork presents its parent's pinned host
+key under its own alias, so strict host key checking never warns. The local backend is
+inspected directly (its sandbox directories, cgroups), so these tests run on it only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import TEST_BACKEND, Env, Run, write_ssh_config
+from installations import (
+    configure,
+    gone,
+    init_pid,
+    loud,
+    make_installation,
+    proxy_of,
+    remove_installation,
+    wait_until,
+)
+
+pytestmark = pytest.mark.skipif(
+    TEST_BACKEND != "local", reason="inspects the local backend's sandbox directories")
+
+SSH_GAVE_UP = 255
+GONE_WITHIN_S = 60  # polling bound for a removal that happens in the background
+FORK_NAME = re.compile(r"api\.fork\.[0-9a-f]{8}")
+FREEZER_GROUPS = (Path("/sys/fs/cgroup/unified/msb-proxy"), Path("/sys/fs/cgroup/msb-proxy"),
+                  Path("/sys/fs/cgroup/freezer/msb-proxy"))
+
+
+@pytest.fixture
+def private(msb: Env) -> Iterator[Env]:
+    """An installation of this test's own with a running sandbox ``api``; every sandbox it
+    holds at the end (forks included) is removed."""
+    env = make_installation(msb)
+    write_ssh_config(env, warm=False, path=env.cold_config)
+    made = _ssh(env, "msb-api", "echo parent > /root/from-parent")
+    assert (made.returncode, made.out, made.err) == (0, "", "")
+    env.sandboxes.append("api")
+    yield env
+    for name in _sandboxes(env):
+        if name not in env.sandboxes:
+            env.sandboxes.append(name)
+    remove_installation(env)
+
+
+def _ssh(env: Env, host: str, *command: str, options: Sequence[str] = (),
+         config: Path | None = None, timeout: float = 120) -> Run:
+    return env.run(["ssh", "-F", str(config or env.config), *options, host, *command],
+                   timeout=timeout)
+
+
+def _popen(env: Env, host: str, command: str, config: Path | None = None,
+           ) -> subprocess.Popen[bytes]:
+    """``ssh HOST COMMAND`` left running, its stdin and stdout pipes in our hands."""
+    return subprocess.Popen(["ssh", "-F", str(config or env.config), host, command],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def _sandboxes(env: Env) -> list[str]:
+    """The names of the installation's local sandboxes, sorted."""
+    root = env.home / "sandboxes"
+    if not root.is_dir():
+        return []
+    return sorted(path.name for path in root.iterdir() if (path / "sandbox.json").exists())
+
+
+def _throwaway_forks(env: Env) -> list[str]:
+    return [name for name in _sandboxes(env) if FORK_NAME.fullmatch(name)]
+
+
+def _no_throwaway_forks(env: Env) -> bool:
+    """True once no throwaway fork of ``api`` is left, not even a directory of one."""
+    root = env.home / "sandboxes"
+    return not [path for path in root.iterdir() if path.name.startswith("api.fork.")]
+
+
+def _strict(env: Env) -> list[str]:
+    return ["-o", "StrictHostKeyChecking=yes", "-o",
+            f"UserKnownHostsFile={env.home / 'known_hosts'}",
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "LogLevel=INFO"]
+
+
+# ---- what a fork holds
+
+
+def test_fork_starts_as_the_parents_files_and_then_neither_sees_the_others_writes(
+    private: Env,
+) -> None:
+    # Overlayfs keeps deletions and replaced directories of the base as whiteouts and opaque
+    # directories (special files and trusted.* attributes): the fork must keep them too.
+    setup = _ssh(private, "msb-api", "rm /etc/motd && rm -rf /etc/apt && mkdir /etc/apt && "
+                 "echo only > /etc/apt/only && echo linked > /root/a && ln /root/a /root/b && "
+                 "truncate -s 1G /root/sparse")
+    assert (setup.returncode, setup.err) == (0, "")
+
+    fork = _popen(private, "msb-api.fork",
+                  "cat /root/from-parent; test -e /etc/motd || echo motd-gone; ls /etc/apt; "
+                  "stat -c %h /root/b; du -k /root/sparse | cut -f1; "
+                  "echo fork > /root/from-fork; echo ready; read go; "
+                  "cat /root/after-fork 2>/dev/null || echo after-fork-absent")
+    assert fork.stdout is not None and fork.stdin is not None
+    seen = [fork.stdout.readline() for _ in range(6)]
+    assert seen == [b"parent\n", b"motd-gone\n", b"only\n", b"2\n", b"0\n", b"ready\n"]
+
+    parent = _ssh(private, "msb-api",
+                  "test -e /root/from-fork || echo from-fork-absent; echo p > /root/after-fork")
+    assert (parent.returncode, parent.out, parent.err) == (0, "from-fork-absent\n", "")
+    out, err = fork.communicate(b"go\n", timeout=60)
+    assert (fork.returncode, out, err) == (0, b"after-fork-absent\n", b"")
+
+
+def test_parents_processes_run_on_through_a_fork_and_are_not_left_frozen(private: Env) -> None:
+    started = _ssh(private, "msb-api",
+                   "nohup sleep 1000 >/dev/null 2>&1 & echo $! > /root/sleep.pid; "
+                   "nohup sh -c 'while :; do echo t >> /root/ticks; sleep 0.05; done' "
+                   ">/dev/null 2>&1 &")
+    assert (started.returncode, started.err) == (0, "")
+    pid = init_pid(private, "api")
+
+    fork = _ssh(private, "msb-api.fork", "test -e /root/sleep.pid && echo copied")
+    assert (fork.returncode, fork.out, fork.err) == (0, "copied\n", "")
+
+    def ticks() -> int:
+        run = _ssh(private, "msb-api", "wc -l < /root/ticks")
+        assert run.returncode == 0, run.err
+        return int(run.out)
+
+    before = ticks()
+    assert wait_until(lambda: ticks() > before + 2, 30) is not None, "the parent stays frozen"
+    alive = _ssh(private, "msb-api",
+                 "p=$(cat /root/sleep.pid); kill -0 $p && grep ^State: /proc/$p/status")
+    assert (alive.returncode, alive.out) == (0, "State:\tS (sleeping)\n")
+    assert init_pid(private, "api") == pid
+    # Thawed and put back where they were: no cgroup of msb-proxy's holds them any more.
+    assert not any((group / "api").exists() for group in FREEZER_GROUPS)
+
+
+# ---- throwaway forks go with their last connection
+
+
+def test_throwaway_fork_is_removed_once_its_last_connection_ends(private: Env) -> None:
+    first = _popen(private, "msb-api.fork", "echo up; read line; echo $line")
+    assert first.stdout is not None and first.stdin is not None
+    assert first.stdout.readline() == b"up\n"
+    [name] = _throwaway_forks(private)
+
+    # A second connection to the same fork, by its own name, while the first is open.
+    second = _popen(private, f"msb-{name}", "echo second; read line; echo $line")
+    assert second.stdout is not None
+    assert second.stdout.readline() == b"second\n"
+    out, err = first.communicate(b"bye\n", timeout=60)
+    assert (first.returncode, out, err) == (0, b"bye\n", b"")
+    still = _ssh(private, f"msb-{name}", "cat /root/from-parent")
+    assert (still.returncode, still.out) == (0, "parent\n"), "removed while a connection was open"
+
+    out, err = second.communicate(b"done\n", timeout=60)
+    assert (second.returncode, out, err) == (0, b"done\n", b"")
+    assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
+    assert _sandboxes(private) == ["api"]
+    assert not list((private.home / "locks").glob("*.ephemeral"))
+
+
+def test_throwaway_fork_is_removed_after_its_client_is_killed(private: Env) -> None:
+    client = _popen(private, "msb-api.fork", "echo up; sleep 1000")
+    assert client.stdout is not None
+    assert client.stdout.readline() == b"up\n"
+    [name] = _throwaway_forks(private)
+    fork_init = init_pid(private, name)
+
+    client.send_signal(signal.SIGKILL)
+    client.wait(30)
+    assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
+    assert gone(fork_init), "the fork's jail (and its sleep) outlived the fork"
+    assert _sandboxes(private) == ["api"]
+
+
+def test_fork_whose_msb_proxy_was_killed_is_swept_by_ls(private: Env) -> None:
+    client = _popen(private, "msb-api.fork", "echo up; sleep 1000", config=private.cold_config)
+    assert client.stdout is not None
+    assert client.stdout.readline() == b"up\n"
+    [name] = _throwaway_forks(private)
+    fork_init = init_pid(private, name)
+    os.kill(proxy_of(client.pid), signal.SIGKILL)
+    client.wait(30)
+    assert not gone(fork_init)  # nothing was left to remove it
+
+    listed = private.msb_proxy("ls")
+    assert listed.returncode == 0, listed.err
+    assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
+    assert gone(fork_init)
+    assert _sandboxes(private) == ["api"]
+
+
+# ---- kept forks
+
+
+def test_kept_fork_survives_its_connections_carries_scp_and_goes_with_rm(private: Env) -> None:
+    payload = private.root / "payload"
+    payload.write_bytes(os.urandom(1 << 20))
+    put = private.run(["scp", "-q", "-F", str(private.config), str(payload),
+                       "msb-api.fork-keep:/root/payload"])
+    assert (put.returncode, put.err) == (0, "")
+    write = _ssh(private, "msb-api.fork-keep", "cat /root/from-parent; echo kept > /root/kept")
+    assert (write.returncode, write.out, write.err) == (0, "parent\n", "")
+    assert _sandboxes(private) == ["api", "api.fork-keep"]
+
+    again = _ssh(private, "msb-api.fork-keep", "cat /root/kept")
+    assert (again.returncode, again.out, again.err) == (0, "kept\n", "")
+    back = private.root / "back"
+    get = private.run(["scp", "-q", "-F", str(private.config), "msb-api.fork-keep:/root/payload",
+                       str(back)])
+    assert (get.returncode, get.err) == (0, "")
+    assert back.read_bytes() == payload.read_bytes()
+    parent = _ssh(private, "msb-api", "test -e /root/kept || test -e /root/payload || echo clean")
+    assert (parent.returncode, parent.out) == (0, "clean\n")
+
+    removed = private.msb_proxy("rm", "api.fork-keep")
+    assert (removed.returncode, removed.out, removed.err) == (0, "", "")
+    assert _sandboxes(private) == ["api"]
+    fresh = _ssh(private, "msb-api.fork-keep", "test -e /root/kept || echo forked-anew")
+    assert (fresh.returncode, fresh.out) == (0, "forked-anew\n")
+
+
+def test_16_simultaneous_connections_to_a_kept_fork_fork_it_once(private: Env) -> None:
+    clients = 16
+    env = loud(private)
+    start = threading.Barrier(clients)
+
+    def connect(_: int) -> Run:
+        start.wait()
+        return _ssh(env, "msb-api.fork-herd", "readlink /proc/self/ns/pid", options=_strict(env))
+
+    with ThreadPoolExecutor(clients) as pool:
+        runs = list(pool.map(connect, range(clients)))
+
+    assert [run.returncode for run in runs] == [0] * clients, [run.err for run in runs]
+    assert len({run.out for run in runs}) == 1
+    lines = sorted(line for run in runs for line in run.err.splitlines())
+    assert len(lines) == 2, lines
+    assert lines[0] == "msb-proxy: forking sandbox 'api' as 'api.fork-herd' ..."
+    assert re.fullmatch(r"msb-proxy: sandbox 'api\.fork-herd' ready in \d+\.\d s", lines[1])
+    assert _sandboxes(private) == ["api", "api.fork-herd"]
+
+
+# ---- host keys
+
+
+def test_forks_present_the_parents_pinned_key_with_strict_checking_and_no_warning(
+    private: Env,
+) -> None:
+    for host in ("msb-api", "msb-api.fork", "msb-api.fork-k", "msb-api.fork"):
+        run = _ssh(private, host, "echo in", options=_strict(private))
+        assert (run.returncode, run.out, run.err) == (0, "in\n", ""), host
+    public = subprocess.run(["ssh-keygen", "-y", "-f", str(private.home / "host_keys" / "api")],
+                            capture_output=True, text=True, check=True).stdout.split()
+    key = f"{public[0]} {public[1]}"
+    assert sorted((private.home / "known_hosts").read_text().splitlines()) == [
+        f"msb-api {key}", f"msb-api.fork {key}", f"msb-api.fork-k {key}"]
+    kept_key = private.home / "host_keys" / "api.fork-k"
+    assert kept_key.read_bytes() == (private.home / "host_keys" / "api").read_bytes()
+    assert kept_key.stat().st_mode & 0o777 == 0o600
+
+
+# ---- failures
+
+
+def test_fork_of_a_missing_sandbox_fails_in_one_line_and_leaves_nothing(private: Env) -> None:
+    for host, parent in (("msb-nope.fork", "nope"), ("msb-nope.fork-k", "nope")):
+        run = _ssh(private, host, "true", options=["-o", "LogLevel=QUIET"])
+        assert (run.returncode, run.out) == (SSH_GAVE_UP, "")
+        assert run.err == f"msb-proxy: there is no sandbox '{parent}' to fork\n"
+    assert _sandboxes(private) == ["api"]
+    assert wait_until(lambda: not list((private.home / "locks").glob("*.ephemeral")),
+                      GONE_WITHIN_S) is not None
+
+
+# ---- ephemeral templates
+
+
+def test_ephemeral_template_removes_what_it_created_after_the_last_connection(
+    private: Env,
+) -> None:
+    configure(private, '[sandbox."eph-*"]\nephemeral = true\n')
+    first = _popen(private, "msb-eph-1", "echo up; read line; echo $line")
+    assert first.stdout is not None
+    assert first.stdout.readline() == b"up\n"
+    second = _ssh(private, "msb-eph-1", "echo second > /root/second")
+    assert (second.returncode, second.err) == (0, "")
+    assert "eph-1" in _sandboxes(private), "removed while a connection was open"
+
+    out, err = first.communicate(b"bye\n", timeout=60)
+    assert (first.returncode, out, err) == (0, b"bye\n", b"")
+    assert wait_until(lambda: "eph-1" not in _sandboxes(private), GONE_WITHIN_S) is not None
+    assert not (private.home / "sandboxes" / "eph-1").exists()
+    # The parent, made before any template was ephemeral, is no ephemeral sandbox's.
+    assert _sandboxes(private) == ["api"]
+
+
+def test_ephemeral_template_with_stop_after_idle_removes_only_after_the_idle_time(
+    private: Env,
+) -> None:
+    configure(private, '[sandbox."eph-*"]\nephemeral = true\nstop_after_idle = "10s"\n')
+    run = _ssh(private, "msb-eph-2", "echo made > /root/made")
+    assert (run.returncode, run.err) == (0, "")
+    again = _ssh(private, "msb-eph-2", "cat /root/made")
+    assert (again.returncode, again.out) == (0, "made\n"), "removed before its idle time"
+    assert wait_until(lambda: "eph-2" not in _sandboxes(private), GONE_WITHIN_S) is not None
