@@ -37,8 +37,9 @@ def enlarge_pipe(fd: int) -> None:
 
 
 class PipedProcess(GuestProcess):
-    """A guest process whose pipes (``[stdin, stdout, stderr]``) or terminal (``[master]``)
-    are ours, handed over in ``fds``; :meth:`start` takes them over."""
+    """A guest process whose pipes (``[stdin, stdout, stderr]``) or terminal (``[master]``,
+    or ``[input, output]`` pipes of a terminal someone else keeps: a named session) are ours,
+    handed over in ``fds``; :meth:`start` takes them over."""
 
     def __init__(self, fds: list[int], listener: ProcessListener, pty: bool) -> None:
         self._fds = fds
@@ -56,8 +57,8 @@ class PipedProcess(GuestProcess):
 
     async def start(self) -> None:
         if self._pty:
-            master = self._fds[0]
-            writer_fd = os.dup(master)
+            master = self._fds[-1]
+            writer_fd = self._fds[0] if len(self._fds) == 2 else os.dup(master)
             readers = [(master, False)]
         else:
             writer_fd, stdout_fd, stderr_fd = self._fds

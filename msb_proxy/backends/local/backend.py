@@ -47,6 +47,8 @@ from msb_proxy.backends.base import (
     Sandbox,
     SandboxInfo,
     SandboxState,
+    SessionInfo,
+    SessionListener,
 )
 from msb_proxy.backends.local.forks import copy_sandbox, thaw_abandoned
 from msb_proxy.backends.locking import sandbox_lock
@@ -76,7 +78,7 @@ __all__ = ["LocalBackend", "LocalSandbox"]
 
 # The jail init speaks the protocol of the proxy that started it; bump this whenever a message
 # changes meaning, so a newer proxy never talks past an older init still running.
-PROTOCOL = 5
+PROTOCOL = 6
 START_TIMEOUT_S = 30.0
 LOCK_WAIT_S = 120.0
 STOP_TIMEOUT_S = 10.0
@@ -279,6 +281,26 @@ class LocalBackend(Backend):
         if text != "ready":
             reason = text.removeprefix("error: ") or "the jail init exited"
             raise SandboxError(f"cannot start sandbox {name!r}: {reason}")
+
+    async def sessions(self, name: str) -> Sequence[SessionInfo]:
+        """Asked of the jail init (which keeps them), when it runs."""
+        from msb_proxy.backends.local import sessions
+
+        return await sessions.list_sessions(self._init_socket(name))
+
+    async def kill_session(self, name: str, session: str) -> bool:
+        """The jail init hangs the shell up, and kills it after a grace."""
+        from msb_proxy.backends.local import sessions
+
+        return await sessions.kill_session(self._init_socket(name), session)
+
+    def _init_socket(self, name: str) -> Path:
+        """The control socket of sandbox ``name``'s init (which may not be running)."""
+        self._check_host()
+        directory = self.state.sandbox_dir(name)
+        if _read_settings(directory) is None:
+            raise SandboxNotFoundError(f"there is no sandbox {name!r}")
+        return directory / "init.sock"
 
     async def state_of(self, name: str) -> SandboxState | None:
         directory = self.state.sandbox_dir(name)
@@ -497,17 +519,21 @@ class LocalSandbox(Sandbox):
         return link
 
     async def spawn(self, spec: ProcessSpec, listener: ProcessListener) -> GuestProcess:
-        request: dict[str, Any] = {
-            "op": "spawn", "program": spec.program, "argv": list(spec.argv),
-            "env": dict(spec.env), "cwd": spec.cwd, "uid": spec.user.uid, "gid": spec.user.gid,
-            "groups": list(spec.user.groups),
-        }
-        if spec.pty is not None:
-            request["pty"] = {
-                "cols": spec.pty.cols, "rows": spec.pty.rows,
-                "px": spec.pty.pixel_width, "py": spec.pty.pixel_height,
-                "modes": {str(k): v for k, v in spec.pty.modes.items()},
-            }
+        return await self._start_process(_process_request("spawn", spec), listener,
+                                         spec.pty is not None, LocalProcess)
+
+    async def attach_session(self, session: str, spec: ProcessSpec, listener: SessionListener,
+                             timeout: float) -> GuestProcess:
+        """The jail init keeps the session's terminal (see ``jail.py``); we get its input and
+        output pipes, and detach by closing them and the control connection."""
+        from msb_proxy.backends.local.sessions import SessionProcess
+
+        request = {**_process_request("attach", spec), "session": session,
+                   "user": spec.user.name, "timeout": timeout}
+        return await self._start_process(request, listener, True, SessionProcess)
+
+    async def _start_process(self, request: dict[str, Any], listener: ProcessListener,
+                             pty: bool, kind: type[LocalProcess]) -> LocalProcess:
         sock = await _connect(self.socket_path)
         try:
             reply, fds = await _exchange(sock, request)
@@ -516,11 +542,28 @@ class LocalSandbox(Sandbox):
             raise
         if not reply.get("ok"):
             sock.close()
+            if reply.get("refused"):
+                raise SandboxError(str(reply.get("error")))
             raise SandboxError(f"cannot start {reply.get('error', 'the process')}")
-        process = LocalProcess(sock, fds, listener, pty=spec.pty is not None,
-                               init_gone=self._init_gone)
+        process = kind(sock, fds, listener, pty=pty, init_gone=self._init_gone)
         await process.start()
         return process
+
+
+def _process_request(op: str, spec: ProcessSpec) -> dict[str, Any]:
+    """What the jail init needs to fork the process ``spec`` describes."""
+    request: dict[str, Any] = {
+        "op": op, "program": spec.program, "argv": list(spec.argv),
+        "env": dict(spec.env), "cwd": spec.cwd, "uid": spec.user.uid, "gid": spec.user.gid,
+        "groups": list(spec.user.groups),
+    }
+    if spec.pty is not None:
+        request["pty"] = {
+            "cols": spec.pty.cols, "rows": spec.pty.rows,
+            "px": spec.pty.pixel_width, "py": spec.pty.pixel_height,
+            "modes": {str(k): v for k, v in spec.pty.modes.items()},
+        }
+    return request
 
 
 class LocalProcess(PipedProcess):
@@ -545,6 +588,9 @@ class LocalProcess(PipedProcess):
         self.close_pipes()
 
     # ---- internals
+    def _control_message(self, message: dict[str, Any]) -> None:
+        """Called for a message of the init other than the exit; the default ignores it."""
+
     def _send_control(self, message: dict[str, Any]) -> None:
         if self._control.fileno() >= 0:
             with contextlib.suppress(OSError):
@@ -565,6 +611,7 @@ class LocalProcess(PipedProcess):
         if data:
             message = json.loads(data)
             if "exit" not in message:
+                self._control_message(message)
                 return
             status = ExitStatus.from_wait_status(int(message["exit"]))
         else:  # the init is gone, and the kernel killed everything in the sandbox with it

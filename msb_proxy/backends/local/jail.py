@@ -18,6 +18,11 @@ A caller that disconnects while its process still runs gets that process group h
 (SIGHUP, then SIGCONT), as a terminal hang-up would: plain foreground work ends, ``nohup`` work
 survives.
 
+5. keeps named sessions (``msb_proxy/guest/sessions.py``): a shell forked as any terminal
+   process, whose terminal master this init keeps and always reads into a bounded ring, so the
+   shell outlives the connection that started it. A caller that disconnects from one detaches;
+   the next attach gets the repaint and the live terminal, over a pair of pipes.
+
 Protocol: one ``SOCK_SEQPACKET`` connection per request, each message one JSON object.
 ``{"op": "ping"}``, ``{"op": "user", "name": ...}``, ``{"op": "stop"}`` get one reply;
 ``{"op": "socket", "family": "inet"|"inet6"}`` gets it with an unconnected TCP socket of the
@@ -26,6 +31,13 @@ process).
 ``{"op": "spawn", ...}`` gets ``{"ok": true, "pid": N}`` with the descriptors (stdin, stdout,
 stderr; or the terminal) and later ``{"exit": WAIT_STATUS}``; meanwhile the caller may send
 ``{"op": "signal", "sig": N}``.
+``{"op": "attach", "session": NAME, "user": LOGIN, "timeout": S, ...}`` (the fields of a spawn
+with ``pty``) gets ``{"ok": true, "pid": N, "resumed": BOOL}`` with two pipes: the terminal's
+input and its output (the repaint first when resumed), later
+``{"exit": WAIT_STATUS}``, or ``{"detached": REASON}`` when another attach took the session
+over; meanwhile ``signal``, ``{"op": "resize", "cols", "rows", "px", "py"}`` and
+``{"op": "break"}``. ``{"op": "sessions"}`` gets ``{"ok": true, "sessions": [...]}`` (see
+``Session.info``), ``{"op": "kill_session", "session": NAME}`` ``{"ok": true, "killed": BOOL}``.
 
 Standard library only, and everything is imported before the pivot: afterwards the host's
 Python installation is out of reach.
@@ -54,6 +66,14 @@ from typing import Any, NoReturn
 from msb_proxy.backends.local.terminal import apply_modes, set_window_size
 from msb_proxy.guest import files as guest_files
 from msb_proxy.guest import tunnels as guest_tunnels
+from msb_proxy.guest.sessions import (
+    HANGUP_GRACE_S,
+    PipeRelay,
+    Session,
+    SessionRefused,
+    SessionTable,
+    take_over_reason,
+)
 
 # A program (``python -m``), not a library: nothing here is imported by other modules.
 __all__: list[str] = []
@@ -82,7 +102,7 @@ MAX_MESSAGE = 4 << 20
 HELPERS = {"files": guest_files.serve, "tunnels": guest_tunnels.serve}
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
-HANGUP_GRACE_S = 3.0
+PTY_DRAIN_S = 0.2  # how long a named session's last output may take through its terminal
 
 
 def _check(result: int, what: str) -> None:
@@ -285,6 +305,7 @@ class Client:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.pid: int | None = None
+        self.kept: KeptSession | None = None  # the named session it is attached to
 
     def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         data = json.dumps(message).encode()
@@ -295,12 +316,28 @@ class Client:
             self.sock.sendmsg([data], ancillary)
 
 
+class KeptSession:
+    """A named session as the init keeps it: the session, the connection attached to it and
+    its relay, and once its shell was reaped, the wait status still to report."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.client: Client | None = None
+        self.relay: PipeRelay | None = None
+        self.watched: set[int] = set()
+        self.status: int | None = None
+        self.finish_at = 0.0
+        self.killed = False
+
+
 class Init:
     def __init__(self, listener: socket.socket, protocol: int) -> None:
         self.listener = listener
         self.protocol = protocol
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, Client] = {}
+        self.sessions = SessionTable()
+        self.kept: dict[int, KeptSession] = {}  # by the shell's pid, until it is reported
         with open("/proc/sys/kernel/cap_last_cap") as handle:
             self.last_cap = int(handle.read())
         self.tty_gid = _group_id("tty", 5)
@@ -319,13 +356,16 @@ class Init:
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.selector.register(wake_r, selectors.EVENT_READ, "signal")
         while True:
-            for key, _ in self.selector.select():
+            for key, events in self.selector.select(self._next_timeout()):
                 if key.data == "accept":
                     self._accept()
                 elif key.data == "signal":
                     self._on_signal(wake_r)
+                elif isinstance(key.data, KeptSession):
+                    self._on_session(key.data, key.fd, events)
                 else:
                     self._on_message(key.data)
+            self._tick()
 
     def _accept(self) -> None:
         try:
@@ -353,6 +393,11 @@ class Init:
                 return
             if pid == 0:
                 return
+            kept = self.kept.get(pid)
+            if kept is not None:
+                self.sessions.remove(kept.session)
+                kept.status = status
+                kept.finish_at = time.monotonic() + PTY_DRAIN_S
             client = self.children.pop(pid, None)
             if client is not None:
                 client.pid = None
@@ -381,6 +426,8 @@ class Init:
     def _disconnect(self, client: Client) -> None:
         self.selector.unregister(client.sock)
         client.sock.close()
+        if client.kept is not None:  # a named session's caller left: detach, no hang-up
+            self._release(client.kept)
         if client.pid is not None:
             for signum in (signal.SIGHUP, signal.SIGCONT):
                 with contextlib.suppress(ProcessLookupError):
@@ -394,14 +441,32 @@ class Init:
             client.send({"ok": True, "protocol": self.protocol})
         elif op == "user":
             client.send({"ok": True, "user": lookup_user(str(request["name"]))})
-        elif op in ("spawn", "helper"):
-            if client.pid is not None:
+        elif op in ("spawn", "helper", "attach"):
+            if client.pid is not None or client.kept is not None:
                 raise ValueError("one process per connection")
-            self._spawn(client, request)
+            if op == "attach":
+                self._attach(client, request)
+            else:
+                self._spawn(client, request)
         elif op == "signal":
-            if client.pid is not None:
+            if client.kept is not None:
+                client.kept.session.signal(int(request["sig"]))
+            elif client.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(client.pid, int(request["sig"]))
+        elif op == "resize" and client.kept is not None:
+            client.kept.session.resize(int(request["cols"]), int(request["rows"]),
+                                       int(request.get("px", 0)), int(request.get("py", 0)))
+        elif op == "break" and client.kept is not None:
+            client.kept.session.send_break()
+        elif op == "sessions":
+            client.send({"ok": True, "sessions": self.sessions.infos()})
+        elif op == "kill_session":
+            session = self.sessions.by_name.get(str(request["session"]))
+            if session is not None:
+                self.sessions.remove(session)
+                session.hang_up()
+            client.send({"ok": True, "killed": session is not None})
         elif op == "which":
             found = next((path for path in request["paths"] if _executable(path)), None)
             client.send({"ok": True, "path": found})
@@ -425,13 +490,7 @@ class Init:
             child_stdio = (theirs_end.fileno(), theirs_end.fileno(), null)
             ours, theirs = [ours_end.detach()], [theirs_end.detach(), null]
         elif pty is not None:
-            master, slave = os.openpty()
-            os.set_inheritable(slave, False)
-            apply_modes(slave, {int(k): int(v) for k, v in pty.get("modes", {}).items()})
-            set_window_size(master, pty["cols"], pty["rows"], pty.get("px", 0), pty.get("py", 0))
-            os.fchown(slave, request["uid"], self.tty_gid)
-            os.fchmod(slave, 0o620)
-            env["SSH_TTY"] = os.ttyname(slave)
+            master, slave = self._terminal(request, env)
             child_stdio, ours, theirs = (slave, slave, slave), [master], [slave]
         else:
             in_r, in_w = os.pipe()
@@ -442,6 +501,35 @@ class Init:
                     fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
             child_stdio = (in_r, out_w, err_w)
             ours, theirs = [in_w, out_r, err_r], [in_r, out_w, err_w]
+        pid, failure = self._fork(request, env, child_stdio, theirs)
+        try:
+            if failure:
+                client.send({"ok": False, "error": failure})
+            else:
+                client.pid = pid
+                self.children[pid] = client
+                client.send({"ok": True, "pid": pid}, ours)
+        finally:
+            for fd in ours:
+                os.close(fd)
+
+    def _terminal(self, request: dict[str, Any], env: dict[str, str]) -> tuple[int, int]:
+        """A new terminal of the jail's devpts as ``request["pty"]`` asks, its slave owned by
+        the user; ``SSH_TTY`` set in ``env``. Returns the master and the slave."""
+        pty = request["pty"]
+        master, slave = os.openpty()
+        os.set_inheritable(slave, False)
+        apply_modes(slave, {int(k): int(v) for k, v in pty.get("modes", {}).items()})
+        set_window_size(master, pty["cols"], pty["rows"], pty.get("px", 0), pty.get("py", 0))
+        os.fchown(slave, request["uid"], self.tty_gid)
+        os.fchmod(slave, 0o620)
+        env["SSH_TTY"] = os.ttyname(slave)
+        return master, slave
+
+    def _fork(self, request: dict[str, Any], env: dict[str, str],
+              child_stdio: tuple[int, int, int], theirs: list[int]) -> tuple[int, str]:
+        """Fork the requested process on ``child_stdio``, then close ``theirs`` here. Returns
+        its pid and, when it could not start (it is reaped already), why."""
         report_r, report_w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -453,17 +541,138 @@ class Init:
         while chunk := os.read(report_r, 4096):
             failure += chunk
         os.close(report_r)
+        if failure:
+            os.waitpid(pid, 0)
+        return pid, failure.decode(errors="replace")
+
+    # ---- named sessions
+
+    def _attach(self, client: Client, request: dict[str, Any]) -> None:
+        """Attach ``client`` to its named session, starting the shell when there is none."""
+        name, pty = str(request["session"]), request["pty"]
         try:
+            session, displaced = self.sessions.claim(name, int(request["uid"]))
+        except SessionRefused as exc:
+            client.send({"ok": False, "error": str(exc), "refused": True})
+            return
+        resumed = session is not None
+        if session is None:
+            env = dict(request.get("env", {}))
+            master, slave = self._terminal(request, env)
+            pid, failure = self._fork(request, env, (slave, slave, slave), [slave])
             if failure:
-                os.waitpid(pid, 0)
-                client.send({"ok": False, "error": failure.decode(errors="replace")})
+                os.close(master)
+                client.send({"ok": False, "error": failure})
+                return
+            session = Session(name, user=str(request.get("user", request["uid"])),
+                              uid=int(request["uid"]), pid=pid, master=master,
+                              cols=int(pty["cols"]), rows=int(pty["rows"]),
+                              timeout=float(request.get("timeout", 0)))
+            self.sessions.add(session)
+            self.kept[pid] = KeptSession(session)
+        kept = self.kept[session.pid]
+        if displaced and kept.client is not None:
+            kept.client.send({"detached": take_over_reason(name)})
+        self._release(kept)
+        first = session.attach(int(pty["cols"]), int(pty["rows"]), int(pty.get("px", 0)),
+                               int(pty.get("py", 0)))
+        input_r, input_w = os.pipe()
+        output_r, output_w = os.pipe()
+        kept.relay = PipeRelay(session, input_r, output_w, first if resumed else b"")
+        kept.client, client.kept = client, kept
+        client.send({"ok": True, "pid": session.pid, "resumed": resumed}, [input_w, output_r])
+        os.close(input_w)
+        os.close(output_r)
+        self._watch(kept)
+
+    def _release(self, kept: KeptSession) -> None:
+        """Detach ``kept`` from its connection, if any: its shell goes on unwatched."""
+        if kept.client is not None:
+            kept.client.kept = None
+            kept.client = None
+        if kept.relay is not None:
+            self._unwatch(kept)
+            kept.relay.close()
+            kept.relay = None
+            kept.session.detach()
+        self._watch(kept)
+
+    def _watch(self, kept: KeptSession) -> None:
+        """Wait for what ``kept`` can do next: its relay's events, or reading the master."""
+        if kept.status is not None and kept.relay is None and kept.session.master < 0:
+            return
+        if kept.relay is not None:
+            wanted = kept.relay.interest()
+        else:
+            wanted = {kept.session.master: kept.session.read_interest()}
+        for fd in kept.watched - wanted.keys():
+            self.selector.unregister(fd)
+        kept.watched -= kept.watched - wanted.keys()
+        for fd, events in wanted.items():
+            if fd in kept.watched and events:
+                self.selector.modify(fd, events, kept)
+            elif fd in kept.watched:
+                self.selector.unregister(fd)
+                kept.watched.discard(fd)
+            elif events:
+                self.selector.register(fd, events, kept)
+                kept.watched.add(fd)
+
+    def _unwatch(self, kept: KeptSession) -> None:
+        for fd in kept.watched:
+            self.selector.unregister(fd)
+        kept.watched.clear()
+
+    def _on_session(self, kept: KeptSession, fd: int, events: int) -> None:
+        if fd not in kept.watched:  # dropped earlier in this turn of the loop
+            return
+        try:
+            if kept.relay is not None:
+                if not kept.relay.on_ready(fd, events):
+                    self._release(kept)
             else:
-                client.pid = pid
-                self.children[pid] = client
-                client.send({"ok": True, "pid": pid}, ours)
-        finally:
-            for fd in ours:
-                os.close(fd)
+                kept.session.read_master()
+        except OSError:  # not the terminal's hang-up (EIO), which reads as its end
+            traceback.print_exc()
+            self._release(kept)
+        self._watch(kept)
+
+    def _next_timeout(self) -> float | None:
+        """Seconds until :meth:`_tick` has work: a drain, a kill after a hang-up, an expiry."""
+        now, wall = time.monotonic(), time.time()
+        due = [kept.finish_at - now for kept in self.kept.values() if kept.status is not None]
+        due += [kept.session.hung_up_at + HANGUP_GRACE_S - wall for kept in self.kept.values()
+                if kept.session.hung_up_at is not None and not kept.killed]
+        expiry = self.sessions.next_expiry()
+        if expiry is not None:
+            due.append(expiry - wall + 0.01)
+        return max(0.0, min(due)) if due else None
+
+    def _tick(self) -> None:
+        now, wall = time.monotonic(), time.time()
+        for session in self.sessions.expired(wall):
+            session.hang_up(wall)
+        for pid, kept in list(self.kept.items()):
+            hung_up = kept.session.hung_up_at
+            if hung_up is not None and not kept.killed and wall - hung_up >= HANGUP_GRACE_S:
+                kept.killed = True
+                kept.session.kill()
+            if kept.status is not None and now >= kept.finish_at:
+                self._finish(pid, kept)
+
+    def _finish(self, pid: int, kept: KeptSession) -> None:
+        """The shell of ``kept`` was reaped: its last output and exit status to the caller."""
+        assert kept.status is not None
+        del self.kept[pid]
+        self._unwatch(kept)
+        client = kept.client
+        if kept.relay is not None:
+            kept.relay.finish()
+            kept.relay = None
+        kept.session.close()
+        if client is not None:
+            client.kept = None
+            client.send({"exit": kept.status})
 
     def _become(self, request: dict[str, Any], env: dict[str, str],
                 stdio: tuple[int, int, int], report_w: int) -> NoReturn:
