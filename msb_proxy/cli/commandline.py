@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from msb_proxy.client import DEFAULT_SSH_HOST, DEFAULT_SSH_PORT
-from msb_proxy.errors import ConfigError, UserError
+from msb_proxy.errors import BackendUnavailableError, ConfigError, UserError
 from msb_proxy.version import __version__
 
 if TYPE_CHECKING:
@@ -261,6 +261,7 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     _setup_logging(config.debug)
     _more_open_files()
 
+    from msb_proxy.backends.base import Backend
     from msb_proxy.backends.idle import ConnectionTracker
     from msb_proxy.backends.registry import open_backend
     from msb_proxy.client.namespace import data_path, default_authorized_keys
@@ -293,7 +294,12 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
         hangup = asyncio.Event()
         for signum in (signal.SIGHUP, signal.SIGTERM):
             loop.add_signal_handler(signum, hangup.set)
-        server = await SshServer.prepare(open_backend(config, template.backend), name, options)
+        backend = open_backend(config, template.backend)
+        if template.fork_of is not None and type(backend).fork is Backend.fork:
+            raise BackendUnavailableError(
+                f"the {backend.name} backend cannot fork sandboxes ({host}); use the local or "
+                "microsandbox backend for forks")
+        server = await SshServer.prepare(backend, name, options)
         # Pinned before the client can see the key: StrictHostKeyChecking yes never prompts.
         public = server.host_key.export_public_key("openssh").decode().split()
         pin(state.known_hosts, host, " ".join(public[:2]))

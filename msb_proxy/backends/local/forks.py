@@ -20,7 +20,8 @@ parent's freeze lock (``locks/<slug>.freeze``) until it has thawed, so that a se
 freezes the parent just before an earlier fork's watchdog thaws it. :func:`thaw_abandoned`
 thaws a cgroup whose freeze lock nobody holds, for the next ``open`` of the parent.
 
-The copy is ``cp -a --reflink=auto``: ownership, modes, times, extended attributes (the
+The copy is ``cp -a --reflink=auto`` (killed with this process, through ``setpriv
+--pdeathsig``, where util-linux has it): ownership, modes, times, extended attributes (the
 ``trusted.overlay.*`` of overlayfs's opaque directories and whiteouts among them), hard
 links, sparse files and device nodes (the 0:0 whiteouts) as they are, and reflinks where the
 file system has them. A layer over ``PROGRESS_FROM`` bytes shows its progress, as the blocks
@@ -353,9 +354,12 @@ async def _copy_layer(parent: str, layer: Path, target: Path, progress: Progress
     total = _layer_bytes(layer)
     label = f"copying the writable layer of sandbox {parent!r}"
     free_before = _free_bytes(target.parent)
+    argv = ["cp", "-a", "--reflink=auto", "--no-target-directory", str(layer), str(target)]
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:  # a copy that outlived a killed msb-proxy would race the sweep
+        argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
     copier = await asyncio.create_subprocess_exec(
-        "cp", "-a", "--reflink=auto", "--no-target-directory", str(layer), str(target),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
     assert copier.stderr is not None
     errors = asyncio.get_running_loop().create_task(copier.stderr.read())
     try:
