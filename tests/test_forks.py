@@ -18,6 +18,7 @@ import subprocess
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -322,3 +323,76 @@ def test_ephemeral_template_with_stop_after_idle_removes_only_after_the_idle_tim
     again = _ssh(private, "msb-eph-2", "cat /root/made")
     assert (again.returncode, again.out) == (0, "made\n"), "removed before its idle time"
     assert wait_until(lambda: "eph-2" not in _sandboxes(private), GONE_WITHIN_S) is not None
+
+
+def test_backend_that_cannot_fork_refuses_in_one_line(private: Env) -> None:
+    fake = replace(private, backend="fake", config=private.root / "ssh_config.fake")
+    write_ssh_config(fake, path=fake.config)
+    run = _ssh(fake, "msb-api.fork", "true", options=["-o", "LogLevel=QUIET"])
+    assert (run.returncode, run.out) == (SSH_GAVE_UP, "")
+    assert run.err == ("msb-proxy: the fake backend cannot fork sandboxes (msb-api.fork); use "
+                       "the local or microsandbox backend for forks\n")
+    assert not (private.home / "fake").exists()
+
+
+# ---- large layers
+
+
+def _fill(env: Env, mib: int) -> None:
+    run = _ssh(env, "msb-api", f"head -c {mib}M /dev/zero > /root/big && echo written")
+    assert (run.returncode, run.out, run.err) == (0, "written\n", "")
+
+
+def test_large_layer_shows_progress_and_arrives_whole(private: Env) -> None:
+    _fill(private, 256)
+    run = _ssh(loud(private), "msb-api.fork", "stat -c %s /root/big; cmp /root/big /dev/zero "
+               "2>&1 | grep -c differ")
+    assert (run.returncode, run.out) == (1, "268435456\n0\n")  # grep -c: 0 lines, status 1
+    lines = run.err.splitlines()
+    assert re.fullmatch(r"msb-proxy: forking sandbox 'api' as 'api\.fork\.[0-9a-f]{8}' \.\.\.",
+                        lines[0]), lines
+    percents = [int(match.group(1)) for line in lines[1:-1] if (match := re.fullmatch(
+        r"msb-proxy: copying the writable layer of sandbox 'api': (\d+)%", line))]
+    assert len(percents) == len(lines) - 2, lines
+    assert percents == sorted(percents) and percents[-1] == 100, lines
+    assert re.fullmatch(r"msb-proxy: sandbox 'api\.fork\.[0-9a-f]{8}' ready in \d+\.\d s",
+                        lines[-1]), lines
+
+
+def _freezer_events() -> Path | None:
+    for group in FREEZER_GROUPS[:2]:
+        if (group / "api" / "cgroup.events").exists():
+            return group / "api" / "cgroup.events"
+    return None
+
+
+def _frozen() -> bool:
+    events = _freezer_events()
+    try:
+        return events is not None and "frozen 1" in events.read_text().splitlines()
+    except OSError:
+        return False
+
+
+def test_msb_proxy_killed_mid_copy_leaves_the_parent_running_and_no_fork(private: Env) -> None:
+    _fill(private, 2048)
+    ticking = _ssh(private, "msb-api", "nohup sh -c 'while :; do echo t >> /root/ticks; "
+                   "sleep 0.05; done' >/dev/null 2>&1 &")
+    assert ticking.returncode == 0, ticking.err
+    client = _popen(private, "msb-api.fork", "echo up", config=private.cold_config)
+    proxy = proxy_of(client.pid)
+    assert wait_until(_frozen, 60, step=0.005) is not None, "the parent was never frozen"
+    os.kill(proxy, signal.SIGKILL)
+    client.wait(30)
+
+    # Thawed by the watchdog, not by anything that talks to the parent.
+    assert wait_until(lambda: not _frozen(), 30) is not None, "the parent was left frozen"
+    count = _ssh(private, "msb-api", "wc -l < /root/ticks")
+    assert count.returncode == 0, count.err
+    again = _ssh(private, "msb-api", "wc -l < /root/ticks")
+    assert int(again.out) > int(count.out)
+
+    listed = private.msb_proxy("ls")
+    assert listed.returncode == 0, listed.err
+    assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
+    assert _sandboxes(private) == ["api"]
