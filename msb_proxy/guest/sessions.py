@@ -65,6 +65,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
+    "CLEAR_SCREEN",
     "HANGUP_GRACE_S",
     "RING_SIZE",
     "OutputRing",
@@ -189,7 +190,9 @@ class Session:
         with contextlib.suppress(OSError):
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", *sizes))
         with contextlib.suppress(OSError):
-            os.killpg(os.tcgetpgrp(self.master), signal.SIGWINCH)
+            foreground = os.tcgetpgrp(self.master)
+            if foreground > 0:  # 0: nobody has the terminal as theirs
+                os.killpg(foreground, signal.SIGWINCH)
 
     def send_break(self) -> None:
         with contextlib.suppress(OSError):
