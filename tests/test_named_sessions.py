@@ -149,6 +149,12 @@ def test_a_second_client_takes_the_session_over_and_the_first_is_told_why(
         [listed] = _sessions(msb, fresh_sandbox)
         assert (listed["session"], listed["attached"], listed["cols"], listed["rows"]) == (
             "shared", True, 120, 40)
+        second.setwinsize(50, 132)  # window-change, on the client's next turn of its loop
+
+        def resized() -> bool:
+            return _run_in_shell(second, "stty size", prompt) == "50 132\r\n"
+
+        assert wait_until(resized, TIMEOUT_S) is not None
         assert _leave(second, "exit 4") == 4
     finally:
         _close(first)
@@ -157,6 +163,34 @@ def test_a_second_client_takes_the_session_over_and_the_first_is_told_why(
     assert told.endswith(b"\r\nmsb-proxy: session 'shared' was taken over by another "
                          b"connection\r\n")
     assert first.exitstatus == SSH_GAVE_UP
+
+
+def test_a_detached_shell_never_waits_on_its_terminal_and_its_repaint_is_bounded(
+    msb: Env, fresh_sandbox: str
+) -> None:
+    prompt = f"root@{fresh_sandbox}:~# "
+    first = _attach(msb, f"{msb.host(fresh_sandbox)}+busy", dimensions=(24, 200))
+    try:
+        first.expect_exact(prompt)
+        # About 2 MB, far more than a terminal buffers: it ends only if the init reads it all.
+        first.sendline("until [ -e /tmp/go ]; do sleep 0.1; done; seq 1 300000; sleep 1004")
+        first.expect_exact("sleep 1004\r\n")  # the shell has the line
+    finally:
+        _kill_client(msb, fresh_sandbox, first)
+    assert _guest(msb, fresh_sandbox, "touch /tmp/go").returncode == 0  # nobody attached now
+    assert wait_until(lambda: _guest(msb, fresh_sandbox, "pgrep -fx 'sleep 1004'").out != "",
+                      TIMEOUT_S) is not None
+    again = _attach(msb, f"{msb.host(fresh_sandbox)}+busy", dimensions=(24, 200))
+    try:
+        again.expect_exact(CLEAR_SCREEN)
+        again.expect_exact("\r\n299999\r\n300000\r\n")
+        replayed = len(again.before)
+        again.sendcontrol("c")
+        again.expect_exact(prompt)
+        assert _leave(again, "exit 0") == 0
+    finally:
+        _close(again)
+    assert 0 < replayed < 256 * 1024
 
 
 def test_exit_of_the_shell_ends_the_session_and_the_next_attach_is_a_fresh_shell(
