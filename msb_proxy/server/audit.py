@@ -29,9 +29,12 @@ Each line is one ``os.write`` to a descriptor opened ``O_APPEND``: many msb-prox
 append to one sandbox's log at once without tearing a line, nothing msb-proxy does rewrites
 what is logged, and a process killed with ``kill -9`` loses at most the event it was about to
 write (a written line is in the kernel's page cache; no fsync per event, so a crash of the
-machine itself may lose the last moments). Past ``audit_max_size`` the log is rotated under a
-lock every writer takes for it, ``audit_keep`` old logs kept; a writer whose file was rotated
-away by another process notices on its next event and reopens the live one.
+machine itself may lose the last moments). With rotation on (``audit_max_size``), every writer
+takes the log's lock (``<slug>.jsonl.lock``, ``flock``) for each event, so that the size check
+and the write are one step: no log grows past ``audit_max_size`` (but for a single event
+larger than that), and ``audit_keep`` rotated logs are kept. A writer whose file was rotated
+away by another process notices on its next event and reopens the live one. Events are few
+(per request, never per byte), so the lock costs nothing a transfer would notice.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class AuditLog:
         self._max_size = max_size
         self._keep = keep
         self._fd = -1
+        self._lock = -1
         self._failed = False
 
     def append(self, event: Mapping[str, object]) -> None:
@@ -101,10 +105,28 @@ class AuditLog:
                       file=sys.stderr, flush=True)
 
     def _write(self, line: bytes) -> None:
+        if self._fd < 0:
+            with contextlib.suppress(FileExistsError):
+                self.path.parent.mkdir(mode=0o700)
+        if not self._max_size:
+            self._append(line)
+            return
+        if self._lock < 0:
+            self._lock = os.open(self.path.with_name(self.path.name + ".lock"),
+                                 os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            self._append(line)
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+
+    def _append(self, line: bytes) -> None:
         if self._fd < 0 or self._rotated_away():
             self._reopen()
-        if self._max_size and os.fstat(self._fd).st_size + len(line) > self._max_size:
-            self._rotate(len(line))
+        size = os.fstat(self._fd).st_size
+        if self._max_size and size and size + len(line) > self._max_size:
+            self._shift()
+            self._reopen()
         os.write(self._fd, line)  # O_APPEND: the whole line lands at the end, in one piece
 
     def _rotated_away(self) -> bool:
@@ -119,28 +141,12 @@ class AuditLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        with contextlib.suppress(FileExistsError):
-            self.path.parent.mkdir(mode=0o700)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                            | os.O_CLOEXEC, 0o600)
 
-    def _rotate(self, incoming: int) -> None:
-        """Shift ``.1`` .. ``.N`` up one (dropping what passes ``keep``) and start a new live
-        log, under the lock every writer of this log takes, unless another process rotated
-        it while this one waited for the lock."""
-        lock = os.open(self.path.with_name(self.path.name + ".lock"),
-                       os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            with contextlib.suppress(FileNotFoundError):
-                size = os.stat(self.path).st_size
-                if size and size + incoming > self._max_size:
-                    self._shift()
-            self._reopen()
-        finally:
-            os.close(lock)  # releases the lock
-
     def _shift(self) -> None:
+        """Rotate: ``.1`` .. ``.N`` up one, dropping what passes ``keep``, the live log to
+        ``.1`` (under the lock)."""
         def rotated(index: int) -> Path:
             return self.path.with_name(f"{self.path.name}.{index}")
 
@@ -158,9 +164,10 @@ class AuditLog:
             self.path.unlink()
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in (self._fd, self._lock):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._lock = -1
 
 
 class ConnectionAudit:
