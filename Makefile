@@ -94,6 +94,7 @@ lint: install
 bench: system-deps
 	$(PREPARE)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.forks  # issue 15: time to a shell in a fresh fork
 
 # Long runs of our own suite (tests/fuzz, tests/stress.py); make test runs a short fuzz slice.
 fuzz: system-deps
