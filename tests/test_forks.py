@@ -239,6 +239,20 @@ def test_kept_fork_survives_its_connections_carries_scp_and_goes_with_rm(private
     assert (fresh.returncode, fresh.out) == (0, "forked-anew\n")
 
 
+def test_kept_fork_of_a_parent_with_an_ephemeral_template_is_kept(private: Env) -> None:
+    configure(private, '[sandbox."api"]\nephemeral = true\n')
+    made = _ssh(private, "msb-api.fork-k", "echo kept > /root/kept")
+    assert (made.returncode, made.err) == (0, "")
+    throwaway = _ssh(private, "msb-api.fork", "true")
+    assert throwaway.returncode == 0, throwaway.err
+    assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
+    # The watcher the throwaway fork's end started has removed it: nothing else was marked.
+    assert not list((private.home / "locks").glob("*.ephemeral"))
+    again = _ssh(private, "msb-api.fork-k", "cat /root/kept")
+    assert (again.returncode, again.out) == (0, "kept\n")
+    assert _sandboxes(private) == ["api", "api.fork-k"]
+
+
 def test_16_simultaneous_connections_to_a_kept_fork_fork_it_once(private: Env) -> None:
     clients = 16
     env = loud(private)

@@ -320,8 +320,8 @@ def _fork_target(config: Config, state: StateDir, parent: str, throwaway: bool,
     hex>``, removed after its last connection and never idle-stopped; it presents the
     parent's host key from the parent's own file. A kept fork (``NAME.fork-KEPT``) is
     sandbox ``kept``, which is given a copy of the parent's key the first time, so that it
-    keeps presenting it. Both take the parent's template; the backend's ``open`` makes the
-    fork when the sandbox is missing.
+    keeps presenting it, and is never ephemeral. Both take the parent's template; the
+    backend's ``open`` makes the fork when the sandbox is missing.
     """
     from dataclasses import replace
 
@@ -336,7 +336,7 @@ def _fork_target(config: Config, state: StateDir, parent: str, throwaway: bool,
     if not own_key.exists():
         with contextlib.suppress(FileNotFoundError):
             write_private(own_key, parent_key.read_bytes())
-    return kept, replace(config.template(parent), fork_of=parent), own_key
+    return kept, replace(config.template(parent), fork_of=parent, ephemeral=False), own_key
 
 
 def _more_open_files() -> None:
