@@ -44,8 +44,9 @@ How to embed it (the jail init does it this way, in ``msb_proxy/backends/local/j
    ``session.kill()`` after ``HANGUP_GRACE_S``); they are out of the table already, so the next
    attach of the name starts a fresh shell.
 5. When the shell is reaped: ``table.remove(session)``; a moment later (output may still be
-   on its way through the terminal) ``relay.finish()`` (reads what is left, flushes,
-   closes), ``session.close()``, and report the exit on the attached
+   on its way through the terminal) ``relay.drain_terminal()``, and once that says nothing is
+   left queued (or the caller took too long), ``relay.close()``, ``session.close()``, and
+   report the exit on the attached
    connection's control channel, as for any process.
 
 Standard library only, nothing of msb-proxy's outside ``msb_proxy.guest``; runs on Python 3.6
@@ -56,7 +57,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import select
 import selectors
 import signal
 import struct
@@ -366,20 +366,15 @@ class PipeRelay:
         del self._to_client[:sent]
         return True
 
-    def finish(self, wait_s: float = 2.0) -> None:
-        """The shell ended: read what is left on the terminal, send it and what is queued
-        (waiting at most ``wait_s`` for the caller to take it), then close."""
+    def drain_terminal(self) -> bool:
+        """The shell ended: queue what is left on the terminal and send what the caller takes
+        now. Whether some is still queued (wait for :meth:`on_ready`, or give up: close)."""
         while True:
             data = self.session.read_master()
             if not data:
                 break
             self._to_client += data
-        deadline = time.monotonic() + wait_s
-        while self._to_client and time.monotonic() < deadline:
-            select.select([], [self.output_fd], [], max(0.0, deadline - time.monotonic()))
-            if not self._flush():
-                break
-        self.close()
+        return self._flush() and bool(self._to_client)
 
     def close(self) -> None:
         self._to_client.clear()

@@ -12,16 +12,16 @@ Started by ``backends/local/backend.py`` as ``python -m msb_proxy.backends.local
    session, a terminal from the jail's ``devpts`` when asked, the login user's uid/gid/groups, a
    container-grade capability bounding set), passes the pipe or terminal file descriptors back to
    the caller with ``SCM_RIGHTS`` so the data never passes through this process, reports the raw
-   wait status when the process exits, and reaps every orphan.
+   wait status when the process exits, and reaps every orphan;
+5. keeps named sessions (``msb_proxy/guest/sessions.py``): a shell forked as any terminal
+   process, but whose terminal master this init keeps and always reads into a bounded ring, so
+   the shell outlives the connection that started it; the terminal's bytes pass through here,
+   relayed to the attached caller over a pair of pipes.
 
 A caller that disconnects while its process still runs gets that process group hung up
 (SIGHUP, then SIGCONT), as a terminal hang-up would: plain foreground work ends, ``nohup`` work
-survives.
-
-5. keeps named sessions (``msb_proxy/guest/sessions.py``): a shell forked as any terminal
-   process, whose terminal master this init keeps and always reads into a bounded ring, so the
-   shell outlives the connection that started it. A caller that disconnects from one detaches;
-   the next attach gets the repaint and the live terminal, over a pair of pipes.
+survives. A named session's caller that disconnects only detaches; the session is hung up so
+once it has been detached longer than its ``timeout`` (more than 0), or when killed.
 
 Protocol: one ``SOCK_SEQPACKET`` connection per request, each message one JSON object.
 ``{"op": "ping"}``, ``{"op": "user", "name": ...}``, ``{"op": "stop"}`` get one reply;
@@ -32,12 +32,12 @@ process).
 stderr; or the terminal) and later ``{"exit": WAIT_STATUS}``; meanwhile the caller may send
 ``{"op": "signal", "sig": N}``.
 ``{"op": "attach", "session": NAME, "user": LOGIN, "timeout": S, ...}`` (the fields of a spawn
-with ``pty``) gets ``{"ok": true, "pid": N, "resumed": BOOL}`` with two pipes: the terminal's
-input and its output (the repaint first when resumed), later
-``{"exit": WAIT_STATUS}``, or ``{"detached": REASON}`` when another attach took the session
-over; meanwhile ``signal``, ``{"op": "resize", "cols", "rows", "px", "py"}`` and
-``{"op": "break"}``. ``{"op": "sessions"}`` gets ``{"ok": true, "sessions": [...]}`` (see
-``Session.info``), ``{"op": "kill_session", "session": NAME}`` ``{"ok": true, "killed": BOOL}``.
+with ``pty``) gets ``{"ok": true, "pid": N, "resumed": BOOL}`` with two pipes, the terminal's
+input and its output (the repaint first when resumed), and later ``{"exit": WAIT_STATUS}``, or
+``{"detached": REASON}`` when another attach took the session over; meanwhile ``signal``,
+``{"op": "resize", "cols", "rows", "px", "py"}`` and ``{"op": "break"}``.
+``{"op": "sessions"}`` gets ``{"ok": true, "sessions": [...]}`` (see ``Session.info``),
+``{"op": "kill_session", "session": NAME}`` ``{"ok": true, "killed": BOOL}``.
 
 Standard library only, and everything is imported before the pivot: afterwards the host's
 Python installation is out of reach.
@@ -103,6 +103,7 @@ HELPERS = {"files": guest_files.serve, "tunnels": guest_tunnels.serve}
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 PTY_DRAIN_S = 0.2  # how long a named session's last output may take through its terminal
+FLUSH_WAIT_S = 2.0  # and how long its caller may take to read it
 
 
 def _check(result: int, what: str) -> None:
@@ -326,7 +327,8 @@ class KeptSession:
         self.relay: PipeRelay | None = None
         self.watched: set[int] = set()
         self.status: int | None = None
-        self.finish_at = 0.0
+        self.finish_at = 0.0  # when the shell's last output is through the terminal
+        self.flushing = False  # waiting (FLUSH_WAIT_S at most) for the caller to take it
         self.killed = False
 
 
@@ -640,7 +642,8 @@ class Init:
     def _next_timeout(self) -> float | None:
         """Seconds until :meth:`_tick` has work: a drain, a kill after a hang-up, an expiry."""
         now, wall = time.monotonic(), time.time()
-        due = [kept.finish_at - now for kept in self.kept.values() if kept.status is not None]
+        due = [kept.finish_at + (FLUSH_WAIT_S if kept.flushing else 0.0) - now
+               for kept in self.kept.values() if kept.status is not None]
         due += [kept.session.hung_up_at + HANGUP_GRACE_S - wall for kept in self.kept.values()
                 if kept.session.hung_up_at is not None and not kept.killed]
         expiry = self.sessions.next_expiry()
@@ -661,13 +664,21 @@ class Init:
                 self._finish(pid, kept)
 
     def _finish(self, pid: int, kept: KeptSession) -> None:
-        """The shell of ``kept`` was reaped: its last output and exit status to the caller."""
+        """The shell of ``kept`` was reaped: its last output, then its exit status, to the
+        caller; while the caller is slow to take that output, at most ``FLUSH_WAIT_S`` later
+        (on a turn of the loop, never blocking it)."""
         assert kept.status is not None
+        relay = kept.relay
+        if relay is not None and relay.drain_terminal() \
+                and time.monotonic() < kept.finish_at + FLUSH_WAIT_S:
+            kept.flushing = True
+            self._watch(kept)
+            return
         del self.kept[pid]
         self._unwatch(kept)
         client = kept.client
-        if kept.relay is not None:
-            kept.relay.finish()
+        if relay is not None:
+            relay.close()
             kept.relay = None
         kept.session.close()
         if client is not None:
