@@ -202,7 +202,11 @@ def test_exit_of_the_shell_ends_the_session_and_the_next_attach_is_a_fresh_shell
         first.expect_exact(home_prompt)
         first.sendline("cd /tmp; GONE=yes")
         first.expect_exact(f"root@{fresh_sandbox}:/tmp# ")
-        assert _leave(first, "exit 3") == 3
+        first.sendline("seq 1 20000; exit 3")
+        first.expect_exact("\r\n20000\r\n")  # its last output arrives before the end
+        first.expect(pexpect.EOF)
+        first.close()
+        assert first.exitstatus == 3
     finally:
         _close(first)
     assert _sessions(msb, fresh_sandbox) == []
