@@ -372,3 +372,16 @@ def test_a_session_of_another_user_is_refused(msb: Env, fresh_sandbox: str) -> N
         assert _leave(owner) == 0
     finally:
         _close(owner)
+
+
+def test_the_alias_form_keeps_strict_host_key_checking_quiet(msb: Env, fresh_sandbox: str) -> None:
+    strict = ("-o", "StrictHostKeyChecking=yes", "-o",
+              f"UserKnownHostsFile={msb.home / 'known_hosts'}", "-o", "LogLevel=INFO")
+    child = _attach(msb, f"{msb.host(fresh_sandbox)}+checked", *strict)
+    try:
+        child.expect_exact(f"root@{fresh_sandbox}:~# ")
+        greeting = child.before
+        assert _leave(child, "exit 0") == 0
+    finally:
+        _close(child)
+    assert b"arning" not in greeting and b"authenticity" not in greeting, greeting
