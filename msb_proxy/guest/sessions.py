@@ -80,8 +80,8 @@ __all__ = [
 RING_SIZE = 256 * 1024
 READ_SIZE = 64 * 1024
 HANGUP_GRACE_S = 3.0
-# Home the cursor, clear the screen and its scroll-back region, reset the character
-# attributes: what was on the screen before is unknown, what follows paints it again.
+# Reset the character attributes, home the cursor, clear the screen (the client's scroll-back
+# is left alone): what the screen showed is unknown here, and what follows paints it again.
 CLEAR_SCREEN = b"\x1b[0m\x1b[H\x1b[2J"
 
 
