@@ -11,6 +11,7 @@ inspected directly (its sandbox directories, cgroups), so these tests run on it 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -410,3 +411,16 @@ def test_msb_proxy_killed_mid_copy_leaves_the_parent_running_and_no_fork(private
     assert listed.returncode == 0, listed.err
     assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
     assert _sandboxes(private) == ["api"]
+
+
+def test_stopped_parent_is_forked_as_it_is_and_stays_stopped(private: Env) -> None:
+    stop = private.msb_proxy("stop", "api")
+    assert (stop.returncode, stop.err) == (0, "")
+    got = private.run(["sftp", "-q", "-F", str(private.config), "-b", "-", "msb-api.fork"],
+                      input=b"get /root/from-parent " + str(private.root / "got").encode() + b"\n")
+    assert (got.returncode, got.err) == (0, "")
+    assert (private.root / "got").read_text() == "parent\n"
+    assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
+    listed = private.msb_proxy("ls", "--json", "--backend", "local")
+    assert listed.returncode == 0, listed.err
+    assert [(row["name"], row["state"]) for row in json.loads(listed.out)] == [("api", "stopped")]
