@@ -10,6 +10,7 @@ reports an error, such as a task exception nobody retrieved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import gc
@@ -1902,3 +1903,200 @@ def test_the_seams_fork_makes_the_fork_and_refuses_a_name_that_is_taken(
     assert str(caught.value) == ("cannot fork sandbox 'api' as 'copy': there is a sandbox "
                                  "'copy' already")
     assert (standin.status_of("copy"), len(standin.calls("fork"))) == (SandboxStatus.RUNNING, 1)
+
+
+# ---- named sessions: the guest agent's session keeper, a daemon of the guest (here, as every
+# guest process of the stand-in, a real host process) that holds the shells
+
+SHELL = ProcessSpec(program="/bin/bash", argv=["bash", "--norc", "--noprofile", "-i"],
+                    env={"PATH": PATH, "PS1": "$ ", "TERM": "dumb"}, cwd="/", user=ROOT,
+                    pty=PtySpec(term="dumb", cols=80, rows=24))
+CLEAR_SCREEN = b"\x1b[0m\x1b[H\x1b[2J"
+
+
+class SessionRecorder(Recorder):
+    """A SessionListener: a Recorder that is also told of a take-over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.detached: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def process_detached(self, reason: str) -> None:
+        assert not self.detached.done(), "process_detached reported twice"
+        self.detached.set_result(reason)
+
+
+@pytest.fixture
+def keeper_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The guest's run directory for the keeper (short: a unix socket's path has 108 bytes);
+    the keeper, if one is left, killed at the end."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="msb-keeper-", dir="/tmp") as directory:
+        monkeypatch.setattr(MicrosandboxSandbox, "guest_run_dir", directory)
+        yield Path(directory)
+        end_keeper(Path(directory))
+
+
+def end_keeper(directory: Path) -> None:
+    lock = directory / "sessions.lock"
+    text = lock.read_text().strip() if lock.exists() else ""
+    if text:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(text), signal.SIGKILL)
+
+
+async def attach(backend: MicrosandboxBackend, session: str = "work",
+                 spec: ProcessSpec = SHELL, timeout: float = 0.0
+                 ) -> tuple[GuestProcess, SessionRecorder, MicrosandboxSandbox]:
+    """A new connection's attach to ``session``."""
+    sandbox = await backend.open("api", TEMPLATE, Progress(quiet=True))
+    recorder = SessionRecorder()
+    process = await sandbox.attach_session(session, spec, recorder, timeout)
+    return process, recorder, sandbox
+
+
+async def typed(process: GuestProcess, recorder: Recorder, line: str, expect: bytes) -> None:
+    """Type ``line`` and wait for ``expect`` in what the terminal shows from then on."""
+    del recorder.stdout[:]
+    process.write_stdin(line.encode() + b"\n")
+    await recorder.stdout_contains(expect)
+
+
+def test_a_named_session_keeps_its_shell_cwd_variables_and_jobs_for_the_next_connection(
+        backend: MicrosandboxBackend, keeper_dir: Path) -> None:
+    async def scenario() -> tuple[bytes, ExitStatus, list[tuple[str, bool, int, int]],
+                                  list[str]]:
+        first, shown, sandbox = await attach(backend)
+        await typed(first, shown, "cd /tmp; KEPT=forty-two; sleep 1000 & echo started",
+                    b"started\r\n")
+        await typed(first, shown, "echo painted-$KEPT", b"painted-forty-two\r\n")
+        first.hangup()  # the connection went: detached, the shell goes on
+        await sandbox.close()
+        wide = dataclasses.replace(SHELL, pty=PtySpec(term="dumb", cols=132, rows=40))
+        second, again, other = await attach(backend, spec=wide)
+        await again.stdout_contains(b"painted-forty-two\r\n")
+        repaint = bytes(again.stdout)
+        await typed(second, again, 'echo "state: $PWD $KEPT $(jobs | wc -l) $(stty size)"',
+                    b"state: /tmp forty-two 1 40 132\r\n")
+        listed = [(info.name, info.attached, info.cols, info.rows)
+                  for info in await backend.sessions("api")]
+        second.write_stdin(b"kill %1; exit 3\n")
+        status = await again.exited
+        await other.close()
+        listed_after = [info.name for info in await backend.sessions("api")]
+        return repaint, status, listed, listed_after
+
+    repaint, status, listed, listed_after = run(scenario())
+    assert repaint.startswith(CLEAR_SCREEN)
+    assert b"cd /tmp; KEPT=forty-two; sleep 1000 & echo started\r\n" in repaint
+    assert b"painted-forty-two\r\n$ " in repaint
+    assert status == ExitStatus(code=3)
+    assert listed == [("work", True, 132, 40)]
+    assert listed_after == []  # its shell exited: the session is gone
+
+
+def test_a_second_connection_takes_a_named_session_over_and_the_first_is_told_why(
+        backend: MicrosandboxBackend, keeper_dir: Path) -> None:
+    async def scenario() -> tuple[str, bool, bool]:
+        first, shown, sandbox = await attach(backend)
+        await typed(first, shown, "echo one", b"one\r\n")
+        second, again, other = await attach(backend)
+        reason = await shown.detached
+        await typed(second, again, "echo two", b"two\r\n")
+        killed = await backend.kill_session("api", "work")
+        await again.exited
+        for connection in (sandbox, other):
+            await connection.close()
+        return reason, shown.exited.done(), killed
+
+    assert run(scenario()) == ("session 'work' was taken over by another connection", False,
+                               True)
+
+
+def test_a_named_session_detached_past_its_timeout_is_hung_up(
+        backend: MicrosandboxBackend, keeper_dir: Path) -> None:
+    async def scenario() -> list[str]:
+        first, shown, sandbox = await attach(backend, timeout=0.2)
+        await typed(first, shown, "echo here", b"here\r\n")
+        first.hangup()
+        await sandbox.close()
+        while await backend.sessions("api"):
+            await asyncio.sleep(0.05)
+        _, again, other = await attach(backend, timeout=0.2)
+        await again.stdout_contains(b"$ ")
+        fresh = bytes(again.stdout)
+        await backend.kill_session("api", "work")
+        await again.exited
+        await other.close()
+        return [fresh.decode(errors="replace")]
+
+    [fresh] = run(scenario())
+    assert "here" not in fresh  # a new shell: nothing of the old one is repainted
+    assert not fresh.startswith(CLEAR_SCREEN.decode())
+
+
+def test_sessions_lists_each_named_session_and_kill_ends_it(
+        backend: MicrosandboxBackend, keeper_dir: Path) -> None:
+    async def scenario() -> tuple[list[tuple[str, str, bool, int, int]], bool, bool,
+                                  ExitStatus, list[str]]:
+        first, shown, sandbox = await attach(backend, "alpha")
+        await typed(first, shown, "echo a", b"a\r\n")
+        second, other, connection = await attach(backend, "beta")
+        await typed(second, other, "echo b", b"b\r\n")
+        second.hangup()
+        listed = [(info.name, info.user, info.attached, info.cols, info.rows)
+                  for info in await backend.sessions("api")]
+        killed = await backend.kill_session("api", "alpha")
+        missing = await backend.kill_session("api", "nope")
+        status = await shown.exited
+        left = [info.name for info in await backend.sessions("api")]
+        await backend.kill_session("api", "beta")
+        for each in (sandbox, connection):
+            await each.close()
+        return listed, killed, missing, status, left
+
+    listed, killed, missing, status, left = run(scenario())
+    assert listed == [("alpha", "root", True, 80, 24), ("beta", "root", False, 80, 24)]
+    assert (killed, missing, status, left) == (True, False, ExitStatus(signal=signal.SIGHUP),
+                                               ["beta"])
+
+
+def test_sessions_of_a_stopped_sandbox_are_none_and_of_a_missing_one_an_error(
+        backend: MicrosandboxBackend, standin: StandInSDK) -> None:
+    standin.set_status("api", SandboxStatus.STOPPED)
+    assert run(backend.sessions("api")) == []
+    with pytest.raises(SandboxNotFoundError):
+        run(backend.sessions("nope"))
+
+
+def test_another_users_named_session_is_refused(
+        backend: MicrosandboxBackend, keeper_dir: Path) -> None:
+    alice = dataclasses.replace(SHELL, user=GuestUser(name="alice", uid=os.getuid() + 1,
+                                                      gid=0, home="/", shell="/bin/bash"))
+
+    async def scenario() -> str:
+        first, shown, sandbox = await attach(backend)
+        await typed(first, shown, "echo mine", b"mine\r\n")
+        try:
+            await attach(backend, spec=alice)
+        except SandboxError as exc:
+            return str(exc)
+        finally:
+            await backend.kill_session("api", "work")
+            await shown.exited
+            await sandbox.close()
+        return "attached"
+
+    assert run(scenario()) == ("sandbox 'api': named session 'work': session 'work' belongs to "
+                               "another user (root); pick another name")
+
+
+def test_without_python3_named_sessions_are_refused_in_one_line(
+        direct: MicrosandboxBackend) -> None:
+    with pytest.raises(SandboxError) as caught:
+        run(attach(direct))
+    assert str(caught.value).startswith(
+        "sandbox 'api' cannot keep named session 'work': its guest runs no msb-proxy agent (")
+    assert str(caught.value).endswith("); install python3 (3.6 or newer) in the image, or "
+                                      "connect without MSB_SESSION or +SESSION")

@@ -22,6 +22,10 @@ breaks, and multiplexes every process's stdin, stdout and stderr over its own st
     BREAK      >I milliseconds           EXIT       >i raw wait status (after all output)
     CLOSE_OUTPUT (the client reads no more: our ends close, its next write gets SIGPIPE)
     HANGUP     (SIGHUP and SIGCONT to its group, every descriptor closed; nothing more said)
+    ATTACH     json {"name", "timeout",      DETACHED   text: why (taken over; nothing more)
+               "user", "run_dir", "spawn"}   ANSWER     json, to SESSIONS or KILL_SESSION
+    SESSIONS   json {"run_dir"}
+    KILL_SESSION json {"run_dir", "name"}
 
 Flow control is by credit both ways, ``WINDOW`` to begin with: the agent reads a process's
 output only as far as the proxy has granted CREDIT, and the proxy sends a process's STDIN only
@@ -34,6 +38,20 @@ When the proxy closes the agent's stdin (the SSH connection ended), or a hang-up
 it, every process still running is hung up as a terminal hang-up would (``nohup`` work
 survives) and the agent exits.
 
+Named sessions (ATTACH) outlive the agent: their shells belong to the sandbox's *session
+keeper* (:class:`Keeper`), a daemon this code becomes in a grandchild of the first agent that
+needs one. It leaves the agent's session and process group, which is all the runtime's agent
+ever signals of an exec (microsandbox ``crates/agentd/lib/session.rs``: ``send_signal``;
+``process.rs``: ``fail``, the teardown), and is reaped by the guest's init, the runtime's
+agent, whose reaper takes every child (``process.rs``). It listens on ``RUN_DIR/sessions.sock``
+(``RUN_DIR`` 0700, root's), holds each session's shell on a terminal of its own and keeps
+reading it into a ring while nobody is attached (``msb_proxy/guest/sessions.py``, whose source
+the host puts ahead of this one), and speaks these same frames with the agent of whichever
+connection is attached; that agent relays them, its own process id for the keeper's 1, so
+flow control runs end to end. HANGUP of an attached shell detaches it; its shell goes on. The
+keeper hangs up a session detached longer than its timeout, and exits once it has no session
+and no connection.
+
 Standard library only, nothing of msb-proxy's; runs on Python 3.6 and newer.
 """
 
@@ -44,26 +62,45 @@ import json
 import os
 import selectors
 import signal
+import socket
 import struct
 import sys
 import termios
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+# In the guest this import fails: guest_agent.SOURCE has sessions.py's source ahead of ours.
+with contextlib.suppress(ImportError):
+    from msb_proxy.guest.sessions import (
+        HANGUP_GRACE_S,
+        Session,
+        SessionRefused,
+        SessionTable,
+        take_over_reason,
+    )
 
 __all__ = [
-    "BREAK", "CLOSE_OUTPUT", "CREDIT", "EOF", "EXIT", "FAILED", "HANGUP", "HEADER", "HELLO",
-    "RESIZE", "SIGNAL", "SPAWN", "STARTED", "STDERR", "STDIN", "STDIN_CREDIT", "STDOUT",
-    "VERSION", "WINDOW", "apply_modes", "frame", "serve", "set_window_size",
+    "ANSWER", "ATTACH", "BREAK", "CLOSE_OUTPUT", "CREDIT", "DETACHED", "EOF", "EXIT", "FAILED",
+    "HANGUP", "HEADER", "HELLO", "KILL_SESSION", "RESIZE", "SESSIONS", "SIGNAL", "SPAWN",
+    "STARTED", "STDERR", "STDIN", "STDIN_CREDIT", "STDOUT", "VERSION", "WINDOW", "Keeper",
+    "apply_modes", "frame", "serve", "set_window_size",
 ]
 
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct(">IIB")
 WINDOW = 256 * 1024
 READ_SIZE = 64 * 1024
 PTY_DRAIN_S = 0.2
 
 SPAWN, STDIN, EOF, CREDIT, SIGNAL, RESIZE, BREAK, CLOSE_OUTPUT, HANGUP = range(1, 10)
+ATTACH, SESSIONS, KILL_SESSION = range(10, 13)
 HELLO, STARTED, FAILED, STDOUT, STDERR, STDIN_CREDIT, EXIT = range(20, 27)
+DETACHED, ANSWER = range(27, 29)
+KEEPER_SOCKET = "sessions.sock"
+KEEPER_LOCK = "sessions.lock"
+KEEPER_START_S = 10.0  # for a keeper just forked to listen
+KEEPER_IDLE_S = 5.0  # a keeper with no session and no connection exits after this
+KEEPER_IDENT = 1  # the id of the one process of a connection to the keeper
 
 # SSH terminal modes (RFC 4254 section 8, RFC 8160): opcode -> control character index name
 _CC = {
@@ -171,6 +208,8 @@ class Agent:
         self.inbox = bytearray()
         self.tty_gid = _group_id("tty", 5)
         self.uid = os.geteuid()
+        self.attached = {}  # type: Dict[int, socket.socket]  # named sessions, to the keeper
+        self.keeper_inbox = {}  # type: Dict[int, bytearray]
 
     # ---- to the proxy
     def send(self, ident: int, op: int, payload: bytes = b"") -> None:
@@ -199,6 +238,8 @@ class Agent:
                 elif key.data == "signal":
                     if self.on_signal(wakeup):
                         return
+                elif isinstance(key.data, tuple):
+                    self.from_keeper(key.data[1])
                 else:
                     self.on_ready(key.data, key.fd, events)
             self.drain_due()
@@ -218,19 +259,24 @@ class Agent:
         if not chunk:
             return False
         self.inbox += chunk
-        while len(self.inbox) >= 4:
-            (length,) = struct.unpack_from(">I", self.inbox)
-            if len(self.inbox) < 4 + length:
-                break
-            _, ident, op = HEADER.unpack_from(self.inbox)
-            payload = bytes(self.inbox[HEADER.size:4 + length])
-            del self.inbox[:4 + length]
-            self.request(ident, op, payload)
-        return True
+        while True:
+            taken = take_frame(self.inbox)
+            if taken is None:
+                return True
+            self.request(*taken)
 
     def request(self, ident: int, op: int, payload: bytes) -> None:
         if op == SPAWN:
             self.spawn(ident, json.loads(payload.decode("utf-8", "surrogateescape")))
+            return
+        if op == ATTACH:
+            self.attach(ident, json.loads(payload.decode("utf-8", "surrogateescape")))
+            return
+        if op in (SESSIONS, KILL_SESSION):
+            self.ask_keeper(ident, op, json.loads(payload.decode("utf-8", "surrogateescape")))
+            return
+        if ident in self.attached:
+            self.to_keeper(ident, op, payload)
             return
         process = self.processes.get(ident)
         if process is None:
@@ -276,15 +322,7 @@ class Agent:
         return any(signum in (signal.SIGHUP, signal.SIGTERM) for signum in signals)
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
+        for pid, status in reaped():
             process = self.by_pid.pop(pid, None)
             if process is None or process.ident not in self.processes:
                 continue
@@ -332,16 +370,7 @@ class Agent:
             self.on_output(process, fd)
 
     def register(self, fd: int, events: int, data: Any) -> None:
-        try:
-            key: Optional[selectors.SelectorKey] = self.selector.get_key(fd)
-        except KeyError:
-            key = None
-        if key is None and events:
-            self.selector.register(fd, events, data)
-        elif key is not None and not events:
-            self.selector.unregister(fd)
-        elif key is not None and key.events != events:
-            self.selector.modify(fd, events, data)
+        set_interest(self.selector, fd, events, data)
 
     def unregister(self, fd: int) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -440,57 +469,11 @@ class Agent:
             self.send(ident, FAILED, str(exc.strerror or exc).encode("utf-8", "surrogateescape"))
 
     def fork(self, ident: int, request: Dict[str, Any]) -> None:
-        pty = request.get("pty")
-        env = dict(request.get("env") or {})
-        if pty is not None:
-            master, slave = os.openpty()
-            with contextlib.suppress(OSError, termios.error):
-                apply_modes(slave, {int(k): int(v)
-                                        for k, v in (pty.get("modes") or {}).items()})
-            set_window_size(master, pty["cols"], pty["rows"], pty.get("px", 0),
-                            pty.get("py", 0))
-            if self.uid == 0:
-                try:
-                    os.fchown(slave, request["uid"], self.tty_gid)
-                    os.fchmod(slave, 0o620)
-                except OSError:
-                    pass
-            env["SSH_TTY"] = os.ttyname(slave)
-            child_stdio = (slave, slave, slave)
-            ours: List[int] = [master]
-            theirs = [slave]
-        else:
-            in_r, in_w = os.pipe()
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            child_stdio = (in_r, out_w, err_w)
-            ours, theirs = [in_w, out_r, err_r], [in_r, out_w, err_w]
-        report_r, report_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            _become(request, env, child_stdio, report_w, self.uid)
-        os.close(report_w)
-        for fd in theirs:
-            os.close(fd)
-        failure = b""
-        while True:
-            try:
-                chunk = os.read(report_r, 4096)
-            except InterruptedError:
-                continue
-            if not chunk:
-                break
-            failure += chunk
-        os.close(report_r)
+        pid, ours, failure = fork_process(request, self.uid, self.tty_gid)
         if failure:
-            for fd in ours:
-                os.close(fd)
-            _wait_for(pid)
             self.send(ident, FAILED, failure)
             return
-        for fd in ours:
-            os.set_blocking(fd, False)
-        if pty is not None:
+        if request.get("pty") is not None:
             process = Process(ident, pid, True, ours[0], {ours[0]: False})
         else:
             process = Process(ident, pid, False, ours[0], {ours[1]: False, ours[2]: True})
@@ -500,9 +483,526 @@ class Agent:
         self.watch(process)
         self.reap()  # it may have exited already; its SIGCHLD came before we knew it
 
+    # ---- named sessions: relayed to the keeper
+    def attach(self, ident: int, request: Dict[str, Any]) -> None:
+        """Hand the named session request to the keeper (started if none runs) and relay."""
+        try:
+            sock = keeper_socket(str(request["run_dir"]), start=True)
+            assert sock is not None
+            sock.sendall(frame(KEEPER_IDENT, ATTACH, json.dumps(request).encode()))
+        except OSError as exc:
+            self.send(ident, FAILED, "the session keeper cannot be reached: {}".format(
+                exc.strerror or exc).encode("utf-8", "surrogateescape"))
+            return
+        self.attached[ident] = sock
+        self.keeper_inbox[ident] = bytearray()
+        self.selector.register(sock, selectors.EVENT_READ, ("keeper", ident))
+
+    def to_keeper(self, ident: int, op: int, payload: bytes) -> None:
+        sock = self.attached[ident]
+        try:
+            sock.sendall(frame(KEEPER_IDENT, op, payload))
+        except OSError:
+            self.keeper_lost(ident)
+            return
+        if op == HANGUP:  # detached: the keeper tells this connection nothing more
+            self.drop_keeper(ident)
+
+    def from_keeper(self, ident: int) -> None:
+        chunk = receive(self.attached[ident])
+        if chunk is None:
+            return
+        if not chunk:
+            self.keeper_lost(ident)
+            return
+        inbox = self.keeper_inbox[ident]
+        inbox += chunk
+        while ident in self.attached:
+            taken = take_frame(inbox)
+            if taken is None:
+                return
+            _, op, payload = taken
+            self.send(ident, op, payload)
+            if op in (EXIT, FAILED, DETACHED):
+                self.drop_keeper(ident)
+
+    def keeper_lost(self, ident: int) -> None:
+        """The keeper went away under an attached shell: to this connection, it was killed."""
+        self.drop_keeper(ident)
+        self.send(ident, EXIT, struct.pack(">i", signal.SIGKILL))
+
+    def drop_keeper(self, ident: int) -> None:
+        sock = self.attached.pop(ident, None)
+        self.keeper_inbox.pop(ident, None)
+        if sock is not None:
+            self.unregister(sock.fileno())
+            sock.close()
+
+    def ask_keeper(self, ident: int, op: int, request: Dict[str, Any]) -> None:
+        """SESSIONS or KILL_SESSION, answered by the keeper; by us when none runs."""
+        answer = {"sessions": []} if op == SESSIONS else {"killed": False}  # type: Any
+        sock = None
+        try:
+            sock = keeper_socket(str(request["run_dir"]), start=False)
+            if sock is not None:
+                sock.settimeout(KEEPER_START_S)
+                sock.sendall(frame(KEEPER_IDENT, op, json.dumps(request).encode()))
+                answer = json.loads(_read_frame(sock)[1].decode())
+        except (OSError, ValueError) as exc:
+            answer = {"error": "the session keeper did not answer: {}".format(exc)}
+        finally:
+            if sock is not None:
+                sock.close()
+        self.send(ident, ANSWER, json.dumps(answer).encode())
+
     def hang_up_all(self) -> None:
         for process in list(self.processes.values()):
             self.hang_up(process)
+        for ident in list(self.attached):  # named sessions: detached, their shells go on
+            self.drop_keeper(ident)
+
+
+def take_frame(inbox: bytearray) -> Optional[Tuple[int, int, bytes]]:
+    """The first whole frame of ``inbox`` (id, op, payload), taken off it; None while there
+    is none yet."""
+    if len(inbox) < 4:
+        return None
+    (length,) = struct.unpack_from(">I", inbox)
+    if len(inbox) < 4 + length:
+        return None
+    _, ident, op = HEADER.unpack_from(inbox)
+    payload = bytes(inbox[HEADER.size:4 + length])
+    del inbox[:4 + length]
+    return ident, op, payload
+
+
+def receive(sock: socket.socket) -> Optional[bytes]:
+    """What the non-blocking ``sock`` has: None when nothing now, b"" when it is gone."""
+    try:
+        return sock.recv(READ_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
+def set_interest(selector: selectors.BaseSelector, fd: int, events: int, data: Any) -> None:
+    """Have ``selector`` wait for ``events`` on ``fd`` (none: not at all)."""
+    try:
+        key = selector.get_key(fd)  # type: Optional[selectors.SelectorKey]
+    except KeyError:
+        key = None
+    if key is None and events:
+        selector.register(fd, events, data)
+    elif key is not None and not events:
+        selector.unregister(fd)
+    elif key is not None and key.events != events:
+        selector.modify(fd, events, data)
+
+
+def reaped() -> Iterator[Tuple[int, int]]:
+    """Every child that has exited, reaped: (pid, raw wait status)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        if pid == 0:
+            return
+        yield pid, status
+
+
+def fork_process(request: Dict[str, Any], agent_uid: int,
+                 tty_gid: int) -> Tuple[int, List[int], bytes]:
+    """Fork the process ``request`` asks for: its pid, our ends of its terminal (the master)
+    or pipes (stdin, stdout, stderr), and why it could not start (b"" when it did)."""
+    pty = request.get("pty")
+    env = dict(request.get("env") or {})
+    if pty is not None:
+        master, slave = os.openpty()
+        with contextlib.suppress(OSError, termios.error):
+            apply_modes(slave, {int(k): int(v) for k, v in (pty.get("modes") or {}).items()})
+        set_window_size(master, pty["cols"], pty["rows"], pty.get("px", 0), pty.get("py", 0))
+        if agent_uid == 0:
+            try:
+                os.fchown(slave, request["uid"], tty_gid)
+                os.fchmod(slave, 0o620)
+            except OSError:
+                pass
+        env["SSH_TTY"] = os.ttyname(slave)
+        child_stdio = (slave, slave, slave)
+        ours = [master]  # type: List[int]
+        theirs = [slave]
+    else:
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        child_stdio = (in_r, out_w, err_w)
+        ours, theirs = [in_w, out_r, err_r], [in_r, out_w, err_w]
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _become(request, env, child_stdio, report_w, agent_uid)
+    os.close(report_w)
+    for fd in theirs:
+        os.close(fd)
+    failure = b""
+    while True:
+        try:
+            chunk = os.read(report_r, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        failure += chunk
+    os.close(report_r)
+    if failure:
+        for fd in ours:
+            os.close(fd)
+        _wait_for(pid)
+        return pid, [], failure
+    for fd in ours:
+        os.set_blocking(fd, False)
+    return pid, ours, b""
+
+
+def _read_frame(sock: socket.socket) -> Tuple[int, bytes]:
+    """One whole frame from the blocking ``sock``: its op and payload."""
+    data = b""
+    while len(data) < 4 or len(data) < 4 + struct.unpack_from(">I", data)[0]:
+        chunk = sock.recv(READ_SIZE)
+        if not chunk:
+            raise OSError(errno.ECONNRESET, "the session keeper closed the connection")
+        data += chunk
+    _, _, op = HEADER.unpack_from(data)
+    return op, data[HEADER.size:]
+
+
+def keeper_socket(run_dir: str, start: bool) -> Optional[socket.socket]:
+    """A connection to the sandbox's session keeper; when none listens, None, or with
+    ``start`` a keeper started (:func:`start_keeper`) and then connected to."""
+    path = os.path.join(run_dir, KEEPER_SOCKET)
+    deadline = None  # type: Optional[float]
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if not start:
+                return None
+        if deadline is None:
+            start_keeper(run_dir)
+            deadline = time.monotonic() + KEEPER_START_S
+        elif time.monotonic() > deadline:
+            raise OSError(errno.ETIMEDOUT, "no session keeper listens on {}".format(path))
+        time.sleep(0.02)
+
+
+def start_keeper(run_dir: str) -> None:
+    """Become the keeper in a grandchild, out of our session, process group and descriptors
+    (see the module docstring); a second keeper started at once finds the lock taken and
+    exits."""
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    pid = os.fork()
+    if pid != 0:
+        _wait_for(pid)
+        return
+    try:
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+            signal.signal(signum, signal.SIG_IGN if signum == signal.SIGPIPE else signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(null, target)
+        _close_inherited(-1)
+        os.chdir("/")
+        Keeper(run_dir).serve()
+    finally:
+        os._exit(0)
+
+
+class KeeperClient:
+    """One connection to the keeper: an agent's, for one attached shell or one question."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbox = bytearray()
+        self.session = None  # type: Optional[Session]
+        self.credit = WINDOW  # shell output we may still send it
+        self.incoming = bytearray()  # input for the shell not yet written
+
+
+class Keeper:
+    """The named sessions of a sandbox, and the loop that serves the agents attached to them."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.selector = selectors.DefaultSelector()
+        self.table = SessionTable()
+        self.clients = {}  # type: Dict[int, KeeperClient]  # by socket fd
+        self.attached = {}  # type: Dict[str, KeeperClient]  # by session name
+        self.by_pid = {}  # type: Dict[int, Session]  # every shell, ending ones too
+        self.ending = {}  # type: Dict[int, Session]  # hung up, killed if still there later
+        self.idle_since = time.monotonic()
+        self.uid = os.geteuid()
+        self.tty_gid = _group_id("tty", 5)
+
+    def serve(self) -> None:
+        lock = os.open(os.path.join(self.run_dir, KEEPER_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # another keeper serves this sandbox
+        os.ftruncate(lock, 0)
+        os.write(lock, "{}\n".format(os.getpid()).encode())  # who holds it, for a person
+        path = os.path.join(self.run_dir, KEEPER_SOCKET)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(64)
+        listener.setblocking(False)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, _wake)
+        self.selector.register(listener, selectors.EVENT_READ, "listener")
+        self.selector.register(wake_r, selectors.EVENT_READ, "signal")
+        try:
+            while not self.done():
+                for key, events in self.selector.select(self.timeout()):
+                    if key.data == "listener":
+                        self.accept(listener)
+                    elif key.data == "signal":
+                        with contextlib.suppress(OSError):
+                            os.read(wake_r, 4096)
+                        self.reap()
+                    elif isinstance(key.data, Session):
+                        self.on_terminal(key.data, events)
+                    elif key.fd in self.clients:
+                        self.on_client(self.clients[key.fd])
+                self.expire()
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # before the lock goes: the next keeper binds afresh
+            listener.close()
+
+    def done(self) -> bool:
+        if self.table.by_name or self.by_pid or self.clients:
+            self.idle_since = time.monotonic()
+            return False
+        return time.monotonic() - self.idle_since > KEEPER_IDLE_S
+
+    def timeout(self) -> float:
+        waits = [KEEPER_IDLE_S, 1.0]
+        expiry = self.table.next_expiry()
+        if expiry is not None:
+            waits.append(expiry - time.time() + 0.01)
+        return max(0.01, min(waits))
+
+    # ---- connections
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        self.clients[sock.fileno()] = KeeperClient(sock)
+        self.selector.register(sock, selectors.EVENT_READ, "client")
+
+    def on_client(self, client: KeeperClient) -> None:
+        chunk = receive(client.sock)
+        if chunk is None:
+            return
+        if not chunk:
+            self.drop(client)
+            return
+        client.inbox += chunk
+        while client.sock.fileno() in self.clients:
+            taken = take_frame(client.inbox)
+            if taken is None:
+                return
+            self.request(client, taken[1], taken[2])
+
+    def send(self, client: KeeperClient, op: int, payload: bytes = b"") -> None:
+        """Blocking, as the agent's own: it reads us at once, whatever we send."""
+        with contextlib.suppress(OSError):
+            client.sock.setblocking(True)
+            client.sock.sendall(frame(KEEPER_IDENT, op, payload))
+            client.sock.setblocking(False)
+
+    def drop(self, client: KeeperClient) -> None:
+        """A connection went (or detached): its session, if any, goes on without it."""
+        fd = client.sock.fileno()
+        self.clients.pop(fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(fd)
+        client.sock.close()
+        session = client.session
+        client.session = None
+        if session is not None and self.attached.get(session.name) is client:
+            del self.attached[session.name]
+            session.detach()
+            self.watch(session)
+
+    def request(self, client: KeeperClient, op: int, payload: bytes) -> None:
+        session = client.session
+        if op == ATTACH:
+            self.attach(client, json.loads(payload.decode("utf-8", "surrogateescape")))
+        elif op == SESSIONS:
+            self.send(client, ANSWER, json.dumps({"sessions": self.table.infos()}).encode())
+        elif op == KILL_SESSION:
+            name = json.loads(payload.decode())["name"]
+            found = self.table.by_name.get(name)
+            if found is not None:
+                self.end(found)
+            self.send(client, ANSWER, json.dumps({"killed": found is not None}).encode())
+        elif op == HANGUP:
+            self.drop(client)
+        elif session is None:
+            return
+        elif op == STDIN:
+            client.incoming += payload
+            self.write_input(client)
+        elif op == CREDIT:
+            client.credit += struct.unpack(">I", payload)[0]
+        elif op == RESIZE:
+            session.resize(*struct.unpack(">HHHH", payload))
+        elif op == SIGNAL:
+            session.signal(struct.unpack(">I", payload)[0])
+        elif op == BREAK:
+            session.send_break()
+        if session is not None and not session.gone and session.master >= 0:
+            self.watch(session)
+
+    def attach(self, client: KeeperClient, request: Dict[str, Any]) -> None:
+        spawn = request["spawn"]
+        pty = spawn["pty"]
+        name = str(request["name"])
+        try:
+            session, displaced = self.table.claim(name, int(spawn["uid"]))
+        except SessionRefused as exc:
+            self.send(client, FAILED, str(exc).encode("utf-8", "surrogateescape"))
+            return
+        repaint = b""
+        if session is None:
+            pid, ours, failure = fork_process(spawn, self.uid, self.tty_gid)
+            if failure:
+                self.send(client, FAILED, failure)
+                return
+            session = Session(name, user=str(request["user"]), uid=int(spawn["uid"]), pid=pid,
+                              master=ours[0], cols=pty["cols"], rows=pty["rows"],
+                              timeout=float(request["timeout"]))
+            self.table.add(session)
+            self.by_pid[pid] = session
+            session.attached = True
+        else:
+            if displaced and name in self.attached:
+                old = self.attached.pop(name)
+                old.session = None
+                self.send(old, DETACHED, take_over_reason(name).encode())
+                self.drop(old)
+            session.timeout = float(request["timeout"])
+            repaint = session.attach(pty["cols"], pty["rows"], pty.get("px", 0),
+                                     pty.get("py", 0))
+        client.session = session
+        self.attached[name] = client
+        self.send(client, STARTED, struct.pack(">I", session.pid))
+        if repaint:
+            client.credit -= len(repaint)
+            self.send(client, STDOUT, repaint)
+        self.watch(session)
+        self.reap()  # a shell that exited already
+
+    # ---- terminals
+    def watch(self, session: Session) -> None:
+        """Read the terminal while its connection has credit, or always while detached;
+        write to it while input waits."""
+        if session.master < 0:
+            return
+        client = self.attached.get(session.name)
+        events = 0
+        if not session.gone and (client is None or client.credit > 0):
+            events |= selectors.EVENT_READ
+        if client is not None and client.incoming:
+            events |= selectors.EVENT_WRITE
+        set_interest(self.selector, session.master, events, session)
+
+    def on_terminal(self, session: Session, events: int) -> None:
+        client = self.attached.get(session.name)
+        if events & selectors.EVENT_WRITE and client is not None:
+            self.write_input(client)
+        if events & selectors.EVENT_READ:
+            data = session.read_master()
+            if data and client is not None:
+                client.credit -= len(data)
+                self.send(client, STDOUT, data)
+        self.watch(session)
+
+    def write_input(self, client: KeeperClient) -> None:
+        session = client.session
+        if session is None or not client.incoming or session.master < 0:
+            return
+        written = session.write_input(bytes(client.incoming))
+        if written:
+            del client.incoming[:written]
+            self.send(client, STDIN_CREDIT, struct.pack(">I", written))
+
+    # ---- shells
+    def reap(self) -> None:
+        for pid, status in reaped():
+            session = self.by_pid.pop(pid, None)
+            self.ending.pop(pid, None)
+            if session is not None:
+                self.finish(session, status)
+
+    def finish(self, session: Session, status: int) -> None:
+        """The shell exited: what it still printed, then its exit, to its connection."""
+        self.table.remove(session)
+        client = self.attached.pop(session.name, None)
+        if client is not None and client.session is not session:
+            self.attached[session.name] = client  # a new shell of that name has it
+            client = None
+        if session.master >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(session.master)
+            deadline = time.monotonic() + PTY_DRAIN_S
+            while not session.gone and time.monotonic() < deadline:
+                data = session.read_master()
+                if data is None:
+                    break
+                if data and client is not None:
+                    self.send(client, STDOUT, data)
+        session.close()
+        if client is not None:
+            client.session = None
+            self.send(client, EXIT, struct.pack(">i", status))
+            self.drop(client)
+
+    def end(self, session: Session) -> None:
+        """Hang ``session`` up (killed after ``HANGUP_GRACE_S`` if it is still there)."""
+        self.table.remove(session)
+        session.hang_up()
+        self.ending[session.pid] = session
+
+    def expire(self) -> None:
+        now = time.time()
+        for session in self.table.expired(now):
+            session.hang_up(now)
+            self.ending[session.pid] = session
+        for session in list(self.ending.values()):
+            if session.hung_up_at is not None and now - session.hung_up_at > HANGUP_GRACE_S:
+                session.kill()
 
 
 def _wait_for(pid: int) -> None:

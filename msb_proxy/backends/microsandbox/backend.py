@@ -100,6 +100,14 @@ a running sandbox takes):
 * Hang-up sends SIGHUP and closes stdin; output of work that survives it (``nohup``) still flows
   to the runtime's agent.
 
+Named sessions (``ssh msb-api+work``, ``attach_session``) need the agent: its session keeper
+holds the shells in the guest, a daemon out of the agent exec's session and process group (the
+runtime's agent signals only an exec's own group: ``crates/agentd/lib/session.rs``
+``send_signal``, ``process.rs`` ``fail``; its relay's disconnect ends no exec,
+``crates/agentd/lib/agent.rs`` ``RelayClientDisconnected``) and so outlives every connection,
+with its socket in ``GUEST_RUN_DIR``. ``sessions`` and ``kill_session`` ask it through an agent
+of their own. A guest without ``python3`` refuses named sessions in one line.
+
 Known gaps on both paths:
 
 * A template's options take effect when the sandbox is created: changing them later does not
@@ -137,6 +145,8 @@ from msb_proxy.backends.base import (
     Sandbox,
     SandboxInfo,
     SandboxState,
+    SessionInfo,
+    SessionListener,
 )
 from msb_proxy.backends.locking import sandbox_lock
 from msb_proxy.backends.microsandbox import cloud
@@ -165,6 +175,7 @@ from msb_proxy.errors import (
     UnknownUserError,
     UserError,
 )
+from msb_proxy.guest import agent as protocol
 from msb_proxy.state import StateDir
 
 if TYPE_CHECKING:
@@ -207,6 +218,8 @@ _LOG_ERROR = "ERROR "
 _LOG_TAIL = 200
 # Marks the sandboxes msb-proxy created, so that 'msb-proxy ls' lists only those (--all: every).
 LABELS = {"created-by": "msb-proxy"}
+# Where the guest's session keeper keeps its socket (root's, 0700): see msb_proxy/guest/agent.py.
+GUEST_RUN_DIR = "/run/msb-proxy"
 # Signals whose default action does not end the process: sending one says nothing about a death.
 _HARMLESS_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH,
                                signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
@@ -734,6 +747,41 @@ class MicrosandboxBackend(Backend):
         """The sandboxes msb-proxy created (those with its ``LABELS``)."""
         return await self._list(LABELS)
 
+    async def sessions(self, name: str) -> Sequence[SessionInfo]:
+        """Asked of the guest's session keeper, through an agent of our own; none when the
+        sandbox is not running or its guest runs no agent (and so keeps no sessions)."""
+        found = await self._ask_keeper(name, protocol.SESSIONS, {})
+        return [SessionInfo(**session) for session in found.get("sessions", [])]
+
+    async def kill_session(self, name: str, session: str) -> bool:
+        found = await self._ask_keeper(name, protocol.KILL_SESSION, {"name": session})
+        return bool(found.get("killed", False))
+
+    async def _ask_keeper(self, name: str, op: int, request: dict[str, Any]) -> dict[str, Any]:
+        sdk = self.sdk
+        try:
+            with self._scope(self._template(name)):
+                handle = await self._api.get(name)
+                if _state(handle) is not SandboxState.RUNNING:
+                    return {}
+                sandbox = await self._connect(handle)
+        except sdk.SandboxNotFoundError:
+            raise SandboxNotFoundError(f"there is no sandbox {name!r}") from None
+        except _Changed:
+            return {}
+        except sdk.MicrosandboxError as exc:
+            raise self._error(exc, name) from None
+        try:
+            agent = await GuestAgent.start(name, sandbox, sdk)
+        except AgentUnavailable:
+            return {}
+        try:
+            return await agent.ask(op, {**request, "run_dir": MicrosandboxSandbox.guest_run_dir})
+        except SandboxError as exc:
+            raise SandboxError(f"sandbox {name!r}: {exc}") from None
+        finally:
+            agent.close()
+
 
 class _PullMeter:
     """Shows an image pull's ``PullEvent`` s as ``Progress.fraction`` of ``label``.
@@ -790,6 +838,10 @@ class _PullMeter:
 
 class MicrosandboxSandbox(Sandbox):
     """One connection's view of a running sandbox: the SDK's ``Sandbox`` from ``connect()``."""
+
+    #: The guest directory of the session keeper's socket (a test on the SDK stand-in, whose
+    #: guest processes share the host's file system, points it elsewhere).
+    guest_run_dir: ClassVar[str] = GUEST_RUN_DIR
 
     def __init__(self, name: str, sandbox: microsandbox.Sandbox, sdk: ModuleType,
                  run_id: str = "", started: bool = False) -> None:
@@ -870,6 +922,24 @@ class MicrosandboxSandbox(Sandbox):
             log.debug("sandbox %r runs no guest agent (%s): one exec_stream per process",
                       self.name, exc)
             return None
+
+    async def attach_session(self, session: str, spec: ProcessSpec, listener: SessionListener,
+                             timeout: float) -> GuestProcess:
+        """Through this connection's guest agent to the guest's session keeper, a daemon the
+        first such attach starts (see ``msb_proxy/guest/agent.py``): it holds the shell and
+        its terminal, so that both outlive the agent and this connection. A guest without
+        ``python3`` runs no agent and keeps no sessions: refused in one line."""
+        agent = await self._guest_agent()
+        if agent is None:
+            raise SandboxError(
+                f"sandbox {self.name!r} cannot keep named session {session!r}: its guest runs "
+                f"no msb-proxy agent ({self._no_agent}); install python3 (3.6 or newer) in the "
+                "image, or connect without MSB_SESSION or +SESSION")
+        try:
+            return await agent.attach(session, spec, listener, timeout, self.guest_run_dir)
+        except SandboxError as exc:
+            raise SandboxError(f"sandbox {self.name!r}: named session {session!r}: {exc}"
+                               ) from None
 
     async def checks(self) -> list[Check]:
         """Whether this guest runs msb-proxy's agent, or each process as an exec of its own."""

@@ -19,6 +19,13 @@ list). With it, one exec of ``python3 -E -S -c <agent>`` as root per connection 
   (``crates/agentd/lib/agent.rs``); bounded here, neither can grow without bound nor stall
   the sandbox.
 
+Named sessions (``attach``) go through the agent to the guest's session keeper, a daemon the
+agent starts and that outlives it (``msb_proxy/guest/agent.py``): the agent relays the
+keeper's frames for the shell as if it were one of its own processes, so a hang-up detaches
+instead of ending the shell, and a take-over is ``SessionListener.process_detached``. The
+agent's source carries ``msb_proxy/guest/sessions.py`` ahead of it (``SOURCE``), as one
+``python3 -c`` argument. ``ask`` puts the keeper's other questions (list, kill).
+
 Memory, per process, at most: ``WINDOW`` (256 KiB) of output in flight between the agent and
 us (in the SDK's channel or held while the session is paused) plus our stdin queue, which
 stops the client past ``STDIN_HIGH_WATER`` (256 KiB), plus what the client had already sent.
@@ -43,10 +50,12 @@ from msb_proxy.backends.base import (
     GuestProcess,
     ProcessListener,
     ProcessSpec,
+    SessionListener,
 )
 from msb_proxy.backends.links import split_frames
 from msb_proxy.errors import SandboxError
 from msb_proxy.guest import agent as protocol
+from msb_proxy.guest import sessions
 from msb_proxy.transport.batching import batch
 
 if TYPE_CHECKING:
@@ -56,7 +65,8 @@ __all__ = ["AgentProcess", "AgentUnavailable", "GuestAgent", "in_background", "o
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(protocol.__file__).read_text()
+# The agent and, ahead of it, the session bookkeeping its session keeper embeds.
+SOURCE = "\n".join(Path(str(module.__file__)).read_text() for module in (sessions, protocol))
 PROGRAM = "python3"
 # -E: no PYTHON* variables of the guest; -S: no site packages, the standard library only.
 ARGUMENTS = ["-E", "-S", "-c", SOURCE]
@@ -100,6 +110,7 @@ class GuestAgent:
         self._handle = handle
         self._sink = sink
         self._processes: dict[int, AgentProcess] = {}
+        self._answers: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 1
         self._inbox = bytearray()
         self._outgoing = bytearray()
@@ -149,20 +160,50 @@ class GuestAgent:
         """Start ``spec`` through the agent; :class:`SandboxError` when it cannot start."""
         if not self.alive:
             raise SandboxError(f"the guest agent is gone ({self._gone or 'closed'})")
-        ident = self._next_id
-        self._next_id += 1
+        ident = self._take_ident()
         process = AgentProcess(self, ident, spec.pty is not None, listener)
         self._processes[ident] = process
-        pty = None if spec.pty is None else {
-            "term": spec.pty.term, "cols": spec.pty.cols, "rows": spec.pty.rows,
-            "px": spec.pty.pixel_width, "py": spec.pty.pixel_height,
-            "modes": {str(opcode): value for opcode, value in spec.pty.modes.items()}}
-        request = {"program": spec.program, "argv": list(spec.argv), "env": dict(spec.env),
-                   "cwd": spec.cwd or "/", "uid": spec.user.uid, "gid": spec.user.gid,
-                   "groups": list(spec.user.groups) or [spec.user.gid], "pty": pty}
-        self.send(ident, protocol.SPAWN, json.dumps(request).encode())
+        self.send(ident, protocol.SPAWN, json.dumps(_spawn_request(spec)).encode())
         await process.started
         return process
+
+    async def attach(self, session: str, spec: ProcessSpec, listener: SessionListener,
+                     timeout: float, run_dir: str) -> AgentProcess:
+        """Attach to named session ``session`` through the guest's session keeper (under
+        ``run_dir``), which starts ``spec`` as it when there is none; :class:`SandboxError`
+        when it cannot (another user's, no terminal to be had)."""
+        if not self.alive:
+            raise SandboxError(f"the guest agent is gone ({self._gone or 'closed'})")
+        ident = self._take_ident()
+        process = AgentProcess(self, ident, True, listener, session=listener)
+        self._processes[ident] = process
+        request = {"name": session, "timeout": timeout, "user": spec.user.name,
+                   "run_dir": run_dir, "spawn": _spawn_request(spec)}
+        self.send(ident, protocol.ATTACH, json.dumps(request).encode())
+        await process.started
+        return process
+
+    async def ask(self, op: int, request: dict[str, Any]) -> dict[str, Any]:
+        """The keeper's answer to ``op`` (``SESSIONS``, ``KILL_SESSION``); SandboxError when
+        it gives none."""
+        if not self.alive:
+            raise SandboxError(f"the guest agent is gone ({self._gone or 'closed'})")
+        ident = self._take_ident()
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._answers[ident] = answer
+        self.send(ident, op, json.dumps(request).encode())
+        try:
+            found = await answer
+        finally:
+            self._answers.pop(ident, None)
+        if "error" in found:
+            raise SandboxError(str(found["error"]))
+        return found
+
+    def _take_ident(self) -> int:
+        ident = self._next_id
+        self._next_id += 1
+        return ident
 
     def send(self, ident: int, op: int, payload: bytes = b"") -> None:
         """Queue a frame for the agent; never blocks."""
@@ -240,6 +281,9 @@ class GuestAgent:
             if op == protocol.HELLO:
                 if not self._hello.done():
                     self._hello.set_result(json.loads(payload))
+            elif op == protocol.ANSWER:
+                if (answer := self._answers.get(ident)) is not None and not answer.done():
+                    answer.set_result(json.loads(payload))
             elif (process := self._processes.get(ident)) is not None:
                 process.frame_received(op, payload)
 
@@ -251,6 +295,9 @@ class GuestAgent:
             self._hello.set_exception(AgentUnavailable(reason))
         for process in list(self._processes.values()):
             process.agent_gone(reason)
+        for answer in self._answers.values():
+            if not answer.done():
+                answer.set_exception(SandboxError(f"the guest agent is gone ({reason})"))
         self._writer.cancel()
 
 
@@ -258,11 +305,12 @@ class AgentProcess(GuestProcess):
     """A guest process the agent forked for us (see the module docstring)."""
 
     def __init__(self, agent: GuestAgent, ident: int, pty: bool,
-                 listener: ProcessListener) -> None:
+                 listener: ProcessListener, session: SessionListener | None = None) -> None:
         self._agent = agent
         self._ident = ident
         self._pty = pty
         self._listener = listener
+        self._session = session  # a named session's shell: it may be taken over
         self._loop = asyncio.get_running_loop()
         self.started: asyncio.Future[int] = self._loop.create_future()
         self._stdin = bytearray()  # not yet sent to the agent
@@ -306,12 +354,24 @@ class AgentProcess(GuestProcess):
             self._agent.forget(self._ident)
             self._status = ExitStatus.from_wait_status(struct.unpack(">i", payload)[0])
             self._maybe_report()
+        elif op == protocol.DETACHED and self._session is not None:
+            self._agent.forget(self._ident)
+            self._hung_up = True  # nothing more is reported, nor sent
+            self._pending.clear()
+            self._session.process_detached(payload.decode(errors="replace"))
 
     def agent_gone(self, reason: str) -> None:
         """The agent (or its VM, or the connection) is gone, and the process with it."""
         self._agent.forget(self._ident)
         if not self.started.done():
             self.started.set_exception(SandboxError(f"the guest agent is gone ({reason})"))
+            return
+        if self._session is not None and self._status is None and not self._hung_up:
+            # The shell is the keeper's, not the agent's: it goes on without this connection.
+            self._hung_up = True
+            self._pending.clear()
+            self._session.process_detached(f"the guest agent is gone ({reason}); the session "
+                                           "goes on: connect again to get it back")
             return
         if self._status is None:
             self._status = ExitStatus(signal=signal.SIGKILL)
@@ -407,6 +467,17 @@ class AgentProcess(GuestProcess):
         self._reported = True
         self._stdin.clear()
         self._listener.process_exited(self._status)
+
+
+def _spawn_request(spec: ProcessSpec) -> dict[str, Any]:
+    """``spec`` as the agent's SPAWN request (see ``msb_proxy/guest/agent.py``)."""
+    pty = None if spec.pty is None else {
+        "term": spec.pty.term, "cols": spec.pty.cols, "rows": spec.pty.rows,
+        "px": spec.pty.pixel_width, "py": spec.pty.pixel_height,
+        "modes": {str(opcode): value for opcode, value in spec.pty.modes.items()}}
+    return {"program": spec.program, "argv": list(spec.argv), "env": dict(spec.env),
+            "cwd": spec.cwd or "/", "uid": spec.user.uid, "gid": spec.user.gid,
+            "groups": list(spec.user.groups) or [spec.user.gid], "pty": pty}
 
 
 def one_line(exc: BaseException) -> str:
