@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,7 @@ from installations import (
     remove_installation,
     wait_until,
 )
+from tunnel_helpers import host_port, tunnel
 
 pytestmark = pytest.mark.skipif(
     TEST_BACKEND != "local", reason="inspects the local backend's sandbox directories")
@@ -424,3 +426,30 @@ def test_stopped_parent_is_forked_as_it_is_and_stays_stopped(private: Env) -> No
     listed = private.msb_proxy("ls", "--json", "--backend", "local")
     assert listed.returncode == 0, listed.err
     assert [(row["name"], row["state"]) for row in json.loads(listed.out)] == [("api", "stopped")]
+
+
+GUEST_PORT = 47201
+_GREETER = (f"import socket; s = socket.create_server(('127.0.0.1', {GUEST_PORT})); "
+            "open('/tmp/ready', 'w').close()\n"
+            "while True:\n c, _ = s.accept(); c.sendall(b'hello from the fork\\n'); c.close()")
+
+
+def _fetch(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        received = b""
+        while chunk := conn.recv(4096):
+            received += chunk
+        return received
+
+
+def test_tunnel_through_a_fork_reaches_the_forks_own_network(private: Env) -> None:
+    started = _ssh(private, "msb-api.fork-net",
+                   f"nohup python3 -c \"{_GREETER}\" >/dev/null 2>&1 & "
+                   "while ! test -e /tmp/ready; do sleep 0.05; done; echo listening")
+    assert (started.returncode, started.out, started.err) == (0, "listening\n", "")
+    port = host_port()
+    with tunnel(private, "api.fork-net", "-L", f"{port}:127.0.0.1:{GUEST_PORT}", ready=port):
+        assert _fetch(port) == b"hello from the fork\n"
+    # The parent has a network namespace of its own, where nothing listens on that port.
+    with tunnel(private, "api", "-L", f"{port}:127.0.0.1:{GUEST_PORT}", ready=port):
+        assert _fetch(port) == b""
