@@ -1536,12 +1536,17 @@ def over_ssh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     sdk.add_sandbox("e2e", guest, labels=LABELS)
     env = install(root / "install", "microsandbox", guest)
     site = Path(__file__).parent
-    proxy = " ".join(shlex.quote(part) for part in [
-        "env", f"PYTHONPATH={site / 'standin_site'}:{site}",
-        f"MSB_PROXY_TEST_STANDIN={root / 'runtime'}", *env.proxy_command(warm=False)])
-    env.config.write_text(env.config.read_text().replace(
-        env.config.read_text().splitlines()[1], f"  ProxyCommand {proxy} %n"))
-    yield env
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="msb-keeper-", dir="/tmp") as guest_run:
+        proxy = " ".join(shlex.quote(part) for part in [
+            "env", f"PYTHONPATH={site / 'standin_site'}:{site}",
+            f"MSB_PROXY_TEST_STANDIN={root / 'runtime'}", f"MSB_PROXY_TEST_GUEST_RUN={guest_run}",
+            *env.proxy_command(warm=False)])
+        env.config.write_text(env.config.read_text().replace(
+            env.config.read_text().splitlines()[1], f"  ProxyCommand {proxy} %n"))
+        yield env
+        end_keeper(Path(guest_run))
     sdk.close()
 
 
@@ -2100,3 +2105,88 @@ def test_without_python3_named_sessions_are_refused_in_one_line(
         "sandbox 'api' cannot keep named session 'work': its guest runs no msb-proxy agent (")
     assert str(caught.value).endswith("); install python3 (3.6 or newer) in the image, or "
                                       "connect without MSB_SESSION or +SESSION")
+
+
+# ---- end to end, the real ssh client: named sessions and forks on the microsandbox backend
+
+def e2e_runtime(env: Env) -> StandInSDK:
+    """The stand-in's runtime of the ``over_ssh`` installation, as the test's own view of it."""
+    return StandInSDK(env.root.parent / "runtime")
+
+
+def named_shell(env: Env, *options: str, host: str = "msb-e2e") -> Any:
+    import pexpect
+
+    return pexpect.spawn("ssh", ["-F", str(env.config), "-tt", *options, f"root@{host}"],
+                         dimensions=(30, 100), timeout=TIMEOUT_S)
+
+
+def test_over_ssh_a_named_shell_survives_kill_9_of_the_client_with_cwd_variables_and_jobs(
+        over_ssh: Env) -> None:
+    import pexpect
+
+    first = named_shell(over_ssh, host="msb-e2e+work")
+    first.sendline("cd /tmp; KEPT=kept-$((40+2)); sleep 1000 & echo ready-$((6*7))")
+    first.expect("ready-42")
+    os.kill(first.pid, signal.SIGKILL)  # the client dies: no goodbye of any kind
+    first.expect(pexpect.EOF)
+    second = named_shell(over_ssh, "-o", "SetEnv=MSB_SESSION=work")
+    second.expect("ready-42")  # the repaint shows what the terminal showed
+    second.sendline('echo "state: $PWD $KEPT $(jobs | wc -l) $(stty size)"')
+    second.expect(r"state: (\S+) (\S+) (\d+) (\d+ \d+)\r\n")
+    state = [group.decode() for group in second.match.groups()]
+    second.sendline("kill %1; exit 5")
+    second.expect(pexpect.EOF)
+    second.close()
+    assert state == ["/tmp", "kept-42", "1", "30 100"]
+    assert second.exitstatus == 5
+
+
+def test_over_ssh_a_second_client_takes_a_named_shell_over_and_the_first_is_told(
+        over_ssh: Env) -> None:
+    import pexpect
+
+    first = named_shell(over_ssh, host="msb-e2e+taken")
+    first.sendline("echo first-$((1+1))")
+    first.expect("first-2")
+    second = named_shell(over_ssh, host="msb-e2e+taken")
+    second.expect("first-2")
+    first.expect("msb-proxy: session 'taken' was taken over by another connection")
+    first.expect(pexpect.EOF)
+    second.sendline("exit 4")
+    second.expect(pexpect.EOF)
+    second.close()
+    assert second.exitstatus == 4
+
+
+def test_over_ssh_a_kept_fork_is_a_sandbox_of_its_own_and_the_parent_runs_on(
+        over_ssh: Env) -> None:
+    made = ssh_to(over_ssh, "msb-e2e.fork-kept", "true")
+    sdk = e2e_runtime(over_ssh)
+    add_user(sdk.root_of("e2e.fork-kept"), "forker", 0)
+    in_fork = ssh_to(over_ssh, "msb-e2e.fork-kept", "true", user="forker")
+    in_parent = ssh_to(over_ssh, "msb-e2e", "true", user="forker")
+    assert (made.returncode, in_fork.returncode) == (0, 0)
+    assert in_parent.returncode == 255
+    assert "msb-proxy: sandbox 'e2e' has no user 'forker'" in in_parent.err
+    assert (sdk.status_of("e2e"), sdk.status_of("e2e.fork-kept")) == (
+        SandboxStatus.RUNNING, SandboxStatus.RUNNING)
+    assert [call["name"] for call in sdk.calls("fork")] == ["e2e.fork-kept"]
+
+
+def test_over_ssh_a_throwaway_fork_is_removed_after_its_connection(over_ssh: Env) -> None:
+    sdk = e2e_runtime(over_ssh)
+    before = len(sdk.calls("fork"))
+    run_ = ssh_to(over_ssh, "msb-e2e.fork", "echo in-the-fork")
+    [forked_name] = [call["name"] for call in sdk.calls("fork")[before:]]
+    for _ in range(500):  # removed once its connection's msb-proxy has wound down
+        if sdk.status_of(forked_name) is None:
+            break
+        time.sleep(0.02)
+    assert (run_.returncode, run_.out) == (0, "in-the-fork\n")
+    assert re.fullmatch(r"e2e\.fork\.[0-9a-f]{8}", forked_name)
+    assert (sdk.status_of(forked_name), sdk.status_of("e2e")) == (None, SandboxStatus.RUNNING)
+
+
+def ssh_to(env: Env, host: str, *command: str, user: str = "root") -> Run:
+    return env.run(["ssh", "-F", str(env.config), f"{user}@{host}", *command])

@@ -1,7 +1,8 @@
 """Test-only: the msb-proxy process started with this directory on ``PYTHONPATH`` and
 ``MSB_PROXY_TEST_STANDIN=DIR`` gets the SDK stand-in (``tests/microsandbox_standin.py``, state in
 DIR) as its microsandbox SDK, so the real ``ssh`` client can drive the microsandbox backend on
-a machine where microVMs cannot boot. Python imports ``sitecustomize`` at start-up."""
+a machine where microVMs cannot boot (and ``MSB_PROXY_TEST_GUEST_RUN=DIR``, the guest run
+directory of named sessions' keeper). Python imports ``sitecustomize`` at start-up."""
 
 import os
 
@@ -19,3 +20,8 @@ if _STATE:
         return StandInSDK(_directory)
 
     _backend._load_sdk = _standin
+    # The stand-in's guest processes share the host's file system: the session keeper's socket
+    # goes where the test says (MSB_PROXY_TEST_GUEST_RUN), not to the host's /run.
+    _run = os.environ.get("MSB_PROXY_TEST_GUEST_RUN")
+    if _run:
+        _backend.MicrosandboxSandbox.guest_run_dir = _run
