@@ -1535,19 +1535,26 @@ def over_ssh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     sdk = StandInSDK(root / "runtime")
     sdk.add_sandbox("e2e", guest, labels=LABELS)
     env = install(root / "install", "microsandbox", guest)
-    site = Path(__file__).parent
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="msb-keeper-", dir="/tmp") as guest_run:
-        proxy = " ".join(shlex.quote(part) for part in [
-            "env", f"PYTHONPATH={site / 'standin_site'}:{site}",
-            f"MSB_PROXY_TEST_STANDIN={root / 'runtime'}", f"MSB_PROXY_TEST_GUEST_RUN={guest_run}",
-            *env.proxy_command(warm=False)])
-        env.config.write_text(env.config.read_text().replace(
-            env.config.read_text().splitlines()[1], f"  ProxyCommand {proxy} %n"))
-        yield env
-        end_keeper(Path(guest_run))
+    proxy = " ".join(shlex.quote(part) for part in on_the_standin(env, "stdio"))
+    env.config.write_text(env.config.read_text().replace(
+        env.config.read_text().splitlines()[1], f"  ProxyCommand {proxy} %n"))
+    yield env
+    end_keeper(root / "guest-run")
     sdk.close()
+
+
+def on_the_standin(env: Env, command: str, *args: str) -> list[str]:
+    """``msb-proxy COMMAND ARGS...`` of the ``over_ssh`` installation (ProxyCommand's options
+    for ``stdio``), its SDK the stand-in, its guest run directory the installation's own."""
+    site = Path(__file__).parent
+    root = env.root.parent
+    argv = env.proxy_command(warm=False)
+    start = argv.index("stdio")
+    tail = argv[start + 1:] if command == "stdio" else [*args]
+    return ["env", f"PYTHONPATH={site / 'standin_site'}:{site}",
+            f"MSB_PROXY_TEST_STANDIN={root / 'runtime'}",
+            f"MSB_PROXY_TEST_GUEST_RUN={root / 'guest-run'}", "MSB_PROXY_BACKEND=microsandbox",
+            *argv[:start], command, *tail]
 
 
 def ssh(env: Env, *args: str, user: str = "root", input: bytes | None = None) -> Run:
@@ -2190,3 +2197,25 @@ def test_over_ssh_a_throwaway_fork_is_removed_after_its_connection(over_ssh: Env
 
 def ssh_to(env: Env, host: str, *command: str, user: str = "root") -> Run:
     return env.run(["ssh", "-F", str(env.config), f"{user}@{host}", *command])
+
+
+def test_msb_proxy_sessions_lists_and_kills_a_named_shell_of_a_microsandbox_sandbox(
+        over_ssh: Env) -> None:
+    import pexpect
+
+    shell = named_shell(over_ssh, host="msb-e2e+listed")
+    shell.sendline("echo up-$((2+3))")
+    shell.expect("up-5")
+    listed = over_ssh.run(on_the_standin(over_ssh, "sessions", "e2e", "--json"))
+    killed = over_ssh.run(on_the_standin(over_ssh, "sessions", "e2e", "--kill", "listed"))
+    shell.expect(pexpect.EOF)
+    shell.close()
+    again = over_ssh.run(on_the_standin(over_ssh, "sessions", "e2e", "--kill", "listed"))
+    assert listed.returncode == 0, listed.err
+    assert [(row["session"], row["user"], row["attached"], row["cols"], row["rows"])
+            for row in json.loads(listed.out)] == [("listed", "root", True, 100, 30)]
+    assert (killed.returncode, killed.out, killed.err) == (0, "", "")
+    assert shell.signalstatus is None and shell.exitstatus == 255  # hung up: exit-signal HUP
+    assert (again.returncode, again.err) == (
+        1, "msb-proxy: sandbox 'e2e' has no session 'listed'; 'msb-proxy sessions e2e' lists "
+           "them\n")
