@@ -453,3 +453,25 @@ def test_tunnel_through_a_fork_reaches_the_forks_own_network(private: Env) -> No
     # The parent has a network namespace of its own, where nothing listens on that port.
     with tunnel(private, "api", "-L", f"{port}:127.0.0.1:{GUEST_PORT}", ready=port):
         assert _fetch(port) == b""
+
+
+def test_without_a_usable_freezer_the_fork_says_so_and_copies_the_running_parent(
+    private: Env,
+) -> None:
+    config = private.root / "ssh_config.cold-loud"
+    write_ssh_config(private, warm=False, quiet=False, path=config)
+    # In a mount namespace of its own, a tmpfs hides every cgroup file system from the
+    # ProxyCommand (and only from it): the hierarchies are still listed, but not usable.
+    script = ("mount -t tmpfs none /sys/fs/cgroup && exec ssh -F \"$1\" -o LogLevel=QUIET "
+              "msb-api.fork 'cat /root/from-parent'")
+    run = private.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                       "sh", str(config)], timeout=120)
+    assert (run.returncode, run.out) == (0, "parent\n")
+    lines = run.err.splitlines()
+    assert len(lines) == 3, lines
+    assert re.fullmatch(r"msb-proxy: forking sandbox 'api' as 'api\.fork\.[0-9a-f]{8}' \.\.\.",
+                        lines[0]), lines
+    assert re.fullmatch(r"msb-proxy: the cgroup /sys/fs/cgroup/\S+/msb-proxy/api has no "
+                        r"(cgroup\.freeze|freezer\.state): copying sandbox 'api' while it runs",
+                        lines[1]), lines
+    assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None

@@ -172,46 +172,61 @@ async def copy_sandbox(parent: str, source: Path, child: str, target: Path, *,
 @contextlib.asynccontextmanager
 async def _frozen(parent: str, init_pid: int | None, state: StateDir,
                   progress: Progress) -> AsyncIterator[None]:
-    """Hold every process of ``parent`` (the PID namespace of ``init_pid``) frozen."""
+    """Hold every process of ``parent`` (the PID namespace of ``init_pid``) frozen; where
+    there is no freezer to be had, say so and hold nothing."""
     if init_pid is None:
         yield
         return
     freezer = freezer_of(parent)
-    if freezer is None:
-        progress.step(f"no cgroup freezer on this host: copying sandbox {parent!r} while it runs")
-        yield
-        return
     lock = _open_lock(state, parent)
     watchdog: asyncio.subprocess.Process | None = None
+    origins: dict[int, Path] = {}
     try:
         await _take(lock, parent)
-        try:
-            freezer.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            progress.step(f"cannot use the cgroup freezer ({exc.strerror}): copying sandbox "
-                          f"{parent!r} while it runs")
+        unusable = _unusable(freezer)
+        if freezer is not None and unusable is None:
+            watchdog = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", 'cat >/dev/null; echo "$1" >"$2"', "msb-proxy-thaw",
+                freezer.thawed, str(freezer.directory / freezer.control),
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(lock,), start_new_session=True, cwd="/")
+            try:
+                _gather(freezer, _pid_namespace(init_pid), origins)
+            except _Unusable as exc:
+                unusable = str(exc)
+        if freezer is None or unusable is not None:
+            progress.step(f"{unusable}: copying sandbox {parent!r} while it runs")
             yield
-            return
-        watchdog = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", 'cat >/dev/null; echo "$1" >"$2"', "msb-proxy-thaw",
-            freezer.thawed, str(freezer.directory / freezer.control),
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=(lock,), start_new_session=True, cwd="/")
-        origins: dict[int, Path] = {}
-        try:
-            _gather(freezer, _pid_namespace(init_pid), origins)
+        else:
             await _freeze(freezer, parent, init_pid)
             yield
-        finally:
+    finally:
+        if freezer is not None and watchdog is not None:
             with contextlib.suppress(OSError):
                 freezer.write(freezer.thawed)
             _release(freezer, origins)
-    finally:
         if watchdog is not None:
             assert watchdog.stdin is not None
             watchdog.stdin.close()
             await watchdog.wait()
         os.close(lock)
+
+
+class _Unusable(Exception):
+    """The freezer cannot hold the sandbox's processes here (what the message says)."""
+
+
+def _unusable(freezer: Freezer | None) -> str | None:
+    """Why ``freezer`` cannot be used (its cgroup made if need be), None when it can."""
+    if freezer is None:
+        return "no cgroup freezer on this host"
+    try:
+        freezer.directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot make the cgroup {freezer.directory} ({exc.strerror})"
+    if not (freezer.directory / freezer.control).exists():
+        return f"the cgroup {freezer.directory} has no {freezer.control}"
+    return None
 
 
 def _open_lock(state: StateDir, parent: str) -> int:
@@ -274,8 +289,8 @@ def _gather(freezer: Freezer, namespace: str, origins: dict[int, Path]) -> None:
             except OSError as exc:
                 if exc.errno == errno.ESRCH or not Path(f"/proc/{pid}").exists():
                     continue  # it exited meanwhile
-                raise SandboxError(f"cannot freeze the sandbox's process {pid}: "
-                                   f"{exc.strerror}") from None
+                raise _Unusable(f"cannot move the sandbox's process {pid} into the cgroup "
+                                f"{freezer.directory} ({exc.strerror})") from None
             origins.setdefault(pid, origin)
             moved = True
         if not moved:
