@@ -332,6 +332,9 @@ class Harness:
         self._runs += 1
         time_file.touch()
         failed = True
+        config = self.home / "config.toml"
+        if work.template:
+            config.write_text(work.template)
         try:
             if work.setup:
                 self._host(side, work.setup, size, SETUP_TIMEOUT_S)
@@ -355,12 +358,15 @@ class Harness:
                         f"{self.digests.get(work.data)}")
             failed = False
         finally:
-            if work.teardown:
-                try:
+            try:
+                if work.teardown:
                     self._host(side, work.teardown, size, SETUP_TIMEOUT_S)
-                except BenchError:
-                    if not failed:
-                        raise
+            except BenchError:
+                if not failed:
+                    raise
+            finally:
+                if work.template:
+                    config.unlink()
         rss_kib, proxy_cpu = _time_report(time_file)
         return Sample(outcome.seconds, rss_kib,
                       None if proxy_cpu is None else proxy_cpu + guest, outcome.linger)

@@ -31,12 +31,12 @@ msb-proxy over sshd. Adding a benchmark is adding a :class:`Workload` to ``WORKL
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-__all__ = ["CONNECTIONS", "CONNECTION_MEMORY", "FETCHES", "LATENCY", "PEAK_RSS",
-           "PROPORTIONAL_MEMORY", "READY_LINES", "ROWS", "SERVER_CPU", "THROUGHPUT", "TREE_TIME",
-           "TUNNEL_OPEN", "TUNNEL_THROUGHPUT", "UNIQUE_MEMORY", "WORKLOADS", "Metric", "Row",
-           "Sample", "Workload"]
+__all__ = ["CONNECTIONS", "CONNECTION_MEMORY", "FETCHES", "LATENCY", "OBSERVED", "PEAK_RSS",
+           "PROPORTIONAL_MEMORY", "READY_LINES", "RECORDED", "ROWS", "SERVER_CPU", "THROUGHPUT",
+           "TREE_TIME", "TUNNEL_OPEN", "TUNNEL_THROUGHPUT", "UNIQUE_MEMORY", "WORKLOADS", "Metric",
+           "Row", "Sample", "Workload"]
 
 FETCHES = 50  # curls per run of the tunnel-open workload
 CONNECTIONS = 50  # clients at once in the memory workload (issue 12)
@@ -47,7 +47,6 @@ TRANSFER_RUNS = 1
 # The 10,000-file scp -r rows spread most (one run each can land anywhere from 0.9x to 1.7x of
 # the other side): three each, for a median.
 TREE_RUNS = 3
-
 
 @dataclass(frozen=True)
 class Workload:
@@ -70,6 +69,10 @@ class Workload:
 
     ``connections``: a memory workload (see the module's docstring); ``command`` must print
     lines on its standard output.
+
+    ``template``: the text of ``MSB_PROXY_HOME/config.toml`` while each run of it lasts, set-up
+    and teardown included (none by default; sshd's side ignores it): :data:`RECORDED` runs the
+    bench sandbox with session recording on, :data:`OBSERVED` with the audit log too.
     """
 
     key: str
@@ -83,6 +86,7 @@ class Workload:
     check: str = ""
     teardown: str = ""
     connections: int = 0
+    template: str = ""
 @dataclass(frozen=True)
 class Sample:
     """One run of a workload on one side.
@@ -193,6 +197,15 @@ CONNECTION_MEMORY = Metric("MiB", _connection_uss_mib, lower_is_better=True, tar
 # trust on a busy host.
 SERVER_CPU = Metric("ms CPU", _cpu_milliseconds, lower_is_better=True, target=None)
 
+# Issue 15: every sandbox recorded, or recorded and audited. Recording touches terminal
+# sessions only, so the 1 GiB rows without a terminal may lose at most 5% to it. The audit log
+# writes per request, but reads every SFTP packet: an audited SFTP channel is off the fast path.
+RECORDED = "[defaults]\nrecord = true\n"
+OBSERVED = "[defaults]\nrecord = true\naudit = true\n"
+_VARIANTS = (("-recorded", RECORDED, ", `record = true`", (THROUGHPUT, SERVER_CPU)),
+             ("-observed", OBSERVED, ", `record = true` and `audit = true`",
+              (THROUGHPUT, SERVER_CPU)))
+
 
 @dataclass(frozen=True)
 class Row:
@@ -289,6 +302,11 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("memory", "{ssh} 'echo up; while sleep 1; do echo .; done'", max_runs=1,
              connections=CONNECTIONS),
 )
+# Issue 15: the 1 GiB rows without a terminal again, recorded, and recorded and audited.
+_OBSERVED_KEYS = ("upload", "download", "scp-up", "scp-down", "sftp-up", "sftp-down")
+WORKLOADS += tuple(replace(work, key=work.key + suffix, template=template)
+                   for suffix, template, _, _ in _VARIANTS
+                   for work in WORKLOADS if work.key in _OBSERVED_KEYS)
 
 _TRANSFERS = (
     ("scp-up", "`scp` upload of {size} (SFTP mode), new file", THROUGHPUT),
@@ -332,3 +350,9 @@ ROWS: tuple[Row, ...] = (
     *(Row(f"cpu-{key}", f"server CPU per {label}", (key,), SERVER_CPU)
       for key, label, _ in _TRANSFERS),
 )
+ROWS += tuple(
+    replace(row, key=row.key + suffix, label=row.label + words,
+            workloads=tuple(key + suffix for key in row.workloads))
+    for suffix, _, words, metrics in _VARIANTS
+    for row in ROWS if row.workloads[0] in _OBSERVED_KEYS and row.metric in metrics)
+

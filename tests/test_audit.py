@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from typing import Any
 import pytest
 from conftest import PROXY, Env, write_ssh_config
 from installations import children, make_installation, proxy_of, remove_installation, wait_until
+from test_listener import ssh as listener_ssh
+from test_listener import start as start_listener
 from test_tunnels import Agent, agent  # noqa: F401  (the fixture: an ssh-agent with a key)
 from tunnel_helpers import (
     Client,
@@ -55,6 +58,10 @@ audit_keep = 2
 audit = true
 audit_max_size = "1MiB"
 audit_keep = 8
+
+[sandbox."both-*"]
+audit = true
+record = true
 """
 MIB = 1 << 20
 WAIT_S = 60
@@ -208,10 +215,16 @@ def test_shells_with_and_without_a_terminal_and_subsystems_are_logged(audited: E
 # ---- file transfers
 
 
+@pytest.mark.parametrize("server", ["guest", pytest.param("native", marks=pytest.mark.needs_guest(
+    "a guest sftp-server to take away"))])
 def test_sftp_operations_are_logged_with_their_bytes_and_results(
-        audited: Env, tmp_path: Path) -> None:
+        audited: Env, tmp_path: Path, server: str) -> None:
     sandbox = name()
     tmp = audited.guest_tmp(sandbox)
+    gone = None
+    if server == "native":  # without one in the guest, msb-proxy serves SFTP itself
+        gone = audited.ssh(sandbox, "rm /usr/lib/openssh/sftp-server")
+        assert gone.returncode == 0, gone.err
     local = tmp_path / "up.bin"
     local.write_bytes(os.urandom(300_001))
     batch = "\n".join([
@@ -232,7 +245,9 @@ def test_sftp_operations_are_logged_with_their_bytes_and_results(
                       input=batch.encode())
     assert run.returncode == 0, run.err
     assert (tmp_path / "down.bin").read_bytes() == local.read_bytes()
-    sftp = [event for event in of_connection(settled(audited, sandbox, 1), 0)
+    # sftp-server's words for the status, or msb-proxy's own SFTP's: the guest's errno text
+    missing = "No such file" if server == "guest" else "No such file or directory"
+    sftp = [event for event in of_connection(settled(audited, sandbox, 2 if gone else 1), -1)
             if event["event"] == "sftp"]
     for event in sftp:
         assert (event.pop("event"), event.pop("channel")) == ("sftp", 0)
@@ -249,8 +264,8 @@ def test_sftp_operations_are_logged_with_their_bytes_and_results(
         {"op": "remove", "path": f"{tmp}/link", "result": "ok"},
         {"op": "remove", "path": f"{tmp}/dir/moved.bin", "result": "ok"},
         {"op": "rmdir", "path": f"{tmp}/dir", "result": "ok"},
-        {"op": "remove", "path": f"{tmp}/missing", "result": "No such file"},
-        {"op": "open", "path": f"{tmp}/no-such-dir/up.bin", "result": "No such file"},
+        {"op": "remove", "path": f"{tmp}/missing", "result": missing},
+        {"op": "open", "path": f"{tmp}/no-such-dir/up.bin", "result": missing},
     ]
 
 
@@ -424,6 +439,38 @@ def test_forwarded_agent_connections_are_logged(
         {"event": "tunnel-open", "channel": 1, "kind": "agent", "target": path},
         {"event": "tunnel-close", "channel": 1, "kind": "agent", "target": path},
     ]
+
+
+def test_the_listener_and_the_python_api_audit_and_record_as_ssh_does(audited: Env) -> None:
+    sandbox = name("both")
+    assert audited.ssh(sandbox, "true").returncode == 0
+    listener = start_listener(audited, sandbox)
+    try:
+        served = listener_ssh(audited, listener, "-tt", "echo via-serve")
+        assert (served.returncode, served.stdout) == (0, b"via-serve\r\n")
+    finally:
+        listener.stop()
+    script = ("import asyncio, msb_proxy\n"
+              "async def main():\n"
+              f"    client = await msb_proxy.ssh({sandbox!r}).connect()\n"
+              "    print((await client.exec_with('echo via-api', tty=True)).stdout_text, end='')\n"
+              "    await client.close()\n"
+              "asyncio.run(main())\n")
+    api = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=audited.proxy_env(), timeout=WAIT_S, check=False)
+    assert (api.returncode, api.stdout) == (0, "via-api\n"), api.stderr
+    found = settled(audited, sandbox, 3)
+    for index, command in ((1, "echo via-serve"), (2, "echo via-api")):
+        connection = of_connection(found, index)
+        assert connection[0]["event"] == "connect" and connection[0]["login_user"] == "root"
+        assert connection[1:] == [
+            {"event": "exec", "channel": 0, "command": command, "pty": True},
+            {"event": "exit", "channel": 0, "status": 0},
+            {"event": "disconnect"},
+        ]
+    titles = sorted(json.loads(path.read_text().splitlines()[0])["title"]
+                    for path in (audited.home / "recordings" / sandbox).iterdir())
+    assert titles == [f"root@{sandbox}: echo via-api", f"root@{sandbox}: echo via-serve"]
 
 
 # ---- durability, rotation, concurrency

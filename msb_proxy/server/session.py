@@ -323,7 +323,8 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         except Exception as exc:  # keep the connection's other channels alive
             self._fail(f"msb-proxy: could not start the session: {exc}")
             return
-        if self._closed:
+        if self._closed:  # the channel went while the process started
+            self._ended("hangup")
             process.hangup()
             return
         self._process = process

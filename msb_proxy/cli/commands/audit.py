@@ -68,6 +68,16 @@ def _lines(files: list[Path], live: Path, *, follow: bool) -> Iterator[bytes]:
     try:
         while True:
             chunk = handle.read()
+            if not chunk and follow and _rotated(handle.fileno(), live):
+                # What was written to the old file before it was renamed comes first: only a
+                # read after the rename that finds nothing more lets go of it.
+                chunk = handle.read()
+                if not chunk:
+                    with contextlib.suppress(FileNotFoundError):
+                        fresh = live.open("rb")
+                        handle.close()
+                        handle = fresh
+                        continue
             if chunk:
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
@@ -78,12 +88,6 @@ def _lines(files: list[Path], live: Path, *, follow: bool) -> Iterator[bytes]:
                 if pending:  # a line still being written when we read: shown as it is
                     yield pending + b"\n"
                 return
-            if _rotated(handle.fileno(), live):
-                with contextlib.suppress(FileNotFoundError):
-                    fresh = live.open("rb")
-                    handle.close()
-                    handle = fresh
-                    continue
             time.sleep(FOLLOW_POLL_S)
     finally:
         handle.close()
