@@ -277,6 +277,30 @@ def test_16_simultaneous_connections_to_a_kept_fork_fork_it_once(private: Env) -
     assert _sandboxes(private) == ["api", "api.fork-herd"]
 
 
+def test_simultaneous_throwaway_forks_of_one_parent_are_each_their_own_and_all_go(
+    private: Env,
+) -> None:
+    clients = 6
+    start = threading.Barrier(clients)
+
+    def connect(number: int) -> Run:
+        start.wait()
+        return _ssh(private, "msb-api.fork", f"cat /root/from-parent; echo {number} > /root/me; "
+                    "sleep 1; cat /root/me; readlink /proc/self/ns/mnt")
+
+    with ThreadPoolExecutor(clients) as pool:
+        runs = list(pool.map(connect, range(clients)))
+
+    assert [run.returncode for run in runs] == [0] * clients, [run.err for run in runs]
+    assert [run.out.splitlines()[:2] for run in runs] == [
+        ["parent", str(number)] for number in range(clients)]
+    assert len({run.out.splitlines()[2] for run in runs}) == clients
+    assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
+    assert _sandboxes(private) == ["api"]
+    parent = _ssh(private, "msb-api", "test -e /root/me || echo untouched")
+    assert (parent.returncode, parent.out) == (0, "untouched\n")
+
+
 # ---- host keys
 
 
