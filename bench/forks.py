@@ -24,6 +24,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .report import cpu_busy
+
 __all__ = ["main"]
 
 DEFAULT_ROOTFS = Path("/var/cache/msb-proxy/rootfs/bookworm-v1")
@@ -109,6 +111,7 @@ def main(arguments: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0 or not (rootfs / "usr" / "bin").is_dir() or not PROXY.exists():
         print("bench: needs root, 'make rootfs' and 'make install'", file=sys.stderr)
         return 1
+    idle_load = cpu_busy(1.0)  # others' work: the figures are only as quiet as the machine
     root = Path(tempfile.mkdtemp(prefix="msbf-", dir="/tmp"))
     env = _Installation(root, rootfs)
     try:
@@ -137,7 +140,8 @@ def main(arguments: Sequence[str] | None = None) -> int:
         f"median (min..max) over {args.runs} runs each, alternating; wall clock from ssh client "
         "start to exit; the fork's removal after it is not timed; the layer on "
         f"{_file_system(Path(tempfile.gettempdir()))} (cp --reflink=auto copies where the file "
-        "system has no reflinks); the warm server serves both",
+        "system has no reflinks); the warm server serves both; before we measured, other "
+        f"work kept {idle_load:.0%} of the machine's CPU busy",
         "",
     ])
     print(text, end="")
