@@ -153,8 +153,12 @@ async def copy_sandbox(parent: str, source: Path, child: str, target: Path, *,
     try:
         with faults_of(target, "make the sandbox's directory"):
             target.mkdir(mode=0o700)
+        layer = source / "upper"
+        # Sized before the freeze: the progress bar needs no exact figure, the parent no
+        # longer pause than the copy itself.
+        total = _layer_bytes(layer) if layer.is_dir() else 0
         async with _frozen(parent, init_pid, state, progress):
-            await _copy_layer(parent, source / "upper", target / "upper", progress)
+            await _copy_layer(parent, layer, target / "upper", total, progress)
         settings["name"] = child
         with faults_of(target, "write the fork's settings"):
             (target / "name").write_text(child + "\n", encoding="utf-8",
@@ -362,11 +366,12 @@ def _free_bytes(path: Path) -> int:
     return info.f_bfree * info.f_frsize
 
 
-async def _copy_layer(parent: str, layer: Path, target: Path, progress: Progress) -> None:
-    """``cp -a --reflink=auto layer target``, with progress for a large layer."""
+async def _copy_layer(parent: str, layer: Path, target: Path, total: int,
+                      progress: Progress) -> None:
+    """``cp -a --reflink=auto layer target``, with progress for a layer of ``total`` bytes
+    over ``PROGRESS_FROM``."""
     if not layer.is_dir():  # a sandbox never started has no layer yet
         return
-    total = _layer_bytes(layer)
     label = f"copying the writable layer of sandbox {parent!r}"
     free_before = _free_bytes(target.parent)
     argv = ["cp", "-a", "--reflink=auto", "--no-target-directory", str(layer), str(target)]
