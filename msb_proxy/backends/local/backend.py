@@ -90,7 +90,8 @@ class LocalBackend(Backend):
     """Sandboxes as namespace jails over a base rootfs directory.
 
     On connect: a running jail is used; a stopped (or crashed) one is started; a missing one is
-    created from its template when the template allows it. A jail another connection is
+    created from its template when the template allows it, or, when the template names a
+    ``fork_of``, made as a fork of that sandbox (``forks.py``). A jail another connection is
     bringing up is waited for (the per-sandbox lock), at most ``LOCK_WAIT_S``. Its template
     options: ``image``, a root file system directory (default: ``rootfs``); ``volumes``;
     ``network``, which can only be ``none``. There are no cgroups to hold ``cpus`` or
