@@ -242,8 +242,12 @@ def test_kept_fork_survives_its_connections_carries_scp_and_goes_with_rm(private
     assert (fresh.returncode, fresh.out) == (0, "forked-anew\n")
 
 
-def test_kept_fork_of_a_parent_with_an_ephemeral_template_is_kept(private: Env) -> None:
+def test_kept_fork_and_the_parent_of_an_ephemeral_template_are_kept(private: Env) -> None:
     configure(private, '[sandbox."api"]\nephemeral = true\n')
+    # A sandbox that was there before its template was ephemeral is not its to remove.
+    used = _ssh(private, "msb-api", "true")
+    assert (used.returncode, used.err) == (0, "")
+    assert not (private.home / "locks" / "api.ephemeral").exists()
     made = _ssh(private, "msb-api.fork-k", "echo kept > /root/kept")
     assert (made.returncode, made.err) == (0, "")
     throwaway = _ssh(private, "msb-api.fork", "true")
@@ -353,6 +357,21 @@ def test_ephemeral_template_removes_what_it_created_after_the_last_connection(
     assert not (private.home / "sandboxes" / "eph-1").exists()
     # The parent, made before any template was ephemeral, is no ephemeral sandbox's.
     assert _sandboxes(private) == ["api"]
+
+
+def test_ephemeral_sandbox_whose_msb_proxy_was_killed_is_swept_by_ls(private: Env) -> None:
+    configure(private, '[sandbox."eph-*"]\nephemeral = true\n')
+    client = _popen(private, "msb-eph-3", "echo up; sleep 1000", config=private.cold_config)
+    assert client.stdout is not None
+    assert client.stdout.readline() == b"up\n"
+    os.kill(proxy_of(client.pid), signal.SIGKILL)
+    client.wait(30)
+    assert "eph-3" in _sandboxes(private)
+
+    listed = private.msb_proxy("ls")
+    assert listed.returncode == 0, listed.err
+    assert wait_until(lambda: "eph-3" not in _sandboxes(private), GONE_WITHIN_S) is not None
+    assert not (private.home / "sandboxes" / "eph-3").exists()
 
 
 def test_ephemeral_template_with_stop_after_idle_removes_only_after_the_idle_time(

@@ -14,8 +14,9 @@ A sandbox msb-proxy did not start is never stopped: the run a connection started
 
 A sandbox that is to be removed after its last connection has a marker, ``.ephemeral`` (JSON:
 its name, backend and the idle seconds to wait first): a throwaway fork (``ssh msb-api.fork``)
-gets it before it is even made, with no wait; a sandbox an ``ephemeral = true`` template made
-gets it when the connection that created it has it, waiting its ``stop_after_idle``. The
+gets it before it is even made, with no wait; a sandbox an ``ephemeral = true`` template makes
+gets it before it is made too (the connection found none), and again when the connection
+that created it ends, waiting its ``stop_after_idle``. The
 watcher then removes that sandbox instead of stopping it, whoever the last connection was (a
 throwaway fork may be reached by its own name too). Nothing depends on the process that wrote
 the marker ending well: a connection whose msb-proxy was killed holds no lock any more, and
@@ -120,6 +121,14 @@ class ConnectionTracker:
             self._write_marker(0.0)
         sweep(self._state, self._environ)
         return self
+
+    def expect_creation(self) -> None:
+        """Called before the sandbox is opened when there is none yet: an ``ephemeral``
+        template's sandbox is marked now, so that it goes even if this msb-proxy is killed
+        before its connection ends (if the connection makes none, the watcher finds nothing
+        to remove)."""
+        if self._ephemeral and not self._throwaway:
+            self._write_marker(self._stop_after_idle)
 
     def sandbox_opened(self, sandbox: Sandbox) -> None:
         """Remember the run this connection started, if it started one, and mark what an

@@ -299,6 +299,8 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
             raise BackendUnavailableError(
                 f"the {backend.name} backend cannot fork sandboxes ({host}); use the local or "
                 "microsandbox backend for forks")
+        if template.ephemeral and await backend.state_of(name) is None:
+            tracker.expect_creation()
         server = await SshServer.prepare(backend, name, options)
         # Pinned before the client can see the key: StrictHostKeyChecking yes never prompts.
         public = server.host_key.export_public_key("openssh").decode().split()
