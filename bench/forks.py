@@ -86,8 +86,13 @@ class _Installation:
         os.sync()
 
     def remove(self) -> None:
-        subprocess.run([str(PROXY), "rm", PARENT], env={**os.environ, **self.environ},
-                       capture_output=True, timeout=RUN_TIMEOUT_S, check=False)
+        """``msb-proxy rm`` the parent; a failure is fatal, as a jail left running would be."""
+        done = subprocess.run([str(PROXY), "rm", "--backend", "local", PARENT],
+                              env={**os.environ, **self.environ}, capture_output=True,
+                              timeout=RUN_TIMEOUT_S, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"bench: msb-proxy rm {PARENT} failed: "
+                             f"{done.stderr.decode(errors='replace').strip()}")
 
 
 def _figure(samples: Sequence[float]) -> str:
