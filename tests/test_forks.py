@@ -457,6 +457,11 @@ def test_msb_proxy_killed_mid_copy_leaves_the_parent_running_and_no_fork(private
     assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
     assert _sandboxes(private) == ["api"]
 
+    # The next fork takes the processes the killed one left in its cgroup back out of it.
+    next_fork = _ssh(private, "msb-api.fork", "cat /root/from-parent")
+    assert (next_fork.returncode, next_fork.out) == (0, "parent\n")
+    assert not any((group / "api").exists() for group in FREEZER_GROUPS)
+
 
 def test_stopped_parent_is_forked_as_it_is_and_stays_stopped(private: Env) -> None:
     stop = private.msb_proxy("stop", "api")

@@ -84,11 +84,13 @@ class Freezer:
         return _pids_in(self.directory)
 
     def origin(self, pid: int) -> Path:
-        """The cgroup directory ``pid`` is in on this hierarchy."""
+        """The cgroup directory ``pid`` is in on this hierarchy; the root for one still in
+        ours, where a fork whose msb-proxy was killed left it."""
         for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
             number, controllers, path = line.split(":", 2)
             if (self.v2 and number == "0") or (not self.v2 and "freezer" in controllers.split(",")):
-                return self.root / path.lstrip("/")
+                found = self.root / path.lstrip("/")
+                return self.root if found == self.directory else found
         return self.root
 
 
