@@ -523,3 +523,37 @@ def test_without_a_usable_freezer_the_fork_says_so_and_copies_the_running_parent
                         r"(cgroup\.freeze|freezer\.state): copying sandbox 'api' while it runs",
                         lines[1]), lines
     assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
+
+
+def test_cgroup_v1_freezer_holds_the_parent_where_cgroup_v2_is_hidden(private: Env) -> None:
+    v1 = Path("/sys/fs/cgroup/freezer")
+    if not (v1 / "freezer.state").exists() and not (v1 / "tasks").exists():
+        pytest.skip("this host mounts no cgroup v1 freezer")
+    _fill(private, 1024)
+    config = private.root / "ssh_config.cold-loud"
+    write_ssh_config(private, warm=False, quiet=False, path=config)
+    # cgroup2 hidden from the ProxyCommand alone (a mount namespace of its own): it falls
+    # back to the v1 freezer, which every namespace shares, so we can watch it from here.
+    script = ("for d in /sys/fs/cgroup/unified /sys/fs/cgroup; do "
+              "if [ -e $d/cgroup.procs ]; then mount -t tmpfs none $d; fi; done; "
+              "exec ssh -F \"$1\" -o LogLevel=QUIET msb-api.fork 'cat /root/from-parent'")
+    client = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               script, "sh", str(config)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    state = v1 / "msb-proxy" / "api" / "freezer.state"
+
+    def frozen() -> bool:
+        try:
+            return state.read_text().strip() == "FROZEN"
+        except OSError:
+            return False
+
+    seen = wait_until(lambda: frozen() or client.poll() is not None, 120, step=0.005)
+    assert seen is not None and frozen(), "the v1 freezer never held the parent"
+    out, err = client.communicate(timeout=120)
+    assert (client.returncode, out) == (0, b"parent\n")
+    assert b"while it runs" not in err, err
+    assert not (v1 / "msb-proxy" / "api").exists()
+    alive = _ssh(private, "msb-api", "echo alive")
+    assert (alive.returncode, alive.out) == (0, "alive\n")
