@@ -8,7 +8,9 @@ layer is copied only once the kernel reports them all frozen. So the copy is the
 was at one instant: a write a process had under way finishes before that process freezes, and
 the copy reads the very page cache the parent wrote to (no ``sync`` is needed to see it). After
 the copy the processes are thawed and moved back to the cgroups they came from; they see no
-signal and no stop, only a pause. A stopped parent is copied as it is. Where this host has no
+signal and no stop, only a pause as long as the copy (1 GiB on ext4, which has no reflinks:
+0.6 to 2.8 s here). The parent's own lock is held too, so it is not started, stopped or
+removed under the copy. A stopped parent is copied as it is. Where this host has no
 freezer msb-proxy may use (no cgroup file system, or one it cannot write), the layer is copied
 while the parent runs, and a progress line says so: a file the parent writes meanwhile may be
 half-copied in the fork.
