@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -61,6 +62,16 @@ def terminal(env: Env, sandbox: str, *args: str, config: Path | None = None,
     return child, shown
 
 
+def prompt(env: Env, sandbox: str) -> str:
+    """Debian's bash prompt for root in its home. The fake backend's shell reads this host's
+    start-up files, so there the same prompt is set in the sandbox's ``~/.profile``."""
+    shown = f"root@{sandbox}:~# "
+    if env.backend == "fake":
+        line = f"PS1={shlex.quote(shown)}"
+        assert env.ssh(sandbox, f"echo {shlex.quote(line)} > ~/.profile").returncode == 0
+    return shown
+
+
 def casts(env: Env, sandbox: str) -> list[Path]:
     directory = env.home / "recordings" / sandbox
     return sorted(directory.iterdir()) if directory.exists() else []
@@ -100,20 +111,20 @@ def fingerprint(env: Env) -> str:
 
 def test_shell_on_a_terminal_replays_as_the_terminal_showed_it(recorded: Env) -> None:
     sandbox = new_sandbox(recorded)
-    prompt = f"root@{sandbox}:~# "
+    shell_prompt = prompt(recorded, sandbox)
     started = int(time.time())
     child, shown = terminal(recorded, sandbox, dimensions=(30, 100))
     try:
-        child.expect_exact(prompt)
+        child.expect_exact(shell_prompt)
         # "é" reaches us in two reads: its first byte, and after a pause its second
         child.sendline(r"printf 'caf\303'; sleep 0.5; printf '\251 \342\234\223\n'")
         child.expect_exact("café ✓\r\n".encode())
-        child.expect_exact(prompt)
+        child.expect_exact(shell_prompt)
         child.setwinsize(40, 120)  # the client sends window-change on its next turn
         time.sleep(0.3)
         child.sendline("stty size")
         child.expect_exact("40 120\r\n")
-        child.expect_exact(prompt)
+        child.expect_exact(shell_prompt)
         child.sendline("exit 7")
         child.expect(pexpect.EOF)
     finally:
@@ -159,13 +170,13 @@ def test_command_on_a_terminal_is_recorded_under_its_command(recorded: Env) -> N
 
 def test_a_killed_msb_proxy_leaves_a_cast_that_plays_to_its_last_output(recorded: Env) -> None:
     sandbox = new_sandbox(recorded)
-    prompt = f"root@{sandbox}:~# "
+    shell_prompt = prompt(recorded, sandbox)
     child, shown = terminal(recorded, sandbox, config=recorded.cold_config)
     try:
-        child.expect_exact(prompt)
+        child.expect_exact(shell_prompt)
         child.sendline("echo 'before the ''kill'")
         child.expect_exact("before the kill\r\n")
-        child.expect_exact(prompt)
+        child.expect_exact(shell_prompt)
         until_kill = shown.getvalue()
         os.kill(proxy_of(child.pid), signal.SIGKILL)
         child.expect(pexpect.EOF)
