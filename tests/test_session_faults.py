@@ -16,7 +16,7 @@ import pytest
 from conftest import Env
 from test_packet_paths import _connect
 
-from msb_proxy.backends.local.backend import LocalProcess
+from msb_proxy.backends.local.control import LocalProcess
 
 
 def _raise(*args: object) -> None:

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -39,7 +37,6 @@ from msb_proxy.backends.base import (
     Backend,
     Check,
     CheckStatus,
-    ExitStatus,
     GuestProcess,
     GuestUser,
     ProcessListener,
@@ -50,9 +47,16 @@ from msb_proxy.backends.base import (
     SessionInfo,
     SessionListener,
 )
+from msb_proxy.backends.local.control import (
+    LocalProcess,
+    connect,
+    exchange,
+    ping,
+    process_request,
+    request,
+)
 from msb_proxy.backends.local.forks import copy_sandbox, thaw_abandoned
 from msb_proxy.backends.locking import sandbox_lock
-from msb_proxy.backends.processes import PipedProcess
 from msb_proxy.config import (
     IMAGE_OPTION,
     NETWORK_OPTION,
@@ -82,8 +86,6 @@ PROTOCOL = 6
 START_TIMEOUT_S = 30.0
 LOCK_WAIT_S = 120.0
 STOP_TIMEOUT_S = 10.0
-SEND_BUFFER = 8 << 20  # one spawn request carries the whole environment and command line
-_UNIX_PATH_MAX = 107
 
 
 class LocalBackend(Backend):
@@ -170,7 +172,7 @@ class LocalBackend(Backend):
         created = False
         async with self._lock(name):
             thaw_abandoned(self.state, name)  # a frozen init would not even answer the ping
-            protocol = await _ping(socket_path)
+            protocol = await ping(socket_path)
             started = protocol is None
             if protocol is None:
                 settings = _read_settings(directory)
@@ -223,7 +225,7 @@ class LocalBackend(Backend):
         if _read_settings(source) is None:
             raise SandboxNotFoundError(f"there is no sandbox {parent!r} to fork")
         async with self._lock(parent):
-            running = await _ping(source / "init.sock") is not None
+            running = await ping(source / "init.sock") is not None
             await copy_sandbox(parent, source, child, self.state.sandbox_dir(child),
                                init_pid=_read_pid(source / "init.pid") if running else None,
                                state=self.state, progress=progress)
@@ -311,7 +313,7 @@ class LocalBackend(Backend):
 
     async def current_run(self, name: str) -> str | None:
         directory = self.state.sandbox_dir(name)
-        if await _ping(directory / "init.sock") is None:
+        if await ping(directory / "init.sock") is None:
             return None
         return str(_read_pid(directory / "init.pid"))
 
@@ -334,7 +336,7 @@ class LocalBackend(Backend):
         async with self._lock(name):
             pid = _read_pid(directory / "init.pid")
             try:
-                await _request(socket_path, {"op": "stop"})
+                await request(socket_path, {"op": "stop"})
             except OSError:
                 if pid is None or not _alive(pid):
                     return False
@@ -366,7 +368,7 @@ class LocalBackend(Backend):
 async def _state(directory: Path) -> SandboxState:
     """A jail answers on its socket while it runs; one that died is just stopped (its writable
     layer is all it has, and the next connection starts it again)."""
-    running = await _ping(directory / "init.sock") is not None
+    running = await ping(directory / "init.sock") is not None
     return SandboxState.RUNNING if running else SandboxState.STOPPED
 
 
@@ -425,7 +427,7 @@ class LocalSandbox(Sandbox):
 
     async def _watch_init(self) -> None:
         try:
-            self._watch = await _connect(self.socket_path)
+            self._watch = await connect(self.socket_path)
         except OSError:  # the init is gone already
             self._init_gone()
             return
@@ -467,7 +469,7 @@ class LocalSandbox(Sandbox):
     async def lookup_user(self, name: str) -> GuestUser:
         if name in self._users:
             return self._users[name]
-        reply, _ = await _request(self.socket_path, {"op": "user", "name": name})
+        reply, _ = await request(self.socket_path, {"op": "user", "name": name})
         found = reply.get("user")
         if not found:
             raise UnknownUserError(f"sandbox {self.name!r} has no user {name!r}")
@@ -479,7 +481,7 @@ class LocalSandbox(Sandbox):
         return user
 
     async def find_program(self, user: GuestUser, candidates: Sequence[str]) -> str | None:
-        reply, _ = await _request(self.socket_path, {"op": "which", "paths": list(candidates)})
+        reply, _ = await request(self.socket_path, {"op": "which", "paths": list(candidates)})
         found = reply.get("path")
         return str(found) if found else None
 
@@ -489,7 +491,7 @@ class LocalSandbox(Sandbox):
             return None
         name = "inet6" if family == socket.AF_INET6 else "inet"
         try:
-            reply, fds = await _request(self.socket_path, {"op": "socket", "family": name})
+            reply, fds = await request(self.socket_path, {"op": "socket", "family": name})
         except (OSError, ValueError):
             return None
         if not reply.get("ok") or len(fds) != 1:  # an init from before the op: the helper
@@ -502,9 +504,9 @@ class LocalSandbox(Sandbox):
         """The helper forked from the jail init as ``user``: no Python needed in the guest."""
         from msb_proxy.backends.links import SocketLink
 
-        control = await _connect(self.socket_path)
+        control = await connect(self.socket_path)
         try:
-            reply, fds = await _exchange(control, {
+            reply, fds = await exchange(control, {
                 "op": "helper", "helper": helper, "uid": user.uid, "gid": user.gid,
                 "groups": list(user.groups), "cwd": user.home or "/"})
         except BaseException:
@@ -520,7 +522,7 @@ class LocalSandbox(Sandbox):
         return link
 
     async def spawn(self, spec: ProcessSpec, listener: ProcessListener) -> GuestProcess:
-        return await self._start_process(_process_request("spawn", spec), listener,
+        return await self._start_process(process_request("spawn", spec), listener,
                                          spec.pty is not None, LocalProcess)
 
     async def attach_session(self, session: str, spec: ProcessSpec, listener: SessionListener,
@@ -529,15 +531,15 @@ class LocalSandbox(Sandbox):
         output pipes, and detach by closing them and the control connection."""
         from msb_proxy.backends.local.sessions import SessionProcess
 
-        request = {**_process_request("attach", spec), "session": session,
+        request = {**process_request("attach", spec), "session": session,
                    "user": spec.user.name, "timeout": timeout}
         return await self._start_process(request, listener, True, SessionProcess)
 
     async def _start_process(self, request: dict[str, Any], listener: ProcessListener,
                              pty: bool, kind: type[LocalProcess]) -> LocalProcess:
-        sock = await _connect(self.socket_path)
+        sock = await connect(self.socket_path)
         try:
-            reply, fds = await _exchange(sock, request)
+            reply, fds = await exchange(sock, request)
         except BaseException:
             sock.close()
             raise
@@ -549,171 +551,6 @@ class LocalSandbox(Sandbox):
         process = kind(sock, fds, listener, pty=pty, init_gone=self._init_gone)
         await process.start()
         return process
-
-
-def _process_request(op: str, spec: ProcessSpec) -> dict[str, Any]:
-    """What the jail init needs to fork the process ``spec`` describes."""
-    request: dict[str, Any] = {
-        "op": op, "program": spec.program, "argv": list(spec.argv),
-        "env": dict(spec.env), "cwd": spec.cwd, "uid": spec.user.uid, "gid": spec.user.gid,
-        "groups": list(spec.user.groups),
-    }
-    if spec.pty is not None:
-        request["pty"] = {
-            "cols": spec.pty.cols, "rows": spec.pty.rows,
-            "px": spec.pty.pixel_width, "py": spec.pty.pixel_height,
-            "modes": {str(k): v for k, v in spec.pty.modes.items()},
-        }
-    return request
-
-
-class LocalProcess(PipedProcess):
-    """A jailed process: its pipes (or terminal) in our hands, its control connection to init."""
-
-    def __init__(self, control: socket.socket, fds: list[int], listener: ProcessListener,
-                 pty: bool, init_gone: Callable[[], None] | None = None) -> None:
-        super().__init__(fds, listener, pty)
-        self._control = control
-        self._init_gone = init_gone
-
-    async def start(self) -> None:
-        await super().start()
-        self._loop.add_reader(self._control.fileno(), self._on_control)
-
-    # ---- GuestProcess
-    def send_signal(self, signum: int) -> None:
-        self._send_control({"op": "signal", "sig": signum})
-
-    def hangup(self) -> None:
-        self._close_control()
-        self.close_pipes()
-
-    # ---- internals
-    def _control_message(self, message: dict[str, Any]) -> None:
-        """Called for a message of the init other than the exit; the default ignores it."""
-
-    def _send_control(self, message: dict[str, Any]) -> None:
-        if self._control.fileno() >= 0:
-            with contextlib.suppress(OSError):
-                self._control.send(json.dumps(message).encode())
-
-    def _close_control(self) -> None:
-        if self._control.fileno() >= 0:
-            self._loop.remove_reader(self._control.fileno())
-            self._control.close()
-
-    def _on_control(self) -> None:
-        try:
-            data = self._control.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if data:
-            message = json.loads(data)
-            if "exit" not in message:
-                self._control_message(message)
-                return
-            status = ExitStatus.from_wait_status(int(message["exit"]))
-        else:  # the init is gone, and the kernel killed everything in the sandbox with it
-            status = ExitStatus(signal=signal.SIGKILL)
-            if self._init_gone is not None:  # before the exit: the connection says why first
-                self._init_gone()
-        self._close_control()
-        self.exited(status)
-
-
-# ---------------------------------------------------------------------------------------------
-# Talking to the init
-
-
-def _socket_address(path: Path) -> str:
-    """``path``, or an equivalent short enough for a unix socket address."""
-    text = str(path)
-    if len(text.encode()) <= _UNIX_PATH_MAX:
-        return text
-    return f"/proc/self/fd/{_directory_fd(path.parent)}/{path.name}"
-
-
-_dir_fds: dict[Path, int] = {}
-
-
-def _directory_fd(directory: Path) -> int:
-    if directory not in _dir_fds:
-        _dir_fds[directory] = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    return _dir_fds[directory]
-
-
-async def _connect(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, 32, SEND_BUFFER)  # SO_SNDBUFFORCE: we are root
-    except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-    sock.setblocking(False)
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, _socket_address(path))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def _exchange(
-    sock: socket.socket, message: dict[str, Any]
-) -> tuple[dict[str, Any], list[int]]:
-    """Send one request on ``sock`` and wait for its reply and any descriptors it carries."""
-    loop = asyncio.get_running_loop()
-    await loop.sock_sendall(sock, json.dumps(message).encode())
-    while True:
-        try:
-            data, ancdata, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(16 * 4))
-            break
-        except (BlockingIOError, InterruptedError):
-            await _readable(sock)
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
-    for fd in fds:
-        os.set_inheritable(fd, False)
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        raise ConnectionResetError(errno.ECONNRESET, "the sandbox init closed the connection")
-    return json.loads(data), fds
-
-
-async def _readable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(sock.fileno(), wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(sock.fileno())
-
-
-async def _request(path: Path, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    sock = await _connect(path)
-    try:
-        return await _exchange(sock, message)
-    finally:
-        sock.close()
-
-
-async def _ping(path: Path) -> int | None:
-    """The protocol version of the init listening at ``path``, or None if none answers."""
-    try:
-        reply, _ = await asyncio.wait_for(_request(path, {"op": "ping"}), 5.0)
-    except (OSError, TimeoutError, ValueError):
-        return None
-    return int(reply.get("protocol", 0)) if reply.get("ok") else None
 
 
 async def _read_all(fd: int) -> bytes:

@@ -4,7 +4,7 @@ init keeps, and asking the init for the list of them or to end one.
 The init owns each session's terminal and its shell (``jail.py``, with the bookkeeping of
 ``msb_proxy/guest/sessions.py``); a connection that attaches gets the terminal's input and
 output as two pipes and a control connection, as a spawned process does, so
-:class:`SessionProcess` is a :class:`~msb_proxy.backends.local.backend.LocalProcess` whose
+:class:`SessionProcess` is a :class:`~msb_proxy.backends.local.control.LocalProcess` whose
 hang-up only lets go (the init detaches the session), and whose window changes and breaks go
 to the init, which holds the terminal.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from msb_proxy.backends.base import SessionInfo, SessionListener
-from msb_proxy.backends.local.backend import LocalProcess, _request
+from msb_proxy.backends.local.control import LocalProcess, request
 from msb_proxy.errors import SandboxError
 
 __all__ = ["SessionProcess", "kill_session", "list_sessions"]
@@ -65,7 +65,7 @@ async def kill_session(socket_path: Path, session: str) -> bool:
 async def _ask(socket_path: Path, message: dict[str, Any]) -> dict[str, Any] | None:
     """The init's reply, or None when no init runs there."""
     try:
-        reply, _ = await _request(socket_path, message)
+        reply, _ = await request(socket_path, message)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
             return None
