@@ -385,3 +385,40 @@ def test_the_alias_form_keeps_strict_host_key_checking_quiet(msb: Env, fresh_san
     finally:
         _close(child)
     assert b"arning" not in greeting and b"authenticity" not in greeting, greeting
+
+
+@pytest.fixture
+def idle_install(msb: Env) -> Iterator[Env]:
+    """An installation whose sandboxes stop after 2 s without a connection."""
+    env = make_installation(msb, '[defaults]\nstop_after_idle = "2s"\n')
+    yield env
+    remove_installation(env)
+
+
+def test_a_detached_named_session_holds_off_stop_after_idle_until_it_is_gone(
+    idle_install: Env
+) -> None:
+    env = idle_install
+    first = _attach(env, env.host("held"), *_named("held"))
+    try:
+        first.expect_exact("root@held:~# ")
+        first.sendline("HELD=yes")
+        first.expect_exact("root@held:~# ")
+    finally:
+        _kill_client(env, "held", first)
+    last = env.home / "locks" / "held.last"
+    left = last.stat().st_mtime
+
+    # The watcher, finding the session, counts the idle time again instead of stopping.
+    assert wait_until(lambda: last.stat().st_mtime > left, TIMEOUT_S) is not None
+    assert [session["session"] for session in _sessions(env, "held")] == ["held"]
+    states = json.loads(env.msb_proxy("ls", "--json").out)
+    assert [row["state"] for row in states if row["name"] == "held"] == ["running"]
+
+    assert env.msb_proxy("sessions", "held", "--kill", "held").returncode == 0
+
+    def stopped() -> bool:
+        rows = json.loads(env.msb_proxy("ls", "--json").out)
+        return [row["state"] for row in rows if row["name"] == "held"] == ["stopped"]
+
+    assert wait_until(stopped, TIMEOUT_S) is not None

@@ -22,6 +22,10 @@ throwaway fork may be reached by its own name too). Nothing depends on the proce
 the marker ending well: a connection whose msb-proxy was killed holds no lock any more, and
 :func:`sweep` (each connection's start, ``msb-proxy ls``) starts the watcher for every marked
 sandbox that has neither a connection nor a watcher.
+
+A named session left detached (``ssh msb-api+work``) holds its sandbox as a connection does:
+the watcher neither stops nor removes a sandbox that keeps one, and counts the idle time again
+from when the last one is gone.
 """
 
 from __future__ import annotations
@@ -37,13 +41,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from msb_proxy.backends.base import Sandbox
+from msb_proxy.backends.base import Backend, Sandbox
 from msb_proxy.config import SandboxTemplate
 from msb_proxy.state import StateDir, faults_of, slug
 
 __all__ = ["ConnectionTracker", "sweep"]
 
 _MARK = ".ephemeral"
+SESSION_POLL_S = 10.0  # how often a watcher held off by named sessions looks again
 
 
 def _paths(state: StateDir, name: str) -> tuple[Path, Path, Path, Path]:
@@ -172,7 +177,6 @@ def watch(name: str, backend_name: str) -> None:
     """The watcher: once sandbox ``name`` of ``backend_name`` has had no connection for its
     ``stop_after_idle``, stop it; or, when it is marked ``.ephemeral``, remove it once it has
     had none for the marker's wait. Its environment is the ending connection's."""
-    import asyncio
 
     from msb_proxy.backends import registry
     from msb_proxy.config import load_config
@@ -212,25 +216,49 @@ def watch(name: str, backend_name: str) -> None:
                 return  # a connection is open; the one that ends last starts a new watcher
             if _idle_since(last, mark_path if mark is not None else None) != idle_since:
                 continue  # a connection ended meanwhile: count again from then
-            if mark is not None:
-                # Under the exclusive lock: no connection can begin on it while it goes.
-                if mark_path.exists():
-                    asyncio.run(backend.remove(name))
-                for path in (mark_path, ours, last):
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
+            if not _has_named_sessions(backend, name):
+                _end(backend, name, mark_path if mark is not None else None, ours, last)
                 return
-            try:
-                ours_run = ours.read_text()
-            except FileNotFoundError:
-                return
-            if asyncio.run(backend.current_run(name)) == ours_run:
-                asyncio.run(backend.stop(name))
-            with contextlib.suppress(FileNotFoundError):
-                ours.unlink()
-            return
         finally:
             os.close(fd)
+        # A detached named session is kept for its user as an open connection would be: the
+        # idle time counts again from when the last one is gone (exited, killed, timed out).
+        with contextlib.suppress(OSError):
+            last.touch()
+        time.sleep(min(max(wait, 2.0), SESSION_POLL_S))
+
+
+def _end(backend: Backend, name: str, mark_path: Path | None, ours: Path, last: Path) -> None:
+    """What the watcher is for, under the exclusive lock (no connection can begin meanwhile):
+    remove a marked sandbox, else stop the run a connection of ours started."""
+    import asyncio
+
+    if mark_path is not None:
+        if mark_path.exists():
+            asyncio.run(backend.remove(name))
+        for path in (mark_path, ours, last):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return
+    try:
+        ours_run = ours.read_text()
+    except FileNotFoundError:
+        return
+    if asyncio.run(backend.current_run(name)) == ours_run:
+        asyncio.run(backend.stop(name))
+    with contextlib.suppress(FileNotFoundError):
+        ours.unlink()
+
+
+def _has_named_sessions(backend: Backend, name: str) -> bool:
+    """Whether sandbox ``name`` keeps a named session (one the watcher could not ask about
+    counts as none: stopping it is what ``stop_after_idle`` asked for)."""
+    import asyncio
+
+    try:
+        return bool(asyncio.run(backend.sessions(name)))
+    except Exception:
+        return False
 
 
 def _idle_since(last: Path, mark: Path | None) -> float | None:
