@@ -402,6 +402,36 @@ def test_guest_server_eof_reaches_the_client_while_the_client_still_sends(
     assert recorded.out == f"{len(data)} {hashlib.sha256(data).hexdigest()}"
 
 
+@TARGETS
+def test_stdio_forward_ends_once_the_client_and_the_guest_server_are_both_done(
+    msb: Env, guest: str, target: str
+) -> None:
+    """``ssh -W`` (what ProxyJump runs): all of stdin reaches the guest server, its answer
+    comes back, and once it closes the channel is closed, as sshd does, so ssh exits 0."""
+    gport = guest_port()
+    data = os.urandom(3 << 20)
+    with guest_server(msb, guest, f"python3 {guest_servers_path(msb, guest)} digest {gport}",
+                      listening(gport)):
+        forward = msb.run(["ssh", "-F", str(msb.config), "-W", f"{target}:{gport}",
+                           msb.host(guest)], input=data, timeout=WAIT_S)
+    assert (forward.returncode, forward.out) == (0, hashlib.sha256(data).hexdigest()), \
+        forward.err
+
+
+@TARGETS
+def test_stdio_forward_ends_when_the_guest_server_closes_first_and_stdin_ends(
+    msb: Env, guest: str, target: str
+) -> None:
+    gport = guest_port()
+    record = f"{msb.guest_tmp(guest)}/speak-first-{uuid.uuid4().hex[:8]}"
+    with guest_server(msb, guest, f"python3 {guest_servers_path(msb, guest)} speak-first "
+                                  f"{gport} {record}", listening(gport)):
+        forward = msb.run(["ssh", "-F", str(msb.config), "-W", f"{target}:{gport}",
+                           msb.host(guest)], input=b"", timeout=WAIT_S)
+    assert (forward.returncode, forward.out) == (0, "greeting from the guest\n" * 4096), \
+        forward.err
+
+
 def test_guest_client_eof_reaches_a_host_server_through_a_remote_forward(
     msb: Env, guest: str
 ) -> None:

@@ -41,7 +41,10 @@ class GuestEnd(Protocol):
         """Channel data from the client, for the guest."""
 
     def send_eof(self) -> None:
-        """The client half-closed the channel."""
+        """The client half-closed the channel. Once everything it sent is written into the
+        guest and the guest's side is shut for writing, call the session's
+        :meth:`TunnelSession.input_ended` (a guest end that cannot tell never calls it, and its
+        channel then ends only when one side closes it)."""
 
     def close(self) -> None:
         """The channel is closed: end the connection in the guest."""
@@ -78,6 +81,8 @@ class TunnelSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes
         self._channel = -1
         self._from_client = 0
         self._to_client = 0
+        self._ended_from_client = False
+        self._ended_to_client = False
 
     def connection_made(self, chan: TunnelChannel) -> None:
         self._chan = chan
@@ -134,6 +139,21 @@ class TunnelSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes
     def write_eof(self) -> None:
         if self._chan is not None and not self._chan.is_closing():
             self._chan.write_eof()
+        self._ended_to_client = True
+        self._close_when_both_ended()
+
+    def input_ended(self) -> None:
+        """The guest end has written all the client sent, then its EOF: this way is done."""
+        self._ended_from_client = True
+        self._close_when_both_ended()
+
+    def _close_when_both_ended(self) -> None:
+        """Both ways have ended (all of the client's data and EOF written into the guest, the
+        guest's EOF sent to the client): close the channel, as sshd does once its socket is
+        written to the end and read to the end (channels.c, nchan.c), so that ``ssh -W``
+        exits when the guest's end is done. What is queued for the client goes out first."""
+        if self._ended_from_client and self._ended_to_client:
+            self.close()
 
     def close(self) -> None:
         if self._chan is not None:

@@ -39,6 +39,7 @@ class MuxStream:
         self._queued: list[bytes] = []
         self._queued_size = 0
         self._eof_queued = False
+        self._eof_sent = False
         self._close_queued = False
         self._early: list[tuple[int, bytes]] = []  # what came before a session was attached
         self._owed = 0  # credit to grant once our channel drains
@@ -91,12 +92,22 @@ class MuxStream:
             self.mux.send(self.ident, protocol.DATA, part)
         if not self._queued and self._eof_queued:
             self._eof_queued = False
+            self._eof_sent = True
             self.mux.send(self.ident, protocol.EOF)
+        self._tell_input_ended()
         if not self._queued and self._close_queued:
             self._close_queued = False
             self.close()
         if self._queued_size <= HIGH_WATER // 4 and self.session is not None:
             self.session.resume_input()
+
+    def _tell_input_ended(self) -> None:
+        """Once the EOF is sent and the helper has written out all before it (it gives back
+        credit for what it has written to the guest's socket, and shuts it down for writing
+        next, in the same turn), the client's way is done."""
+        if self._eof_sent and self._credit == protocol.WINDOW and self.session is not None:
+            self._eof_sent = False
+            self.session.input_ended()
 
     # ---- from the guest
     def from_guest(self, op: int, payload: bytes) -> None:

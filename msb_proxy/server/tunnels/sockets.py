@@ -96,6 +96,8 @@ class SocketTunnel(asyncio.Protocol):
         # direction; the channel closes once the client has seen the guest's EOF or reset.
         with contextlib.suppress(OSError):
             self._transport.get_extra_info("socket").shutdown(socket.SHUT_WR)
+        if self.session is not None:
+            self.session.input_ended()
 
     def close(self) -> None:
         if self._transport is not None:
