@@ -5,8 +5,10 @@ on a real terminal, played back with the real ``asciinema``.
 terminal was sent; ``asciinema cat`` of the cast must give exactly those bytes back. The cast's
 header names the size, terminal, shell, sandbox, users and key; a window change is an ``r``
 event; a UTF-8 character that reaches us in two reads is one event's text, never two halves.
-A msb-proxy killed mid-session leaves a cast that plays up to its last output. Sessions without
-a terminal and file transfers are never recorded.
+Each attachment of a named session is a cast of its own, the next one opening with the
+repaint, and the audit log says when it detached. A msb-proxy killed mid-session leaves a cast
+that plays up to its last output. Sessions without a terminal and file transfers are never
+recorded.
 """
 
 from __future__ import annotations
@@ -26,27 +28,29 @@ from typing import Any
 
 import pexpect
 import pytest
-from conftest import Env, have, write_ssh_config
-from installations import make_installation, proxy_of, remove_installation
+from conftest import TEST_BACKEND, Env, have, write_ssh_config
+from installations import make_installation, proxy_of, remove_installation, wait_until
 
 pytestmark = pytest.mark.skipif(not have("asciinema"), reason="needs asciinema "
                                 "(scripts/install-system-deps --test installs it)")
 
 TIMEOUT_S = 60
 CAST_NAME = re.compile(r"\d{8}T\d{6}Z-\d+-\d+\.cast")
+CLEAR_SCREEN = b"\x1b[0m\x1b[H\x1b[2J"  # how the repaint of a reattached named session begins
 
 
 @pytest.fixture(scope="module")
 def recorded(msb: Env) -> Iterator[Env]:
     """An installation of this module's own whose rec-* sandboxes are recorded."""
-    env = make_installation(msb, '[sandbox."rec-*"]\nrecord = true\n')
+    env = make_installation(msb, '[sandbox."rec-*"]\nrecord = true\n\n'
+                                 '[sandbox."recaud-*"]\nrecord = true\naudit = true\n')
     write_ssh_config(env, warm=False, path=env.cold_config)
     yield env
     remove_installation(env)
 
 
-def new_sandbox(env: Env) -> str:
-    name = f"rec-{uuid.uuid4().hex[:8]}"
+def new_sandbox(env: Env, prefix: str = "rec") -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     env.host(name)
     return name
 
@@ -166,6 +170,52 @@ def test_command_on_a_terminal_is_recorded_under_its_command(recorded: Env) -> N
         (f"root@{sandbox}: echo recorded", 80, 24)
     assert [event[1:] for event in events] == [["o", "recorded\r\n"]]
     assert played(cast) == b"recorded\r\n"
+
+
+@pytest.mark.skipif(TEST_BACKEND != "local",
+                    reason="named sessions are kept by the local jail's init")
+def test_each_attachment_of_a_named_session_is_a_cast_the_next_opening_with_its_repaint(
+        recorded: Env) -> None:
+    sandbox = new_sandbox(recorded, "recaud")
+    shell_prompt = prompt(recorded, sandbox)
+    named = ["-o", "SetEnv=MSB_SESSION=work"]
+    first, first_shown = terminal(recorded, sandbox, *named)
+    try:
+        first.expect_exact(shell_prompt)
+        first.sendline("echo 'before-''drop'")
+        first.expect_exact("before-drop\r\n")
+        first.expect_exact(shell_prompt)
+    finally:
+        first.kill(signal.SIGKILL)  # the client is gone; the shell stays
+        first.close(force=True)
+
+    def detached() -> bool:
+        return any(event["event"] == "detach" for event in audit_events(recorded, sandbox))
+
+    assert wait_until(detached, TIMEOUT_S) is not None
+    second, second_shown = terminal(recorded, sandbox, *named)
+    try:
+        second.expect_exact("before-drop\r\n")  # the repaint
+        second.expect_exact(shell_prompt)
+        second.sendline("exit 3")
+        second.expect(pexpect.EOF)
+    finally:
+        second.close()
+    # by when each was last written: the first attachment's before the second began
+    one, two = sorted(casts(recorded, sandbox), key=lambda path: path.stat().st_mtime_ns)
+    assert played(one) == first_shown.getvalue()
+    assert played(two) == second_shown.getvalue()
+    assert played(two).startswith(CLEAR_SCREEN)
+    ends = [(event["event"], event.get("session"), event.get("reason"), event.get("status"))
+            for event in audit_events(recorded, sandbox)
+            if event["event"] in ("shell", "detach", "exit")]
+    assert ends == [("shell", "work", None, None), ("detach", None, "the connection closed", None),
+                    ("shell", "work", None, None), ("exit", None, None, 3)]
+
+
+def audit_events(env: Env, sandbox: str) -> list[dict[str, Any]]:
+    path = env.home / "audit" / f"{sandbox}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_a_killed_msb_proxy_leaves_a_cast_that_plays_to_its_last_output(recorded: Env) -> None:
