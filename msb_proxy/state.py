@@ -11,6 +11,10 @@
       fake/<slug>/             the fake backend's sandboxes (see backends/fake.py)
       locks/<slug>.lock        held while a sandbox is being decided on or started
       locks/<slug>.active ...  idle tracking (see backends/idle.py)
+      locks/<slug>.ephemeral   a sandbox to remove after its last connection (idle.py)
+      locks/<slug>.freeze      held while the local backend forks the sandbox (local/forks.py)
+      recordings/<slug>/       record = true: one asciinema cast per terminal session, 0600
+      audit/<slug>.jsonl       audit = true: the audit log, with its rotated .1 .. .N (0600)
 
 ``<slug>`` is the sandbox name itself when it is a plain file name, else a digest of it, so that
 no name can reach outside its directory or trip over characters that mount options reserve.
