@@ -626,6 +626,19 @@ def test_audit_follow_prints_new_events_across_rotation_until_interrupted(
     assert follow.err == ""
 
 
+def test_a_log_that_cannot_be_written_is_one_line_and_the_session_goes_on(msb: Env) -> None:
+    env = make_installation(msb, '[defaults]\naudit = true\n')
+    try:
+        (env.home / "audit").write_text("a file where the directory belongs\n")
+        run = env.ssh(name(), "echo still-served; exit 4")
+        path = env.home / "audit" / f"{env.sandboxes[0]}.jsonl"
+        assert (run.returncode, run.out) == (4, "still-served\n")
+        assert run.err == (f"msb-proxy: audit log {path}: cannot write: Not a directory; "
+                           "events of this connection go unlogged\n")
+    finally:
+        remove_installation(env)
+
+
 # ---- off by default
 
 
