@@ -212,6 +212,23 @@ def test_shells_with_and_without_a_terminal_and_subsystems_are_logged(audited: E
     ]
 
 
+def test_a_command_whose_client_is_killed_is_logged_as_hung_up(audited: Env) -> None:
+    sandbox = name()
+    client = Client(ssh_argv(audited, sandbox, command="echo started; exec sleep 1000"))
+    try:
+        client.wait_for_output("^started$")
+        client.process.kill()
+        client.process.wait(WAIT_S)
+    finally:
+        client.stop()
+    logged = [fields(event) for event in settled(audited, sandbox, 1)]
+    assert logged[1:] == [
+        {"event": "exec", "channel": 0, "command": "echo started; exec sleep 1000", "pty": False},
+        {"event": "hangup", "channel": 0},
+        {"event": "disconnect"},
+    ]
+
+
 # ---- file transfers
 
 
