@@ -62,6 +62,7 @@ __all__ = [
     "MIN_CHANNELS",
     "NETWORKS",
     "NETWORK_OPTION",
+    "SESSION_VARIABLE",
     "VOLUMES_OPTION",
     "BackendCatalogue",
     "Config",
@@ -99,6 +100,7 @@ DEFAULT_AUDIT_MAX_MIB = 16  # one audit log's size before it is rotated
 DEFAULT_AUDIT_KEEP = 4  # rotated audit logs kept beside the live one
 FORK_SUFFIX = ".fork"  # ssh msb-api.fork: a throwaway fork; msb-api.fork-NAME: a kept one
 SESSION_SEPARATOR = "+"  # ssh msb-api+work: the named session "work"
+SESSION_VARIABLE = "MSB_SESSION"  # ssh -o SetEnv=MSB_SESSION=work: the same, named by the client
 _SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pexpect
 import pytest
-from conftest import PROXY, Env
+from conftest import PROXY, TEST_BACKEND, Env
 
 pytestmark = pytest.mark.timeout(180)
 TIMEOUT_S = 60  # a bound for waiting on output, not a timing assertion
@@ -143,6 +143,34 @@ def test_attach_returns_the_shells_exit_code_and_takes_given_detach_keys(
     terminal.send("\x18x")
     terminal.expect_exact(OUTER)
     assert outer(terminal, "echo rc=$?") == "rc=0\n"
+
+
+@pytest.mark.skipif(TEST_BACKEND == "fake", reason="the fake backend keeps no named sessions")
+def test_attach_to_a_named_session_detaches_leaving_it_running_and_reattaches(
+        terminal: pexpect.spawn, name: str) -> None:
+    attach(terminal, name, "--session", "desk")
+    terminal.sendline("cd /tmp; KEPT=$((6 * 7))")
+    terminal.expect_exact(f"root@{name}:/tmp# ")
+    terminal.send("\x10\x11")  # ctrl-p, ctrl-q: the shell runs on
+    terminal.expect_exact(OUTER)
+    assert outer(terminal, "echo rc=$?") == "rc=0\n"
+    listed = outer(terminal, f"{PROXY} sessions {name}")
+    assert listed.splitlines()[1].split()[::5] == ["desk", "detached"], listed
+    terminal.sendline(f"{PROXY} connect -q --session desk {name}")
+    terminal.expect_exact("\x1b[2J")  # the repaint of the shell that ran on
+    terminal.expect_exact(f"root@{name}:/tmp# ")
+    terminal.sendline("echo $KEPT; exit 5")
+    terminal.expect_exact("42\r\n")
+    terminal.expect_exact(OUTER)
+    assert outer(terminal, "echo rc=$?") == "rc=5\n"
+    assert outer(terminal, f"{PROXY} sessions {name}") == \
+        f"sandbox {name!r} has no named sessions\n"
+
+
+def test_a_session_with_a_command_is_one_line(msb: Env, name: str) -> None:
+    done = msb.msb_proxy("connect", "-q", "--session", "desk", name, "true")
+    assert (done.returncode, done.stderr) == (
+        1, b"msb-proxy: --session names a shell: give no COMMAND with it\n")
 
 
 def test_sshclient_attach_with_from_a_script_returns_at_its_detach_keys(

@@ -165,6 +165,9 @@ def _add_client_commands(add_parser: Callable[..., argparse.ArgumentParser],
                      help="no PTY, even for a shell")
     connect.add_argument("--detach-keys", metavar="KEYS",
                          help="detach sequence, Docker's format (default: ctrl-p,ctrl-q)")
+    connect.add_argument("--session", metavar="SESSION",
+                         help="attach the shell to named session SESSION, which detaching "
+                              "leaves running (as ssh msb-NAME+SESSION)")
     connect.add_argument("-q", "--quiet", action="store_true",
                          help="print no progress while a sandbox is created or started")
     connect.add_argument("remote_command", nargs=argparse.REMAINDER, metavar="COMMAND",

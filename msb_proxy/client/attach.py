@@ -18,6 +18,7 @@ import tty
 import asyncssh
 
 from msb_proxy.client.status import status_of
+from msb_proxy.config import SESSION_VARIABLE
 
 __all__ = ["DEFAULT_DETACH_KEYS", "attach", "parse_detach_keys"]
 
@@ -76,21 +77,24 @@ class _Detacher:
 
 async def attach(conn: asyncssh.SSHClientConnection, *, term: str,
                  detach_keys: str | None = None, pty: bool | None = None,
-                 command: str | None = None) -> int:
+                 command: str | None = None, session: str | None = None) -> int:
     """Run a login shell (or ``command``, as ``ssh -t host COMMAND``) on ``conn`` with this
     process's stdin and stdout; return its exit status (128 + N for signal N), or 0 when the
     detach keys were typed. ``pty`` (default: whether stdin is a terminal) says whether it
-    gets a PTY and the terminal raw mode."""
+    gets a PTY and the terminal raw mode. ``session`` attaches the shell to that named
+    session (``MSB_SESSION``), which the detach keys then leave running."""
     detacher = _Detacher(parse_detach_keys(detach_keys or DEFAULT_DETACH_KEYS))
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     interactive = os.isatty(stdin) if pty is None else pty and os.isatty(stdin)
     loop = asyncio.get_running_loop()
+    env = {SESSION_VARIABLE: session} if session is not None else {}
     if interactive:
         columns, rows = os.get_terminal_size(stdin)
-        process = await conn.create_process(command, term_type=term,
+        process = await conn.create_process(command, term_type=term, env=env,
                                             term_size=(columns, rows), encoding=None)
     else:
-        process = await conn.create_process(command, request_pty=False, encoding=None)
+        process = await conn.create_process(command, request_pty=False, env=env,
+                                            encoding=None)
     done = asyncio.Event()
     at_eof = asyncio.Event()
     ended_by: list[int] = []

@@ -53,7 +53,7 @@ from msb_proxy.backends.base import (
     PtySpec,
     Sandbox,
 )
-from msb_proxy.config import DEFAULT_MAX_ENV
+from msb_proxy.config import DEFAULT_MAX_ENV, SESSION_VARIABLE
 from msb_proxy.errors import UserError
 from msb_proxy.server import requests
 from msb_proxy.server.audit import ConnectionAudit
@@ -82,7 +82,6 @@ RFC_SIGNALS = frozenset({"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PI
 SFTP_SERVER_PATHS = ("/usr/lib/openssh/sftp-server", "/usr/lib/ssh/sftp-server",
                      "/usr/libexec/openssh/sftp-server", "/usr/libexec/sftp-server",
                      "/usr/lib/sftp-server")
-SESSION_VARIABLE = "MSB_SESSION"  # the client's name for a named session (ssh -o SetEnv=...)
 MAX_PENDING_INPUT = 4 << 20
 CHANNEL_WRITE_SIZE = 32 * 1024  # OpenSSH's channel packet size
 

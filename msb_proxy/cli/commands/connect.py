@@ -1,7 +1,8 @@
-"""``msb-proxy connect NAME [--user U] [-t|-T] [--detach-keys KEYS] [COMMAND ...]``: msb-proxy's
-own SSH client, without OpenSSH. No COMMAND attaches this terminal to a login shell (as
-``SshClient.attach``); a COMMAND runs with stdin forwarded and stdout/stderr passed through,
-and the exit status is the one ``ssh`` would give."""
+"""``msb-proxy connect NAME [--user U] [-t|-T] [--detach-keys KEYS] [--session SESSION]
+[COMMAND ...]``: msb-proxy's own SSH client, without OpenSSH. No COMMAND attaches this terminal
+to a login shell (as ``SshClient.attach``), with ``--session`` to that named session, which
+the detach keys then leave running; a COMMAND runs with stdin forwarded and stdout/stderr
+passed through, and the exit status is the one ``ssh`` would give."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from msb_proxy.client.attach import attach, parse_detach_keys
 from msb_proxy.client.namespace import SandboxSsh
 from msb_proxy.client.session import SshClient
 from msb_proxy.client.status import status_of
-from msb_proxy.config import Config, sandbox_name_from_host
+from msb_proxy.config import Config, sandbox_name_from_host, session_name
 from msb_proxy.errors import UserError
 
 __all__ = ["run"]
@@ -32,6 +33,9 @@ def run(config: Config, args: argparse.Namespace) -> int:
             parse_detach_keys(args.detach_keys)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+    session = None if args.session is None else session_name(args.session, "--session")
+    if session is not None and args.remote_command:
+        raise UserError("--session names a shell: give no COMMAND with it")
     words = args.remote_command
     # One word is a shell command line as it is (``connect NAME 'a | b'``); several are
     # quoted back into one, so that each stays one argument.
@@ -44,7 +48,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
                 # A shell, or -t from a terminal: raw mode, window changes, detach keys
                 return await attach(client.connection(), term=client.term,
                                     detach_keys=args.detach_keys, pty=args.tty,
-                                    command=command or None)
+                                    command=command or None, session=session)
             return await _exec(client, command, tty=bool(args.tty))
 
     return asyncio.run(connect())
