@@ -22,6 +22,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import termios
 import time
 import tracemalloc
 from collections.abc import Coroutine, Iterator
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 
 import pytest
 from conftest import Env, Run, install
+from installations import children, proxy_of, wait_until
 from microsandbox_standin import (
     BOOT_FAILURE_KVM,
     MicrosandboxError,
@@ -2147,6 +2149,59 @@ def test_over_ssh_a_named_shell_survives_kill_9_of_the_client_with_cwd_variables
     second.close()
     assert state == ["/tmp", "kept-42", "1", "30 100"]
     assert second.exitstatus == 5
+
+
+def test_over_ssh_a_named_shell_that_exits_as_its_client_sends_gets_its_exit_status(
+        over_ssh: Env) -> None:
+    """The keeper closes its end of the agent's connection right after the shell's EXIT; a
+    frame the client sent in that moment (a window change) must not make that exit a death by
+    SIGKILL. The connection's agent is held stopped from before the window change until the
+    keeper has closed its end, so that it finds both at once, the window change first."""
+    import pexpect
+
+    shell = named_shell(over_ssh, host="msb-e2e+ending")
+    shell.sendline("echo shell-$$")
+    shell.expect(r"shell-(\d+)\r\n")
+    shell_pid = int(shell.match.group(1))
+    [agent] = [pid for pid in children(proxy_of(shell.pid))
+               if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"python3\0-E\0-S\0")]
+    keeper = int((over_ssh.root.parent / "guest-run" / "sessions.lock").read_text())
+    shell.sendline("sleep 1000; exit 7")
+    assert wait_until(lambda: children(shell_pid) != [], TIMEOUT_S) is not None
+    [sleeper] = children(shell_pid)
+    assert wait_until(lambda: waiting_in_epoll(agent), TIMEOUT_S) is not None
+    keeper_sockets = sockets_of(keeper)
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        shell.setwinsize(31, 101)
+        assert wait_until(lambda: pipe_holds_data(f"/proc/{agent}/fd/0"), TIMEOUT_S) is not None
+        os.kill(sleeper, signal.SIGTERM)  # the shell goes on to exit 7
+        assert wait_until(lambda: sockets_of(keeper) < keeper_sockets, TIMEOUT_S) is not None
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    shell.expect(pexpect.EOF)
+    shell.close()
+    assert shell.exitstatus == 7
+
+
+def waiting_in_epoll(pid: int) -> bool:
+    """Whether ``pid`` sleeps in epoll_wait, its select loop idle."""
+    return Path(f"/proc/{pid}/wchan").read_text() == "do_epoll_wait"
+
+
+def sockets_of(pid: int) -> int:
+    return sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir()
+               if os.readlink(fd).startswith("socket:"))
+
+
+def pipe_holds_data(path: str) -> bool:
+    """Whether the pipe at ``path`` (a /proc/PID/fd link) has bytes nobody has read yet."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        count = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    finally:
+        os.close(fd)
+    return int.from_bytes(count, sys.byteorder) > 0
 
 
 def test_over_ssh_a_second_client_takes_a_named_shell_over_and_the_first_is_told(

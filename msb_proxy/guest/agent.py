@@ -239,7 +239,9 @@ class Agent:
                     if self.on_signal(wakeup):
                         return
                 elif isinstance(key.data, tuple):
-                    self.from_keeper(key.data[1])
+                    # Not if it was let go earlier in this turn (its EXIT came, say).
+                    if self.attached.get(key.data[1]) is key.fileobj:
+                        self.from_keeper(key.data[1])
                 else:
                     self.on_ready(key.data, key.fd, events)
             self.drain_due()
@@ -499,12 +501,11 @@ class Agent:
         self.selector.register(sock, selectors.EVENT_READ, ("keeper", ident))
 
     def to_keeper(self, ident: int, op: int, payload: bytes) -> None:
-        sock = self.attached[ident]
-        try:
-            sock.sendall(frame(KEEPER_IDENT, op, payload))
-        except OSError:
-            self.keeper_lost(ident)
-            return
+        # A failure: the keeper closed its end, most often just after its last frame (the
+        # shell's EXIT, a take-over's DETACHED), which is still ours to read; the end of the
+        # socket after what it sent says whether there was one (see keeper_lost).
+        with contextlib.suppress(OSError):
+            self.attached[ident].sendall(frame(KEEPER_IDENT, op, payload))
         if op == HANGUP:  # detached: the keeper tells this connection nothing more
             self.drop_keeper(ident)
 
@@ -788,7 +789,10 @@ class Keeper:
                             os.read(wake_r, 4096)
                         self.reap()
                     elif isinstance(key.data, Session):
-                        self.on_terminal(key.data, events)
+                        # Not if its shell was reaped earlier in this turn: the master is
+                        # closed then, and its number may be another's already.
+                        if key.data.master == key.fd:
+                            self.on_terminal(key.data, events)
                     elif key.fd in self.clients:
                         self.on_client(self.clients[key.fd])
                 self.expire()
