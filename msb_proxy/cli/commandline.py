@@ -275,11 +275,11 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     from msb_proxy.transport.stdio import SshStdioStream
 
     state = StateDir(config.home)
-    template = config.template(name)
-    host_key = state.host_key(name)
     if target.fork_of is not None:
         name, template, host_key = _fork_target(config, state, target.fork_of,
                                                 target.ephemeral_fork, name)
+    else:
+        template, host_key = config.template(name), state.host_key(name)
     options = SshServerOptions(host_key_path=host_key,
                                authorized_keys_paths=default_authorized_keys(config),
                                template=template, progress=Progress(quiet=config.quiet),

@@ -53,7 +53,7 @@ from msb_proxy.backends.base import (
     PtySpec,
     Sandbox,
 )
-from msb_proxy.config import DEFAULT_MAX_ENV, SESSION_VARIABLE
+from msb_proxy.config import DEFAULT_MAX_ENV, SESSION_VARIABLE, session_name
 from msb_proxy.errors import UserError
 from msb_proxy.server import requests
 from msb_proxy.server.audit import ConnectionAudit
@@ -396,8 +396,6 @@ class GuestSession(asyncssh.SSHServerSession[bytes]):
         name = client if client else self._login.session
         if name is None:
             return None
-        from msb_proxy.config import session_name
-
         session_name(name, SESSION_VARIABLE if client else "the host's +SESSION")
         if self._pty is None:
             raise UserError(f"named session {name!r} needs a terminal: ssh -t")
@@ -653,9 +651,6 @@ def signal_label(signum: int) -> str:
 
 def signal_name(signum: int) -> str:
     """The name sshd reports in ``exit-signal`` for ``signum``."""
-    try:
-        name = signal.Signals(signum).name.removeprefix("SIG")
-    except ValueError:
-        return "SIG@openssh.com"
+    name = signal_label(signum)
     return name if name in RFC_SIGNALS else "SIG@openssh.com"
 
