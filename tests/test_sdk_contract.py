@@ -34,7 +34,7 @@ from typing import Any
 import microsandbox
 import pytest
 from microsandbox import errors as sdk_errors
-from microsandbox_standin import StandInSDK
+from microsandbox_standin import BOOT_FAILURE_KVM, StandInSDK
 
 from msb_proxy.backends.base import SandboxState
 
@@ -283,8 +283,9 @@ async def failed_boot(m: Any, scratch: Path) -> Observations:
         "id": bool(re.fullmatch(r"local:\d+", handle.id)),
         "milliseconds": handle.created_at > 1e12 and handle.updated_at >= handle.created_at,
         "output log": len(await handle.logs()),
-        "an ERROR line in the system log": any(
-            entry.text().startswith("ERROR ") for entry in system),
+        "the system log's ERROR lines": [
+            " ".join(entry.text().split()) for entry in system
+            if entry.text().startswith("ERROR ")],
         "stop": repr(await handle.stop()),
         "resume": await _outcome(handle.resume()),
         "connect": await _outcome(handle.connect()),
@@ -362,7 +363,7 @@ FAILED_BOOT: Observations = {
     "create": ["MicrosandboxError", 'failed to start "second": sandbox process exited (exit '
                                     "status: 1) before agent relay became available"],
     "status": "stopped", "id": True, "milliseconds": True, "output log": 0,
-    "an ERROR line in the system log": True, "stop": "()",
+    "the system log's ERROR lines": [BOOT_FAILURE_KVM[0]], "stop": "()",
     "resume": ["SandboxNotRunningError", 'sandbox sandbox "second" has no live runtime'],
     "connect": ["SandboxNotRunningError", "sandbox 'second' is not running (status: Stopped)"],
     "newest first": ["second", "first"],
@@ -446,6 +447,7 @@ def test_the_standin_answers_as_the_real_sdk_does(
 
 # Scenarios that need a sandbox whose VM died booting: only where microVMs cannot boot (our
 # machines: nested KVM); elsewhere skipped. The stand-in is made to fail its boots for them.
+ERROR_LINES = "the system log's ERROR lines"
 AFTER_A_FAILED_BOOT: dict[str, Observations] = {
     "failed boot": FAILED_BOOT,  # what a failed boot leaves behind
     "fork refused": FORK_REFUSED,  # what fork refuses of the sandbox it left
@@ -458,7 +460,13 @@ def test_after_a_failed_boot_the_real_sdk_answers_as_the_standin_assumes(
     observed = on_the_real_sdk(name, tmp_path, {}, timeout=300)
     if observed == {"booted": True}:
         pytest.skip("microVMs boot on this host: there is no boot failure to observe")
-    assert observed == AFTER_A_FAILED_BOOT[name]
+    expected = AFTER_A_FAILED_BOOT[name]
+    if observed.get(ERROR_LINES) == []:
+        # Observed (0.7.x, 1 failed boot in 4 on a loaded 2-core machine): the runtime's last
+        # lines, the VMM's ERROR among them, are lost as the sandbox process exits; the
+        # backend then reports what the SDK said (test_a_boot_failure_without_a_reason_...).
+        expected = {**expected, ERROR_LINES: []}
+    assert observed == expected
 
 
 @pytest.mark.parametrize("name", list(AFTER_A_FAILED_BOOT))
