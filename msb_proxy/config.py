@@ -63,6 +63,7 @@ __all__ = [
     "NETWORKS",
     "NETWORK_OPTION",
     "SESSION_VARIABLE",
+    "THROWAWAY_INFIX",
     "VOLUMES_OPTION",
     "BackendCatalogue",
     "Config",
@@ -79,6 +80,7 @@ __all__ = [
     "parse_string",
     "sandbox_name_from_host",
     "session_name",
+    "throwaway_parent",
     "unknown_backend",
     "user_home",
 ]
@@ -99,6 +101,8 @@ MIN_CHANNELS = 256
 DEFAULT_AUDIT_MAX_MIB = 16  # one audit log's size before it is rotated
 DEFAULT_AUDIT_KEEP = 4  # rotated audit logs kept beside the live one
 FORK_SUFFIX = ".fork"  # ssh msb-api.fork: a throwaway fork; msb-api.fork-NAME: a kept one
+THROWAWAY_INFIX = ".fork."  # the throwaway fork's own name: api.fork.<8 hex>
+_THROWAWAY_NAME = re.compile(r"(.+)\.fork\.[0-9a-f]{8}", re.DOTALL)
 SESSION_SEPARATOR = "+"  # ssh msb-api+work: the named session "work"
 SESSION_VARIABLE = "MSB_SESSION"  # ssh -o SetEnv=MSB_SESSION=work: the same, named by the client
 _SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -626,3 +630,10 @@ def parse_host(host: str, prefix: str | None) -> HostTarget:
         parent = sandbox_name_from_host(stem, None)
         return HostTarget(sandbox=name, fork_of=parent, session=session)
     return HostTarget(sandbox=name, session=session)
+
+
+def throwaway_parent(name: str) -> str | None:
+    """The parent of ``name`` when it is a throwaway fork's own name (``api.fork.1a2b3c4d``,
+    what ``ssh msb-api.fork`` made), else None."""
+    match = _THROWAWAY_NAME.fullmatch(name)
+    return match.group(1) if match else None

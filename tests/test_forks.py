@@ -95,6 +95,12 @@ def _no_throwaway_forks(env: Env) -> bool:
     return not [path for path in root.iterdir() if path.name.startswith("api.fork.")]
 
 
+def _traces(env: Env, name: str) -> list[str]:
+    """Whatever of sandbox ``name`` is left in the installation: its directory, lock files,
+    markers (a removed throwaway fork leaves none)."""
+    return sorted(str(path.relative_to(env.home)) for path in env.home.rglob(f"{name}*"))
+
+
 def _strict(env: Env) -> list[str]:
     return ["-o", "StrictHostKeyChecking=yes", "-o",
             f"UserKnownHostsFile={env.home / 'known_hosts'}",
@@ -178,7 +184,7 @@ def test_throwaway_fork_is_removed_once_its_last_connection_ends(private: Env) -
     assert (second.returncode, out, err) == (0, b"done\n", b"")
     assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
     assert _sandboxes(private) == ["api"]
-    assert not list((private.home / "locks").glob("*.ephemeral"))
+    assert _traces(private, name) == []
 
 
 def test_throwaway_fork_is_removed_after_its_client_is_killed(private: Env) -> None:
@@ -193,6 +199,7 @@ def test_throwaway_fork_is_removed_after_its_client_is_killed(private: Env) -> N
     assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
     assert gone(fork_init), "the fork's jail (and its sleep) outlived the fork"
     assert _sandboxes(private) == ["api"]
+    assert _traces(private, name) == []
 
 
 def test_fork_whose_msb_proxy_was_killed_is_swept_by_ls(private: Env) -> None:
@@ -238,6 +245,8 @@ def test_kept_fork_survives_its_connections_carries_scp_and_goes_with_rm(private
     removed = private.msb_proxy("rm", "api.fork-keep")
     assert (removed.returncode, removed.out, removed.err) == (0, "", "")
     assert _sandboxes(private) == ["api"]
+    # Its host key stays, as every removed sandbox's does: made again, it is the same host.
+    assert _traces(private, "api.fork-keep") == ["host_keys/api.fork-keep"]
     fresh = _ssh(private, "msb-api.fork-keep", "test -e /root/kept || echo forked-anew")
     assert (fresh.returncode, fresh.out) == (0, "forked-anew\n")
 

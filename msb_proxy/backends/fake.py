@@ -50,7 +50,7 @@ from msb_proxy.backends.base import (
     SandboxState,
 )
 from msb_proxy.backends.local import terminal
-from msb_proxy.backends.locking import sandbox_lock
+from msb_proxy.backends.locking import retire_lock, sandbox_lock
 from msb_proxy.backends.processes import PipedProcess, enlarge_pipe
 from msb_proxy.config import Config, SandboxTemplate
 from msb_proxy.errors import SandboxError, SandboxNotFoundError
@@ -191,6 +191,7 @@ class FakeBackend(Backend):
             await self.stop(name)
         async with self._lock(name):
             shutil.rmtree(directory, ignore_errors=True)
+            retire_lock(self.state.lock_file(name))
         return True
 
 

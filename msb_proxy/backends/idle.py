@@ -42,10 +42,11 @@ from pathlib import Path
 from types import TracebackType
 
 from msb_proxy.backends.base import Backend, Sandbox
+from msb_proxy.backends.locking import is_current
 from msb_proxy.config import SandboxTemplate
 from msb_proxy.state import StateDir, faults_of, slug
 
-__all__ = ["ConnectionTracker", "sweep"]
+__all__ = ["ConnectionTracker", "forget", "sweep"]
 
 _MARK = ".ephemeral"
 SESSION_POLL_S = 10.0  # how often a watcher held off by named sessions looks again
@@ -102,6 +103,29 @@ def sweep(state: StateDir, environ: Mapping[str, str]) -> list[str]:
     return found
 
 
+def forget(state: StateDir, name: str) -> None:
+    """Delete what this module keeps of sandbox ``name``, removed by ``msb-proxy rm``: unless
+    a connection to it is still open (it ends on its own) or a watcher counts for it."""
+    active, last, ours, watch_lock = _paths(state, name)
+    held = []
+    try:
+        for path in (active, watch_lock):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            held.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for path in (_marker(state, name), ours, last, active, watch_lock):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    except (BlockingIOError, OSError):
+        pass
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 class ConnectionTracker:
     """Marks one connection to sandbox ``name`` as open, for as long as the ``with`` lasts."""
 
@@ -120,8 +144,12 @@ class ConnectionTracker:
 
     def __enter__(self) -> ConnectionTracker:
         with faults_of(self._active, "lock"):
-            self._fd = os.open(self._active, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_SH)
+            while True:
+                self._fd = os.open(self._active, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_SH)
+                if is_current(self._active, self._fd):
+                    break
+                os.close(self._fd)  # deleted with its sandbox while we waited: lock anew
         if self._throwaway:  # marked before the fork is made: a half-made one goes too
             self._write_marker(0.0)
         sweep(self._state, self._environ)
@@ -183,7 +211,7 @@ def watch(name: str, backend_name: str) -> None:
 
     config = load_config(os.environ, registry, backend=backend_name)
     state = StateDir(config.home)
-    active, last, ours, watch_lock = _paths(state, name)
+    active, last, _, watch_lock = _paths(state, name)
     mark_path = _marker(state, name)
     mark = _read_marker(mark_path)
     if mark is not None:
@@ -199,6 +227,8 @@ def watch(name: str, backend_name: str) -> None:
         fcntl.flock(watcher, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return  # a watcher is already counting; it re-reads .last as it goes
+    if not is_current(watch_lock, watcher):
+        return  # the sandbox was removed meanwhile, its lock files with it
     backend = registry.open_backend(config, backend_name)
     while True:
         idle_since = _idle_since(last, mark_path if mark is not None else None)
@@ -214,10 +244,12 @@ def watch(name: str, backend_name: str) -> None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return  # a connection is open; the one that ends last starts a new watcher
+            if not is_current(active, fd):
+                return  # removed by another watcher, its lock files with it
             if _idle_since(last, mark_path if mark is not None else None) != idle_since:
                 continue  # a connection ended meanwhile: count again from then
             if not _has_named_sessions(backend, name):
-                _end(backend, name, mark_path if mark is not None else None, ours, last)
+                _end(backend, state, name, mark_path if mark is not None else None)
                 return
         finally:
             os.close(fd)
@@ -228,15 +260,18 @@ def watch(name: str, backend_name: str) -> None:
         time.sleep(min(max(wait, 2.0), SESSION_POLL_S))
 
 
-def _end(backend: Backend, name: str, mark_path: Path | None, ours: Path, last: Path) -> None:
+def _end(backend: Backend, state: StateDir, name: str, mark_path: Path | None) -> None:
     """What the watcher is for, under the exclusive lock (no connection can begin meanwhile):
-    remove a marked sandbox, else stop the run a connection of ours started."""
+    remove a marked sandbox and every file of it here (a connection or watcher waiting on one
+    of the locks finds it deleted and locks anew), else stop the run a connection of ours
+    started."""
     import asyncio
 
+    active, last, ours, watch_lock = _paths(state, name)
     if mark_path is not None:
         if mark_path.exists():
             asyncio.run(backend.remove(name))
-        for path in (mark_path, ours, last):
+        for path in (mark_path, ours, last, active, watch_lock):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         return

@@ -3,6 +3,10 @@
 An exclusive ``flock`` on ``MSB_PROXY_HOME/locks/<name>.lock``, held only for those steps and
 never across a connection: sixteen connections arriving at once for a missing sandbox create
 it once, and the other fifteen find it there.
+
+``msb-proxy rm`` deletes the file with the sandbox (:func:`retire_lock`, while holding it), so
+that throwaway forks leave nothing behind: a process that was waiting on the deleted file finds,
+once it has the lock, that the path no longer names what it locked, and locks the path anew.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 from msb_proxy.errors import SandboxError
 from msb_proxy.state import faults_of
 
-__all__ = ["sandbox_lock"]
+__all__ = ["is_current", "retire_lock", "sandbox_lock"]
 
 POLL_S = 0.01
 NOTICE_S = 0.5
@@ -32,14 +36,17 @@ async def sandbox_lock(path: Path, name: str, wait_s: float, hint: str,
     ``on_wait`` is called once when another process has held it for ``NOTICE_S``; after
     ``wait_s`` something is stuck, and the error says so, ending with ``hint`` (where to look).
     """
-    with faults_of(path, "lock"):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _open(path)
     began = time.monotonic()
     try:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if is_current(path, fd):
+                    break
+                os.close(fd)  # retired while we waited: the lock is the new file's
+                fd = -1
+                fd = _open(path)
             except BlockingIOError:
                 waited = time.monotonic() - began
                 if waited > wait_s:
@@ -53,4 +60,28 @@ async def sandbox_lock(path: Path, name: str, wait_s: float, hint: str,
                 await asyncio.sleep(POLL_S)
         yield
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
+
+
+def retire_lock(path: Path) -> None:
+    """Delete lock file ``path``; called by its holder when the sandbox is gone. One that
+    cannot be deleted is left: it does no harm."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _open(path: Path) -> int:
+    with faults_of(path, "lock"):
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def is_current(path: Path, fd: int) -> bool:
+    """Whether ``path`` is still the file open as ``fd`` (a lock file deleted and made anew
+    while ``fd`` waited on it is not)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)

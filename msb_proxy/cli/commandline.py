@@ -255,7 +255,7 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     import asyncio
     import signal
 
-    from msb_proxy.config import parse_host
+    from msb_proxy.config import parse_host, throwaway_parent
 
     target = parse_host(host, prefix)
     name = target.sandbox
@@ -275,9 +275,12 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     from msb_proxy.transport.stdio import SshStdioStream
 
     state = StateDir(config.home)
-    if target.fork_of is not None:
-        name, template, host_key = _fork_target(config, state, target.fork_of,
-                                                target.ephemeral_fork, name)
+    parent = target.fork_of or throwaway_parent(name)
+    if parent is not None:
+        # A throwaway fork reached by its own name (msb-api.fork.1a2b3c4d) is still one.
+        throwaway = target.ephemeral_fork or target.fork_of is None
+        name, template, host_key = _fork_target(config, state, parent, throwaway, name,
+                                                fresh=target.ephemeral_fork)
     else:
         template, host_key = config.template(name), state.host_key(name)
     options = SshServerOptions(host_key_path=host_key,
@@ -318,30 +321,33 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
 
 
 def _fork_target(config: Config, state: StateDir, parent: str, throwaway: bool,
-                 kept: str) -> tuple[str, SandboxTemplate, Path]:
+                 name: str, *, fresh: bool) -> tuple[str, SandboxTemplate, Path]:
     """The sandbox, template and host key file of a connection to a fork of ``parent``.
 
-    A throwaway fork (``NAME.fork``) is a sandbox of this connection's own, ``NAME.fork.<8
-    hex>``, removed after its last connection and never idle-stopped; it presents the
-    parent's host key from the parent's own file. A kept fork (``NAME.fork-KEPT``) is
+    A throwaway fork (``NAME.fork``) is a sandbox of this connection's own (``fresh``),
+    ``NAME.fork.<8 hex>``, removed after its last connection and never idle-stopped; it
+    presents the parent's host key from the parent's own file, reached by that name
+    too. A kept fork (``NAME.fork-KEPT``, ``name``) is
     sandbox ``kept``, which is given a copy of the parent's key the first time, so that it
     keeps presenting it, and is never ephemeral. Both take the parent's template; the
     backend's ``open`` makes the fork when the sandbox is missing.
     """
     from dataclasses import replace
 
+    from msb_proxy.config import THROWAWAY_INFIX
     from msb_proxy.state import write_private
 
     parent_key = state.host_key(parent)
     if throwaway:
-        name = f"{parent}.fork.{os.urandom(4).hex()}"
+        if fresh:
+            name = f"{parent}{THROWAWAY_INFIX}{os.urandom(4).hex()}"
         return name, replace(config.template(parent), fork_of=parent, ephemeral=True,
                              stop_after_idle=0.0), parent_key
-    own_key = state.host_key(kept)
+    own_key = state.host_key(name)
     if not own_key.exists():
         with contextlib.suppress(FileNotFoundError):
             write_private(own_key, parent_key.read_bytes())
-    return kept, replace(config.template(parent), fork_of=parent, ephemeral=False), own_key
+    return name, replace(config.template(parent), fork_of=parent, ephemeral=False), own_key
 
 
 def _more_open_files() -> None:
@@ -371,6 +377,10 @@ def _lifecycle(config: Config, command: str, name: str) -> int:
         return 0
     if not asyncio.run(backend.remove(name)):
         raise ConfigError(f"there is no sandbox {name!r}")
+    from msb_proxy.backends.idle import forget
+    from msb_proxy.state import StateDir
+
+    forget(StateDir(config.home), name)
     return 0
 
 

@@ -55,8 +55,8 @@ from msb_proxy.backends.local.control import (
     process_request,
     request,
 )
-from msb_proxy.backends.local.forks import copy_sandbox, thaw_abandoned
-from msb_proxy.backends.locking import sandbox_lock
+from msb_proxy.backends.local.forks import copy_sandbox, forget, thaw_abandoned
+from msb_proxy.backends.locking import retire_lock, sandbox_lock
 from msb_proxy.config import (
     IMAGE_OPTION,
     NETWORK_OPTION,
@@ -362,6 +362,8 @@ class LocalBackend(Backend):
                 if mount_point.is_mount():
                     raise SandboxError(f"{mount_point} is still mounted; not deleting {name!r}")
             shutil.rmtree(directory)
+            forget(self.state, name)
+            retire_lock(self.state.lock_file(name))
         return True
 
 

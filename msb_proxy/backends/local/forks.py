@@ -51,7 +51,7 @@ from msb_proxy.errors import SandboxError
 from msb_proxy.progress import Progress
 from msb_proxy.state import StateDir, faults_of, slug
 
-__all__ = ["copy_sandbox", "thaw_abandoned"]
+__all__ = ["copy_sandbox", "forget", "thaw_abandoned"]
 
 PROGRESS_FROM = 64 << 20  # bytes of layer from which the copy reports how far it is
 FREEZE_TIMEOUT_S = 10.0
@@ -235,6 +235,29 @@ def _unusable(freezer: Freezer | None) -> str | None:
     if not (freezer.directory / freezer.control).exists():
         return f"the cgroup {freezer.directory} has no {freezer.control}"
     return None
+
+
+def forget(state: StateDir, name: str) -> None:
+    """What forks of sandbox ``name`` left for it, deleted with it: its (empty) cgroup and its
+    freeze lock, unless a watchdog still holds that. The caller holds the sandbox's lock, which
+    every fork takes before the freeze lock, and the sandbox is stopped."""
+    freezer = freezer_of(name)
+    if freezer is not None:
+        with contextlib.suppress(OSError):
+            freezer.directory.rmdir()
+    path = state.home / "locks" / f"{slug(name)}.freeze"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(OSError):
+            path.unlink()
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _open_lock(state: StateDir, parent: str) -> int:

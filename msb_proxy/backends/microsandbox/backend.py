@@ -148,7 +148,7 @@ from msb_proxy.backends.base import (
     SessionInfo,
     SessionListener,
 )
-from msb_proxy.backends.locking import sandbox_lock
+from msb_proxy.backends.locking import retire_lock, sandbox_lock
 from msb_proxy.backends.microsandbox import cloud
 from msb_proxy.backends.microsandbox.guest_agent import (
     AgentUnavailable,
@@ -695,6 +695,7 @@ class MicrosandboxBackend(Backend):
                 return False
             except sdk.MicrosandboxError as exc:
                 raise self._error(exc, name) from None
+            retire_lock(self.state.lock_file(name))
         return True
 
     def _error(self, exc: BaseException, name: str | None,
