@@ -9,6 +9,7 @@ process, directly or as the real ``ssh`` client's ProxyCommand.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -22,6 +23,7 @@ from msb_proxy import __version__
 
 BANNER = f"SSH-2.0-OpenSSH_compatible msb_proxy_{__version__}\r\n".encode()
 EXIT_USAGE = 2
+NOT_LOGGED_IN = 255  # sshd -i's status for a connection that ended before a login
 
 
 # ---- helpers
@@ -52,8 +54,10 @@ def _one_error_line(run: Run) -> str:
 
 
 def _proxy(env: Env, *args: str, stdin: int | None = None,
-           environ: dict[str, str] | None = None, timeout: float = 60) -> Run:
-    """Run ``msb-proxy ARGS`` with ``env``'s state; the client side closes at once by default.
+           environ: dict[str, str] | None = None, timeout: float = 60,
+           input: bytes = b"") -> Run:
+    """Run ``msb-proxy ARGS`` with ``env``'s state; the client side sends ``input`` and closes
+    at once by default.
 
     A run past ``timeout`` is killed and reported with what it wrote and status -9, so that a
     hang fails the test's assertion with the output in view.
@@ -64,7 +68,7 @@ def _proxy(env: Env, *args: str, stdin: int | None = None,
         env=environ if environ is not None else env.proxy_env(),
     )
     try:
-        stdout, stderr = process.communicate(None if stdin is not None else b"", timeout)
+        stdout, stderr = process.communicate(None if stdin is not None else input, timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         stdout, stderr = process.communicate()
@@ -166,7 +170,7 @@ NAMES_OF_128_BYTES = {"ascii": "a" * 128, "two-byte-characters": "\u00e9" * 64}
 def test_host_of_exactly_128_bytes_is_accepted(private: Env, name: str) -> None:
     host = private.host(name)
     run = _proxy(private, "stdio", "--quiet", "--host-prefix", "msb-", host)
-    assert (run.returncode, run.stdout, run.err) == (0, BANNER, "")
+    assert (run.returncode, run.stdout, run.err) == (NOT_LOGGED_IN, BANNER, "")
 
 
 def test_128_byte_sandbox_name_works_through_ssh(private: Env) -> None:
@@ -182,13 +186,27 @@ def test_stdout_is_only_the_banner_when_the_client_sends_nothing(private: Env) -
     with open(os.devnull, "rb") as devnull:
         run = _proxy(private, "stdio", "--quiet", "--host-prefix", "msb-", "msb-banner",
                      stdin=devnull.fileno(), timeout=20)
-    assert (run.returncode, run.stdout, run.err) == (0, BANNER, "")
+    assert (run.returncode, run.stdout, run.err) == (NOT_LOGGED_IN, BANNER, "")
 
 
 def test_stdout_is_only_the_banner_when_the_client_closes_its_pipe(private: Env) -> None:
     private.host("banner")
     run = _proxy(private, "stdio", "--quiet", "--host-prefix", "msb-", "msb-banner", timeout=20)
-    assert (run.returncode, run.stdout, run.err) == (0, BANNER, "")
+    assert (run.returncode, run.stdout, run.err) == (NOT_LOGGED_IN, BANNER, "")
+
+
+NOT_SSH = {"a line that is no version": b"GET / HTTP/1.1\r\n\r\n",
+           "SSH 1": b"SSH-1.5-OpenSSH_1\r\n",
+           "an empty packet": b"SSH-2.0-x\r\n" + bytes(64)}
+
+
+@pytest.mark.parametrize("sent", NOT_SSH.values(), ids=NOT_SSH.keys())
+def test_a_client_that_is_not_ssh_gets_one_line_and_exit_255(private: Env, sent: bytes) -> None:
+    host = private.host("notssh")
+    run = _proxy(private, "stdio", "--quiet", "--host-prefix", "msb-", host, input=sent)
+    assert run.returncode == NOT_LOGGED_IN
+    assert run.stdout.startswith(BANNER)  # and, past a version line, our KEXINIT
+    assert re.fullmatch(r"msb-proxy: protocol error from the client: [^\n]+\n", run.err), run.err
 
 
 def _holders(directory: Path) -> list[int]:
@@ -211,7 +229,7 @@ def test_client_leaving_while_its_sandbox_starts_leaves_no_jail_behind(private: 
     with open(os.devnull, "rb") as devnull:
         run = _proxy(private, "stdio", "--quiet", "--host-prefix", "msb-", "msb-leaver",
                      stdin=devnull.fileno(), timeout=20)
-    assert (run.returncode, run.stdout) == (0, BANNER)
+    assert (run.returncode, run.stdout) == (NOT_LOGGED_IN, BANNER)
     directory = private.home / "sandboxes" / "leaver"
     removed = private.msb_proxy("rm", "leaver")
     # Either it got as far as existing (and is removed now) or it never did.

@@ -34,6 +34,7 @@ COMMAND_MODULES = {"config": "ssh_config", "authorize": "authorize", "doctor": "
                    "sessions": "sessions"}
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+EXIT_NOT_LOGGED_IN = 255  # sshd -i: the connection ended before the client logged in
 
 
 class _Parser(argparse.ArgumentParser):
@@ -269,7 +270,7 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
     from msb_proxy.backends.registry import open_backend
     from msb_proxy.client.namespace import data_path, default_authorized_keys
     from msb_proxy.progress import Progress
-    from msb_proxy.server.endpoint import SshServer, SshServerOptions
+    from msb_proxy.server.endpoint import ConnectionOutcome, SshServer, SshServerOptions
     from msb_proxy.server.known_hosts import pin
     from msb_proxy.state import StateDir
     from msb_proxy.transport.stdio import SshStdioStream
@@ -311,13 +312,18 @@ def _stdio(config: Config, host: str, prefix: str) -> int:
         # Pinned before the client can see the key: StrictHostKeyChecking yes never prompts.
         public = server.host_key.export_public_key("openssh").decode().split()
         pin(state.known_hosts, host, " ".join(public[:2]))
-        sandbox = await server.serve(SshStdioStream(), on_error=report, hangup=hangup)
+        sandbox = await server.serve(SshStdioStream(), on_error=report, hangup=hangup,
+                                     outcome=outcome)
         if sandbox is not None:
             tracker.sandbox_opened(sandbox)
 
+    outcome = ConnectionOutcome()
     with ConnectionTracker(state, name, template, os.environ) as tracker:
         asyncio.run(serve(tracker))
-    return 0
+    if outcome.protocol_error is not None:
+        _print_error(f"protocol error from the client: {outcome.protocol_error}")
+    # As sshd -i: 255 for a connection that ended before the client logged in.
+    return 0 if outcome.logged_in else EXIT_NOT_LOGGED_IN
 
 
 def _fork_target(config: Config, state: StateDir, parent: str, throwaway: bool,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from msb_proxy.transport.memory import as_duplex_stream
 from msb_proxy.transport.stdio import DuplexStream
 from msb_proxy.version import __version__
 
-__all__ = ["SshServer", "SshServerOptions"]
+__all__ = ["ConnectionOutcome", "SshServer", "SshServerOptions"]
 
 # OpenSSH's client applies its OpenSSH-only protocol (eow@openssh.com among it, which ends
 # `ssh host yes | head -1` as with sshd) only to a server whose version starts "OpenSSH"
@@ -49,6 +50,22 @@ KEEPALIVE_COUNT_MAX = 3  # unanswered keepalives before the client counts as gon
 AES_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr",
                "aes256-ctr"]
 CHACHA = "chacha20-poly1305@openssh.com"
+
+
+# What the client sent that is not SSH as it must be: worth a line, unlike a client that hangs
+# up or settles on no algorithm (ssh says so itself).
+_BAD_PROTOCOL = (asyncssh.ProtocolError, asyncssh.ProtocolNotSupported, asyncssh.MACError,
+                 asyncssh.CompressionError)
+
+
+@dataclass
+class ConnectionOutcome:
+    """How one served connection went (``serve(..., outcome=...)`` fills it in): whether the
+    client logged in, and what was wrong with what it sent when a protocol error ended it
+    before that (None otherwise)."""
+
+    logged_in: bool = False
+    protocol_error: str | None = None
 
 
 class SshServer:
@@ -89,7 +106,8 @@ class SshServer:
     async def serve(self, stream: DuplexStream | socket.socket
                     | tuple[asyncio.StreamReader, asyncio.StreamWriter],
                     on_error: Callable[[UserError], None] | None = None,
-                    hangup: asyncio.Event | None = None) -> Sandbox | None:
+                    hangup: asyncio.Event | None = None,
+                    outcome: ConnectionOutcome | None = None) -> Sandbox | None:
         """Serve one SSH connection over ``stream`` until either side closes it, or ``hangup``
         is set (the client is known to be gone). ``stream`` is a
         :class:`~msb_proxy.transport.stdio.DuplexStream` (``SshStdioStream()``), a connected
@@ -100,7 +118,8 @@ class SshServer:
         ``on_error`` is called as soon as a failure the user should see happens (the sandbox
         cannot be opened, the login user does not exist), while the client is still connected;
         the same error is then raised once the connection is over. A client that simply
-        disconnects or fails to authenticate is a normal end.
+        disconnects or fails to authenticate is a normal end; ``outcome``, when given, says
+        whether it logged in (``msb-proxy stdio`` exits 255 when not, as ``sshd -i`` does).
         """
         loop = asyncio.get_running_loop()
         options = self.options
@@ -139,12 +158,16 @@ class SshServer:
                 keepalive_count_max=KEEPALIVE_COUNT_MAX,
                 encryption_algs=_preferred_ciphers(),
             )
-        except (asyncssh.Error, OSError):
+        except (asyncssh.Error, OSError) as exc:
             conn = None
+            if outcome is not None and isinstance(exc, _BAD_PROTOCOL):
+                outcome.protocol_error = getattr(exc, "reason", "") or str(exc)
         except ValueError as exc:
             if not _malformed_packet(exc):
                 raise
             conn = None  # the client's bytes, not our fault: an end like any protocol error
+            if outcome is not None:
+                outcome.protocol_error = f"a malformed packet ({type(exc).__name__})"
         finally:
             progress.close()
         if conn is not None:
@@ -159,6 +182,8 @@ class SshServer:
                 await conn.wait_closed()
             for task in waits:
                 task.cancel()
+        if outcome is not None:
+            outcome.logged_in = gate.logged_in
         sandbox = await gate.release()
         audit.disconnected()
         if gate.failure is not None:

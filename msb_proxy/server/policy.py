@@ -63,6 +63,7 @@ class ConnectionPolicy(asyncssh.SSHServer):
         self._audit = audit or ConnectionAudit()
         self._recordings = recordings
         self._login_name = ""
+        self.logged_in = False  # the client authenticated
         self._key: asyncssh.SSHKey | None = None
         self._authorized = authorized
         self._on_error = on_error
@@ -138,6 +139,7 @@ class ConnectionPolicy(asyncssh.SSHServer):
             self.sandbox_task.cancel()
 
     def auth_completed(self) -> None:
+        self.logged_in = True
         self._stop_grace_timer()
         if self._login is not None:
             key = self._key
