@@ -11,6 +11,7 @@ inspected directly (its sandbox directories, cgroups), so these tests run on it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -101,6 +102,13 @@ def _traces(env: Env, name: str) -> list[str]:
     return sorted(str(path.relative_to(env.home)) for path in env.home.rglob(f"{name}*"))
 
 
+def _group(env: Env) -> str:
+    """The name of the cgroup that freezes ``api`` of ``env``'s installation: the sandbox and
+    the installation's home, so that two installations' ``api`` never share one."""
+    home = hashlib.sha256(os.path.realpath(env.home).encode()).hexdigest()[:8]
+    return f"api@{home}"
+
+
 def _strict(env: Env) -> list[str]:
     return ["-o", "StrictHostKeyChecking=yes", "-o",
             f"UserKnownHostsFile={env.home / 'known_hosts'}",
@@ -159,7 +167,7 @@ def test_parents_processes_run_on_through_a_fork_and_are_not_left_frozen(private
     assert (alive.returncode, alive.out) == (0, "State:\tS (sleeping)\n")
     assert init_pid(private, "api") == pid
     # Thawed and put back where they were: no cgroup of msb-proxy's holds them any more.
-    assert not any((group / "api").exists() for group in FREEZER_GROUPS)
+    assert not any((group / _group(private)).exists() for group in FREEZER_GROUPS)
 
 
 # ---- throwaway forks go with their last connection
@@ -430,15 +438,15 @@ def test_large_layer_shows_progress_and_arrives_whole(private: Env) -> None:
                         lines[-1]), lines
 
 
-def _freezer_events() -> Path | None:
+def _freezer_events(env: Env) -> Path | None:
     for group in FREEZER_GROUPS[:2]:
-        if (group / "api" / "cgroup.events").exists():
-            return group / "api" / "cgroup.events"
+        if (group / _group(env) / "cgroup.events").exists():
+            return group / _group(env) / "cgroup.events"
     return None
 
 
-def _frozen() -> bool:
-    events = _freezer_events()
+def _frozen(env: Env) -> bool:
+    events = _freezer_events(env)
     try:
         return events is not None and "frozen 1" in events.read_text().splitlines()
     except OSError:
@@ -452,12 +460,13 @@ def test_msb_proxy_killed_mid_copy_leaves_the_parent_running_and_no_fork(private
     assert ticking.returncode == 0, ticking.err
     client = _popen(private, "msb-api.fork", "echo up", config=private.cold_config)
     proxy = proxy_of(client.pid)
-    assert wait_until(_frozen, 60, step=0.005) is not None, "the parent was never frozen"
+    assert wait_until(lambda: _frozen(private), 60, step=0.005) is not None, (
+        "the parent was never frozen")
     os.kill(proxy, signal.SIGKILL)
     client.wait(30)
 
     # Thawed by the watchdog, not by anything that talks to the parent.
-    assert wait_until(lambda: not _frozen(), 30) is not None, "the parent was left frozen"
+    assert wait_until(lambda: not _frozen(private), 30) is not None, "the parent was left frozen"
     count = _ssh(private, "msb-api", "wc -l < /root/ticks")
     assert count.returncode == 0, count.err
     again = _ssh(private, "msb-api", "wc -l < /root/ticks")
@@ -471,7 +480,7 @@ def test_msb_proxy_killed_mid_copy_leaves_the_parent_running_and_no_fork(private
     # The next fork takes the processes the killed one left in its cgroup back out of it.
     next_fork = _ssh(private, "msb-api.fork", "cat /root/from-parent")
     assert (next_fork.returncode, next_fork.out) == (0, "parent\n")
-    assert not any((group / "api").exists() for group in FREEZER_GROUPS)
+    assert not any((group / _group(private)).exists() for group in FREEZER_GROUPS)
 
 
 def test_stopped_parent_is_forked_as_it_is_and_stays_stopped(private: Env) -> None:
@@ -530,7 +539,8 @@ def test_without_a_usable_freezer_the_fork_says_so_and_copies_the_running_parent
     assert len(lines) == 3, lines
     assert re.fullmatch(r"msb-proxy: forking sandbox 'api' as 'api\.fork\.[0-9a-f]{8}' \.\.\.",
                         lines[0]), lines
-    assert re.fullmatch(r"msb-proxy: the cgroup /sys/fs/cgroup/\S+/msb-proxy/api has no "
+    assert re.fullmatch(r"msb-proxy: the cgroup /sys/fs/cgroup/\S+/msb-proxy/"
+                        + re.escape(_group(private)) + " has no "
                         r"(cgroup\.freeze|freezer\.state): copying sandbox 'api' while it runs",
                         lines[1]), lines
     assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
@@ -552,7 +562,7 @@ def test_cgroup_v1_freezer_holds_the_parent_where_cgroup_v2_is_hidden(private: E
                                script, "sh", str(config)],
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
-    state = v1 / "msb-proxy" / "api" / "freezer.state"
+    state = v1 / "msb-proxy" / _group(private) / "freezer.state"
 
     def frozen() -> bool:
         try:
@@ -565,6 +575,6 @@ def test_cgroup_v1_freezer_holds_the_parent_where_cgroup_v2_is_hidden(private: E
     out, err = client.communicate(timeout=120)
     assert (client.returncode, out) == (0, b"parent\n")
     assert b"while it runs" not in err, err
-    assert not (v1 / "msb-proxy" / "api").exists()
+    assert not (v1 / "msb-proxy" / _group(private)).exists()
     alive = _ssh(private, "msb-api", "echo alive")
     assert (alive.returncode, alive.out) == (0, "alive\n")

@@ -2,18 +2,18 @@
 the parent's, taken while every process of the parent is frozen.
 
 Consistency: the processes of a running parent (its whole PID namespace, found through its
-init's ``/proc/PID/ns/pid``) are put in a cgroup of their own, ``msb-proxy/<slug>``, on the
-cgroup v2 hierarchy (``cgroup.freeze``) or else on the v1 freezer (``freezer.state``), and the
-layer is copied only once the kernel reports them all frozen. So the copy is the layer as it
-was at one instant: a write a process had under way finishes before that process freezes, and
-the copy reads the very page cache the parent wrote to (no ``sync`` is needed to see it). After
-the copy the processes are thawed and moved back to the cgroups they came from; they see no
-signal and no stop, only a pause as long as the copy (1 GiB on ext4, which has no reflinks:
-0.6 to 2.8 s here). The parent's own lock is held too, so it is not started, stopped or
-removed under the copy. A stopped parent is copied as it is. Where this host has no
-freezer msb-proxy may use (no cgroup file system, or one it cannot write), the layer is copied
-while the parent runs, and a progress line says so: a file the parent writes meanwhile may be
-half-copied in the fork.
+init's ``/proc/PID/ns/pid``) are put in a cgroup of their own, ``msb-proxy/<slug>@<hash of the
+home>``, on the cgroup v2 hierarchy (``cgroup.freeze``) or else on the v1 freezer
+(``freezer.state``), and the layer is copied only once the kernel reports them all frozen. So
+the copy is the layer as it was at one instant: a write a process had under way finishes before
+that process freezes, and the copy reads the very page cache the parent wrote to (no ``sync``
+is needed to see it). After the copy the processes are thawed and moved back to the cgroups
+they came from; they see no signal and no stop, only a pause as long as the copy (1 GiB on
+ext4, which has no reflinks: 0.6 to 2.8 s here). The parent's own lock is held too, so it is
+not started, stopped or removed under the copy. A stopped parent is copied as it is. Where this
+host has no freezer msb-proxy may use (no cgroup file system, or one it cannot write), the
+layer is copied while the parent runs, and a progress line says so: a file the parent writes
+meanwhile may be half-copied in the fork.
 
 Never left frozen: before freezing, a watchdog (``/bin/sh``, in a session of its own) is given
 a pipe from this process, and thaws the cgroup when the pipe reads end of file: when the fork
@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -66,7 +67,7 @@ _MOUNTS = Path("/proc/self/mounts")
 class Freezer:
     """One cgroup of one hierarchy that can freeze: where its files are and what they say."""
 
-    directory: Path  # msb-proxy/<slug> on that hierarchy
+    directory: Path  # msb-proxy/<slug>@<home> on that hierarchy
     root: Path  # the hierarchy's mount point
     control: str  # cgroup.freeze (v2) or freezer.state (v1)
     frozen: str  # what is written to freeze
@@ -96,9 +97,11 @@ class Freezer:
         return self.root
 
 
-def freezer_of(parent: str) -> Freezer | None:
-    """The cgroup that freezes sandbox ``parent``, on the first freezing hierarchy mounted
-    (cgroup v2, else v1's freezer); None when there is none."""
+def freezer_of(state: StateDir, parent: str) -> Freezer | None:
+    """The cgroup that freezes sandbox ``parent`` of the installation ``state``, on the first
+    freezing hierarchy mounted (cgroup v2, else v1's freezer); None when there is none. Named
+    for the installation too (``msb-proxy/api@<8 hex of its home>``): two installations'
+    sandboxes ``api`` never share one."""
     try:
         mounts = _MOUNTS.read_text().splitlines()
     except OSError:
@@ -112,7 +115,8 @@ def freezer_of(parent: str) -> Freezer | None:
             v2_roots.append(Path(fields[1]))
         elif fields[2] == "cgroup" and "freezer" in fields[3].split(","):
             v1_roots.append(Path(fields[1]))
-    group = Path("msb-proxy") / slug(parent)
+    home = hashlib.sha256(os.path.realpath(state.home).encode("utf-8", "surrogateescape"))
+    group = Path("msb-proxy") / f"{slug(parent)}@{home.hexdigest()[:8]}"
     for root in v2_roots:
         if (root / "cgroup.procs").exists():
             return Freezer(root / group, root, "cgroup.freeze", "1", "0", v2=True)
@@ -125,7 +129,7 @@ def thaw_abandoned(state: StateDir, parent: str) -> None:
     """Thaw sandbox ``parent``'s cgroup if it is frozen and no fork holds its freeze lock: a
     fork and its watchdog both killed. Called by ``open`` of ``parent``; cheap when there is
     nothing to do."""
-    freezer = freezer_of(parent)
+    freezer = freezer_of(state, parent)
     if freezer is None or not freezer.directory.is_dir():
         return
     fd = _open_lock(state, parent)
@@ -185,7 +189,7 @@ async def _frozen(parent: str, init_pid: int | None, state: StateDir,
     if init_pid is None:
         yield
         return
-    freezer = freezer_of(parent)
+    freezer = freezer_of(state, parent)
     lock = _open_lock(state, parent)
     watchdog: asyncio.subprocess.Process | None = None
     origins: dict[int, Path] = {}
@@ -241,7 +245,7 @@ def forget(state: StateDir, name: str) -> None:
     """What forks of sandbox ``name`` left for it, deleted with it: its (empty) cgroup and its
     freeze lock, unless a watchdog still holds that. The caller holds the sandbox's lock, which
     every fork takes before the freeze lock, and the sandbox is stopped."""
-    freezer = freezer_of(name)
+    freezer = freezer_of(state, name)
     if freezer is not None:
         with contextlib.suppress(OSError):
             freezer.directory.rmdir()
