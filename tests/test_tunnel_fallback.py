@@ -179,6 +179,28 @@ def test_local_forward_works_through_each_fallback_tool(
     assert body == "fallback-ok\n"
 
 
+def test_stdio_forward_ends_when_the_guest_connection_is_done(served: tuple[Path, str]) -> None:
+    """``ssh -W`` to a server that answers and closes (HTTP/1.0) exits 0 with the whole answer
+    while its stdin is still open, as with sshd: the tool's end of file reaches the client."""
+    config, _ = served
+    client = subprocess.Popen(["ssh", "-F", str(config), "-W", "127.0.0.1:8777", "fallback"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    assert client.stdin is not None
+    try:
+        client.stdin.write(b"GET /probe.txt HTTP/1.0\r\n\r\n")
+        client.stdin.flush()
+        status = client.wait(timeout=30)  # stdin left open
+        out = client.stdout.read() if client.stdout is not None else b""
+    finally:
+        client.kill()
+        client.wait()
+        client.stdin.close()
+    assert status == 0
+    assert out.startswith(b"HTTP/1.0 200")
+    assert out.endswith(b"\r\n\r\nfallback-ok\n")
+
+
 def test_dynamic_forward_resolves_names_in_the_guest(served: tuple[Path, str]) -> None:
     config, _ = served
     port = _free_port()
