@@ -345,10 +345,14 @@ def test_forks_present_the_parents_pinned_key_with_strict_checking_and_no_warnin
 
 
 def test_fork_of_a_missing_sandbox_fails_in_one_line_and_leaves_nothing(private: Env) -> None:
-    for host, parent in (("msb-nope.fork", "nope"), ("msb-nope.fork-k", "nope")):
-        run = _ssh(private, host, "true", options=["-o", "LogLevel=QUIET"])
-        assert (run.returncode, run.out) == (SSH_GAVE_UP, "")
-        assert run.err == f"msb-proxy: there is no sandbox '{parent}' to fork\n"
+    # With progress shown too: no "forking sandbox 'nope' ..." before the refusal.
+    loud = private.root / "ssh_config.loud"
+    write_ssh_config(private, quiet=False, path=loud)
+    for config in (private.config, loud):
+        for host, parent in (("msb-nope.fork", "nope"), ("msb-nope.fork-k", "nope")):
+            run = _ssh(private, host, "true", options=["-o", "LogLevel=QUIET"], config=config)
+            assert (run.returncode, run.out) == (SSH_GAVE_UP, "")
+            assert run.err == f"msb-proxy: there is no sandbox '{parent}' to fork\n"
     assert _sandboxes(private) == ["api"]
     assert wait_until(lambda: not list((private.home / "locks").glob("*.ephemeral")),
                       GONE_WITHIN_S) is not None

@@ -179,7 +179,6 @@ class LocalBackend(Backend):
                 if settings is None:
                     if template.fork_of is not None:
                         _check_volumes(name, volumes)
-                        progress.step(f"forking sandbox {template.fork_of!r} as {name!r} ...")
                         await self.fork(template.fork_of, name, progress)
                         settings = _read_settings(directory) or {}
                     else:
@@ -224,6 +223,7 @@ class LocalBackend(Backend):
         source = self.state.sandbox_dir(parent)
         if _read_settings(source) is None:
             raise SandboxNotFoundError(f"there is no sandbox {parent!r} to fork")
+        progress.step(f"forking sandbox {parent!r} as {child!r} ...")
         async with self._lock(parent):
             running = await ping(source / "init.sock") is not None
             await copy_sandbox(parent, source, child, self.state.sandbox_dir(child),
