@@ -259,6 +259,34 @@ def test_kept_fork_survives_its_connections_carries_scp_and_goes_with_rm(private
     assert (fresh.returncode, fresh.out) == (0, "forked-anew\n")
 
 
+def test_forks_record_and_audit_as_their_parents_template_and_rm_leaves_the_record(
+    private: Env,
+) -> None:
+    configure(private, '[sandbox."api"]\nrecord = true\naudit = true\n')
+    shown = _ssh(private, "msb-api.fork", "-tt", "echo in-the-fork")
+    assert (shown.returncode, shown.err) == (0, "")
+    assert "in-the-fork" in shown.out
+    assert wait_until(lambda: _no_throwaway_forks(private), GONE_WITHIN_S) is not None
+    logs = sorted(path.name for path in (private.home / "audit").glob("api.fork.*.jsonl"))
+    assert len(logs) == 1 and FORK_NAME.fullmatch(logs[0].removesuffix(".jsonl")), logs
+    fork = logs[0].removesuffix(".jsonl")
+    logged = [json.loads(line) for line in (private.home / "audit" / logs[0]).read_text()
+              .splitlines()]
+    assert [event["event"] for event in logged] == ["connect", "exec", "exit", "disconnect"]
+    assert {event["sandbox"] for event in logged} == {fork}
+    casts = list((private.home / "recordings" / fork).glob("*.cast"))
+    assert len(casts) == 1, casts
+    assert "in-the-fork" in casts[0].read_text()
+
+    kept = _ssh(private, "msb-api.fork-k", "true")
+    assert (kept.returncode, kept.err) == (0, "")
+    removed = private.msb_proxy("rm", "api.fork-k")
+    assert (removed.returncode, removed.err) == (0, "")
+    assert _traces(private, "api.fork-k") == [
+        "audit/api.fork-k.jsonl", "audit/api.fork-k.jsonl.lock", "host_keys/api.fork-k"]
+    assert "exec" in (private.home / "audit" / "api.fork-k.jsonl").read_text()
+
+
 def test_kept_fork_and_the_parent_of_an_ephemeral_template_are_kept(private: Env) -> None:
     configure(private, '[sandbox."api"]\nephemeral = true\n')
     # A sandbox that was there before its template was ephemeral is not its to remove.
@@ -346,9 +374,7 @@ def test_forks_present_the_parents_pinned_key_with_strict_checking_and_no_warnin
 
 def test_fork_of_a_missing_sandbox_fails_in_one_line_and_leaves_nothing(private: Env) -> None:
     # With progress shown too: no "forking sandbox 'nope' ..." before the refusal.
-    loud = private.root / "ssh_config.loud"
-    write_ssh_config(private, quiet=False, path=loud)
-    for config in (private.config, loud):
+    for config in (private.config, loud(private).config):
         for host, parent in (("msb-nope.fork", "nope"), ("msb-nope.fork-k", "nope")):
             run = _ssh(private, host, "true", options=["-o", "LogLevel=QUIET"], config=config)
             assert (run.returncode, run.out) == (SSH_GAVE_UP, "")
