@@ -422,3 +422,37 @@ def test_a_detached_named_session_holds_off_stop_after_idle_until_it_is_gone(
         return [row["state"] for row in rows if row["name"] == "held"] == ["stopped"]
 
     assert wait_until(stopped, TIMEOUT_S) is not None
+
+
+def test_a_named_session_in_a_throwaway_fork_holds_the_fork_until_the_session_ends(
+    msb: Env, fresh_sandbox: str
+) -> None:
+    assert _guest(msb, fresh_sandbox, "echo parent > /root/mark").returncode == 0
+    home = f"root@{fresh_sandbox}:~# "  # bash's \h stops at the fork name's first dot
+    first = _attach(msb, f"{msb.host(fresh_sandbox)}.fork+work")
+    forks: list[str] = []
+    try:
+        first.expect_exact(home)
+        forks = sorted(path.name for path in (msb.home / "sandboxes").glob(
+            f"{fresh_sandbox}.fork.*"))
+        assert len(forks) == 1, forks
+        first.sendline("cd /tmp; KEPT=in-the-fork")
+        first.expect_exact(f"root@{fresh_sandbox}:/tmp# ")
+    finally:
+        _kill_client(msb, forks[0] if forks else fresh_sandbox, first)
+    fork = forks[0]
+    # Its last connection is gone, but the detached session holds the fork; the fork's own
+    # name reaches it again (a new `.fork` would be a new fork).
+    assert [s["session"] for s in _sessions(msb, fork)] == ["work"]
+    again = _attach(msb, f"{msb.host(fork)}+work")
+    try:
+        again.expect_exact(CLEAR_SCREEN)
+        again.expect_exact(f"root@{fresh_sandbox}:/tmp# ")
+        assert _run_in_shell(again, "echo $KEPT; cat /root/mark", f"root@{fresh_sandbox}:/tmp# ") \
+            == "in-the-fork\r\nparent\r\n"
+    finally:
+        _kill_client(msb, fork, again)
+    killed = msb.msb_proxy("sessions", fork, "--kill", "work")
+    assert (killed.returncode, killed.err) == (0, "")
+    assert wait_until(lambda: not (msb.home / "sandboxes" / fork).exists(), TIMEOUT_S) \
+        is not None
