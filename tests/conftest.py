@@ -54,8 +54,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"fake backend: needs {reason}"))
 
 
+# It leaves by os._exit, as msb-proxy does (cli/main.py): the SDK's runtime threads can panic
+# and abort the process when Python is finalized under them.
 _CREATE_MICROSANDBOX = """
-import asyncio, sys, microsandbox as m
+import asyncio, os, sys, traceback, microsandbox as m
 async def main() -> None:
     try:
         sb = await m.Sandbox.create(sys.argv[1], image=m.Image.bind(sys.argv[2]), replace=True)
@@ -67,7 +69,14 @@ async def main() -> None:
                 await m.Sandbox.remove(sys.argv[1])
             except m.MicrosandboxError:
                 pass
-asyncio.run(main())
+try:
+    asyncio.run(main())
+    code = 0
+except BaseException:
+    traceback.print_exc()
+    code = 1
+sys.stderr.flush()
+os._exit(code)
 """
 
 

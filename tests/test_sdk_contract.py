@@ -369,13 +369,19 @@ FAILED_BOOT: Observations = {
     "newest first": ["second", "first"],
 }
 
+# The scenario's process leaves by os._exit, as msb-proxy does (cli/main.py): when Python is
+# finalized, the SDK's runtime threads may still be winding down, and one that then calls into
+# the interpreter panics "in a function that cannot unwind" and aborts the process (seen in CI
+# after an unpullable image, SIGABRT with the scenario's answer already printed; here 1 of 90
+# runs with the two cores busy).
 _REAL = """
-import asyncio, json, sys
+import asyncio, json, os, sys
 from pathlib import Path
 import microsandbox
 import test_sdk_contract as contract
 scenario = contract.SCENARIOS[sys.argv[1]]
-print(json.dumps(asyncio.run(scenario(microsandbox, Path(sys.argv[2])))))
+print(json.dumps(asyncio.run(scenario(microsandbox, Path(sys.argv[2])))), flush=True)
+os._exit(0)
 """
 SCENARIOS: dict[str, Scenario] = {
     **{name: scenario for name, (scenario, _, _) in EXPECTED.items()},

@@ -309,3 +309,6 @@ def _idle_since(last: Path, mark: Path | None) -> float | None:
 if __name__ == "__main__":
     with contextlib.suppress(Exception):
         watch(sys.argv[1], sys.argv[2])
+    # Leave as msb-proxy does (cli/main.py): the microsandbox SDK's runtime threads could abort
+    # the process if Python were finalized under them.
+    os._exit(0)
