@@ -8,7 +8,10 @@ that stand-in assumes about the real SDK, so that an SDK upgrade that changes it
 * what calls that need no VM answer, exception class and message: a missing sandbox, a template
   the SDK refuses, an image that cannot be pulled, the cloud backend without credentials, and,
   where microVMs cannot boot (as on our machines), what a failed boot leaves behind and what
-  ``fork`` refuses before it copies anything.
+  ``fork`` refuses before it copies anything;
+* msb-proxy itself on the real SDK, through the real ``ssh``: an image that cannot be pulled
+  and, where microVMs cannot boot, a failed boot, each one line, and what the failed boot
+  leaves listed and removed by ``msb-proxy ls`` and ``rm``.
 
 Each scenario runs against the real SDK in a subprocess of its own (``MSB_HOME`` a fresh
 directory, so nothing of the user's microsandbox state is read or written, and its environment
@@ -33,6 +36,7 @@ from typing import Any
 
 import microsandbox
 import pytest
+from conftest import DEFAULT_ROOTFS, PROXY, Env, Run, install, write_ssh_config
 from microsandbox import errors as sdk_errors
 from microsandbox_standin import BOOT_FAILURE_KVM, StandInSDK
 
@@ -373,7 +377,7 @@ FAILED_BOOT: Observations = {
 # finalized, the SDK's runtime threads may still be winding down, and one that then calls into
 # the interpreter panics "in a function that cannot unwind" and aborts the process (seen in CI
 # after an unpullable image, SIGABRT with the scenario's answer already printed; here 1 of 90
-# runs with the two cores busy).
+# runs with the two cores busy). The tests at the end run msb-proxy itself on the real SDK.
 _REAL = """
 import asyncio, json, os, sys
 from pathlib import Path
@@ -480,3 +484,89 @@ def test_after_a_failed_boot_the_standin_answers_as_the_real_sdk_does(
         name: str, standin: StandInSDK, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     standin.fail_boot()
     assert on_the_standin(standin, name, tmp_path, {}, monkeypatch) == AFTER_A_FAILED_BOOT[name]
+
+
+# ---- msb-proxy itself on the real SDK: the real ssh through a ProxyCommand, no stand-in; what
+# needs no VM to run (an image that cannot be pulled) and, where VMs cannot boot, a failed boot.
+
+@pytest.fixture
+def real_sdk() -> Iterator[tuple[Env, dict[str, str]]]:
+    """An installation on the microsandbox backend and the real SDK, the SDK's MSB_HOME a fresh
+    directory; and the environment its ``msb-proxy`` commands run in. Both in short directories:
+    ssh's ControlPath and the runtime's sockets are unix sockets (108 bytes at most)."""
+    with tempfile.TemporaryDirectory(prefix="msbr-", dir="/tmp") as root, \
+            tempfile.TemporaryDirectory(prefix="msb-", dir="/tmp") as sdk_home:
+        env = install(Path(root), "microsandbox", DEFAULT_ROOTFS)
+        write_ssh_config(env, warm=False)
+        env.config.write_text(env.config.read_text().replace(
+            "ProxyCommand env ", f"ProxyCommand env MSB_HOME={sdk_home} ", 1))
+        environment = {**{key: value for key, value in env.proxy_env().items()
+                          if key not in SDK_ENVIRONMENT}, "MSB_HOME": sdk_home}
+        yield env, environment
+
+
+def _ssh(env: Env, host: str) -> Run:
+    return env.run(["ssh", "-F", str(env.config), host, "true"], timeout=120)
+
+
+def _msb_proxy(real_sdk: tuple[Env, dict[str, str]], *args: str) -> Run:
+    env, environment = real_sdk
+    return env.run([str(PROXY), *args, "--backend", "microsandbox"], timeout=120,
+                   env=environment)
+
+
+def _one_error(run: Run) -> str:
+    """The one error of a connection msb-proxy refused: its line on stderr, which ``ssh``
+    prints once more as the disconnect's reason; nothing else (no panic of the SDK's runtime
+    as msb-proxy exits)."""
+    assert (run.returncode, run.out) == (255, ""), run.err
+    error, *rest = run.err.splitlines()
+    assert error.startswith("msb-proxy: "), run.err
+    reason = "Received disconnect from UNKNOWN port 65535:7: "
+    assert [line.startswith(reason) and error.startswith(line[len(reason):])
+            for line in rest] == [True], run.err
+    return error
+
+
+def test_msb_proxy_on_the_real_sdk_names_an_image_that_cannot_be_pulled(
+        real_sdk: tuple[Env, dict[str, str]]) -> None:
+    env, _ = real_sdk
+    config_toml = env.home / "config.toml"
+    config_toml.write_text('[sandbox.web]\nimage = "registry.invalid/nope:1"\n')
+    assert _one_error(_ssh(env, "msb-web")) == (
+        "msb-proxy: cannot pull image 'registry.invalid/nope:1' for sandbox 'web' (image error: "
+        "registry error: error sending request for url (https://registry.invalid/v2/nope/"
+        "manifests/1)); check the image name and the network, or set another image in "
+        f"{config_toml}")
+    listed = _msb_proxy(real_sdk, "ls", "--all")
+    assert (listed.returncode, listed.out) == (0, "no sandboxes\n"), listed.err
+
+
+def test_msb_proxy_on_the_real_sdk_where_vms_cannot_boot_says_so_and_leaves_a_sandbox_to_rm(
+        real_sdk: tuple[Env, dict[str, str]]) -> None:
+    env, _ = real_sdk
+    (env.home / "config.toml").write_text(f'[sandbox.web]\nimage = "{DEFAULT_ROOTFS}"\n')
+    created = _ssh(env, "msb-web")
+    if created.returncode == 0:
+        assert _msb_proxy(real_sdk, "rm", "web").returncode == 0
+        pytest.skip("microVMs boot on this host: there is no boot failure to observe")
+    # Created, then (the sandbox left STOPPED by the SDK) started again: the same one line.
+    for run in (created, _ssh(env, "msb-web")):
+        error = _one_error(run)
+        cannot_run = re.fullmatch(
+            r"msb-proxy: microVMs cannot run on this host: sandbox 'web' died while booting "
+            r"\(.*KVM.*\); use the local backend instead: --backend local or "
+            r"MSB_PROXY_BACKEND=local", error)
+        # The VMM's ERROR line can be lost as the sandbox process exits (see the failed-boot
+        # scenarios above): then what the SDK said is all there is.
+        without_a_reason = error == (
+            "msb-proxy: sandbox 'web' failed to boot: failed to start \"web\": sandbox process "
+            "exited (exit status: 1) before agent relay became available; see 'msb logs web'")
+        assert cannot_run or without_a_reason, error
+    listed = _msb_proxy(real_sdk, "ls")
+    assert (listed.returncode, listed.out.split()) == (
+        0, ["NAME", "STATE", "BACKEND", "SSH", "web", "stopped", "microsandbox", "msb-web"])
+    removed = _msb_proxy(real_sdk, "rm", "web")
+    assert (removed.returncode, removed.err) == (0, "")
+    listed = _msb_proxy(real_sdk, "ls", "--all")
+    assert (listed.returncode, listed.out) == (0, "no sandboxes\n"), listed.err
