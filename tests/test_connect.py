@@ -113,9 +113,9 @@ def test_attach_runs_a_shell_that_sees_resizes_and_ctrl_c_then_detaches_with_mod
     terminal.sendline("stty size")
     terminal.expect_exact("30 100\r\n")
     terminal.expect_exact(prompt)
-    # Ctrl-C once the shell runs the line: typed ahead, it would reach the shell itself at its
-    # prompt and the sleep after it would never end.
-    terminal.sendline("echo started; sleep 1000")
+    # Ctrl-C once the foreground job runs and has said so itself: typed ahead, or sent between
+    # bash's own echo and the sleep's start, it would reach bash and the sleep would never end.
+    terminal.sendline("sh -c 'echo started; exec sleep 1000'")
     terminal.expect_exact("started\r\n")
     terminal.sendintr()
     terminal.expect_exact(prompt)
