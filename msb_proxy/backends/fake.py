@@ -520,8 +520,11 @@ class FakeProcess(PipedProcess):
         self._signal_group(signum)
 
     def hangup(self) -> None:
-        # SIGCONT after it, as the jail does: a stopped job must wake up to see the SIGHUP.
-        self._signal_group(signal.SIGHUP)
-        self._signal_group(signal.SIGCONT)
+        # As the jail does: SIGCONT after it (a stopped job must wake up to see the SIGHUP); a
+        # terminal process hung up by its master's close alone, as with sshd (signals beside
+        # it race bash's hang-up: see backends/local/jail.py).
+        if not self._pty:
+            self._signal_group(signal.SIGHUP)
+            self._signal_group(signal.SIGCONT)
         self.close_pipes()
 

@@ -21,7 +21,8 @@ breaks, and multiplexes every process's stdin, stdout and stderr over its own st
     RESIZE     >HHHH cols rows px py     STDIN_CREDIT >I n (stdin written)
     BREAK      >I milliseconds           EXIT       >i raw wait status (after all output)
     CLOSE_OUTPUT (the client reads no more: our ends close, its next write gets SIGPIPE)
-    HANGUP     (SIGHUP and SIGCONT to its group, every descriptor closed; nothing more said)
+    HANGUP     (SIGHUP and SIGCONT to its group, every descriptor closed; nothing more said;
+               a terminal's group by the kernel, as its master closes)
     ATTACH     json {"name", "timeout",      DETACHED   text: why (taken over; nothing more)
                "user", "run_dir", "spawn"}   ANSWER     json, to SESSIONS or KILL_SESSION
     SESSIONS   json {"run_dir"}
@@ -449,8 +450,12 @@ class Agent:
                 continue
 
     def hang_up(self, process: Process) -> None:
-        """The proxy is done with it: hang up its group, close everything, tell nothing more."""
-        if process.status is None:
+        """The proxy is done with it: hang up its group, close everything, tell nothing more.
+
+        A terminal process is hung up by closing its master alone, as sshd does: the kernel
+        then sends the session SIGHUP and SIGCONT. Signals of ours beside that race bash's
+        hang-up, which can then leave its background jobs running (see the local jail)."""
+        if process.status is None and not process.pty:
             for signum in (signal.SIGHUP, signal.SIGCONT):
                 self.signal(process, signum)
         self.forget(process)
