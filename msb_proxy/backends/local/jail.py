@@ -23,11 +23,11 @@ A caller that disconnects while its process still runs gets that process group h
 survives. A terminal process is hung up by its terminal alone, as with sshd: the caller closing
 the master makes the kernel send the session SIGHUP and SIGCONT. Signals of our own at that
 moment race bash's own hang-up, which then can leave its background jobs running (bash 5.2 at
-its prompt, a job in the background, both cores busy: 13 jobs in 60 left with the signals just
-before the close, 5 in 60 just after it, none in 160 with the close alone); they follow only
-``PTY_HANGUP_FALLBACK_S`` later, to a shell still there. A named session's caller that
-disconnects only detaches; the session is hung up so once it has been detached longer than its
-``timeout`` (more than 0), or when killed.
+its prompt, a job in the background: with the signals just before the close 19 jobs in 60 left
+running, 13 with both cores busy; just after it 31 and 5; with the close alone none in 160);
+they follow only ``PTY_HANGUP_FALLBACK_S`` later, to a shell still there. A named session's
+caller that disconnects only detaches; the session is hung up so once it has been detached
+longer than its ``timeout`` (more than 0), or when killed.
 
 Protocol: one ``SOCK_SEQPACKET`` connection per request, each message one JSON object.
 ``{"op": "ping"}``, ``{"op": "user", "name": ...}``, ``{"op": "stop"}`` get one reply;
