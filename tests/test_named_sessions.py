@@ -340,9 +340,9 @@ def test_an_unnamed_shell_is_hung_up_when_its_client_is_killed(
 def test_unnamed_shells_whose_clients_are_killed_at_once_leave_no_job_behind(
     msb: Env, fresh_sandbox: str
 ) -> None:
-    """As many hang-ups at once as make a race show: a hang-up that signalled the shell's group
-    beside its terminal's own hang-up left bash's background job running about once in ten
-    (the test above failed so in CI)."""
+    """Eight hang-ups at once, where a race is likeliest: a hang-up that signalled the shell's group
+    beside its terminal's own hang-up could leave bash's background job running (the test above
+    failed so in CI)."""
     shells = 8
     children = [_attach(msb, msb.host(fresh_sandbox)) for _ in range(shells)]
     try:
